@@ -1,0 +1,24 @@
+//! Shared test fixtures, compiled only for tests and the `test-util`
+//! feature: certificate authorities that can also mint deliberately broken
+//! certificates, identity directories, and bounded polling.
+
+pub mod certs;
+
+use std::time::Duration;
+
+/// Polls `check` until it returns `Some`, for at most `timeout`.
+pub async fn eventually<T>(
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

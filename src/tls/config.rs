@@ -1,0 +1,185 @@
+//! rustls configurations for the mesh, built from one credentials
+//! generation.
+//!
+//! TLS 1.3 only, ALPN `outrider/1`, our SPIFFE verifiers on both sides.
+//! [`MeshTls`] is rebuilt (not mutated) when credentials change, so the
+//! server config, its verifier and every client config built from it always
+//! agree on the same certificate and bundle.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::client::Resumption;
+use rustls::crypto::{CryptoProvider, SupportedKxGroup};
+use rustls::server::{NoServerSessionStorage, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, ServerConfig};
+
+use super::verify::{ClientVerifier, PeerExpectation, ServerVerifier};
+use super::{Error, MESH_ALPN};
+use crate::identity::{Credentials, SpiffeId};
+
+/// Key-exchange groups a proxy may offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KxGroup {
+    X25519,
+    Secp256r1,
+    Secp384r1,
+}
+
+/// TLS knobs shared by both directions.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub clock_skew: Duration,
+    /// TLS 1.3 session resumption. Off by default: a resumed session skips
+    /// certificate verification, so leaving it off means every connection
+    /// is checked against the current bundle.
+    pub resumption: bool,
+    pub key_exchange: Vec<KxGroup>,
+}
+
+/// Server and client TLS for one credentials generation.
+#[derive(Debug)]
+pub struct MeshTls {
+    credentials: Arc<Credentials>,
+    provider: Arc<CryptoProvider>,
+    settings: TlsSettings,
+    server: Arc<ServerConfig>,
+    client_verifier: Arc<ClientVerifier>,
+    /// Client configs per expectation, so each keeps its own verifier
+    /// cache (and session cache when resumption is on).
+    clients: Mutex<HashMap<PeerExpectation, ClientEntry>>,
+}
+
+type ClientEntry = (Arc<ClientConfig>, Arc<ServerVerifier>);
+
+#[derive(Debug)]
+struct AlwaysResolves(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for AlwaysResolves {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for AlwaysResolves {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn provider(settings: &TlsSettings) -> CryptoProvider {
+    use rustls::crypto::ring;
+    let mut provider = ring::default_provider();
+    // TLS 1.3 suites only, AES-128-GCM first: as strong as the P-256 keys
+    // it protects, and the cheapest on hardware with AES instructions.
+    provider.cipher_suites = vec![
+        ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    provider.kx_groups = settings
+        .key_exchange
+        .iter()
+        .map(|group| -> &'static dyn SupportedKxGroup {
+            match group {
+                KxGroup::X25519 => ring::kx_group::X25519,
+                KxGroup::Secp256r1 => ring::kx_group::SECP256R1,
+                KxGroup::Secp384r1 => ring::kx_group::SECP384R1,
+            }
+        })
+        .collect();
+    provider
+}
+
+// === impl MeshTls ===
+
+impl MeshTls {
+    pub fn new(credentials: Arc<Credentials>, settings: &TlsSettings) -> Result<Self, Error> {
+        if settings.key_exchange.is_empty() {
+            return Err(Error::NoKeyExchange);
+        }
+        let provider = Arc::new(provider(settings));
+        let client_verifier = Arc::new(ClientVerifier::new(
+            credentials.bundle.clone(),
+            credentials.id().trust_domain(),
+            settings.clock_skew,
+            provider.signature_verification_algorithms,
+        ));
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(Error::Config)?
+            .with_client_cert_verifier(client_verifier.clone())
+            .with_cert_resolver(Arc::new(AlwaysResolves(credentials.certified_key.clone())));
+        server.alpn_protocols = vec![MESH_ALPN.to_vec()];
+        if !settings.resumption {
+            server.session_storage = Arc::new(NoServerSessionStorage {});
+            server.send_tls13_tickets = 0;
+        }
+        Ok(Self {
+            credentials,
+            provider,
+            settings: settings.clone(),
+            server: Arc::new(server),
+            client_verifier,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn credentials(&self) -> &Arc<Credentials> {
+        &self.credentials
+    }
+
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server.clone()
+    }
+
+    /// The client config for connections that expect `expected`, built on
+    /// first use.
+    pub fn client_config(&self, expected: &PeerExpectation) -> Result<Arc<ClientConfig>, Error> {
+        let mut clients = self.clients.lock().map_err(|_| Error::Poisoned)?;
+        if let Some((config, _)) = clients.get(expected) {
+            return Ok(config.clone());
+        }
+        let verifier = Arc::new(ServerVerifier::new(
+            self.credentials.bundle.clone(),
+            expected.clone(),
+            self.settings.clock_skew,
+            self.provider.signature_verification_algorithms,
+        ));
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(Error::Config)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone())
+            .with_client_cert_resolver(Arc::new(AlwaysResolves(
+                self.credentials.certified_key.clone(),
+            )));
+        config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+        // Peers are addressed by IP; there is no name worth sending.
+        config.enable_sni = false;
+        if !self.settings.resumption {
+            config.resumption = Resumption::disabled();
+        }
+        let config = Arc::new(config);
+        clients.insert(expected.clone(), (config.clone(), verifier));
+        Ok(config)
+    }
+
+    /// The SPIFFE ID of a client this server accepted.
+    pub fn client_id(&self, end_entity: &[u8]) -> Option<SpiffeId> {
+        self.client_verifier.peer_id(end_entity)
+    }
+
+    /// The SPIFFE ID of a server a client config built here accepted.
+    pub fn server_id(&self, expected: &PeerExpectation, end_entity: &[u8]) -> Option<SpiffeId> {
+        let clients = self.clients.lock().ok()?;
+        clients.get(expected)?.1.peer_id(end_entity)
+    }
+}
