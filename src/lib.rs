@@ -1,6 +1,13 @@
 //! outrider: a service-mesh sidecar proxy.
+pub mod admin;
+pub mod app;
 pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod demo;
 pub mod identity;
+pub mod lifecycle;
+pub mod proxy;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod tls;

@@ -1,1 +1,25 @@
-fn main() {}
+//! The `outrider` binary: parses the command line and maps errors to exit
+//! codes. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use outrider::cli::{self, Cli, EXIT_USAGE};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = error.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli::run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("outrider: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -85,6 +85,11 @@ pub fn inspect(
     })
 }
 
+/// Parses a PEM bundle, insisting on at least one certificate.
+pub fn parse_bundle(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, InspectError> {
+    parse_pem(pem)
+}
+
 fn parse_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, InspectError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()

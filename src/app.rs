@@ -1,0 +1,178 @@
+//! Wires one sidecar together: identity reloader → TLS material → proxy
+//! listeners → admin server, and shuts it down in order.
+//!
+//! Used by `outrider proxy` and, several times over, by `outrider demo`.
+//! Everything is bound in [`Sidecar::start`], so callers can use port 0
+//! and read the addresses before traffic flows.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus::{IntGaugeVec, Opts, Registry};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{Admin, BindError};
+use crate::config::Config;
+use crate::identity::reload::{self, CredentialsRx, Reloader};
+use crate::lifecycle::{self, Drained};
+use crate::proxy::{self, Proxy};
+use crate::tls::MeshTls;
+
+/// Metric names all start with this.
+pub const METRICS_PREFIX: &str = "outrider";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Proxy(#[from] proxy::Error),
+    #[error("admin server: {0}")]
+    Admin(#[from] BindError),
+    #[error("metrics registration failed: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub inbound: Option<SocketAddr>,
+    pub outbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub credentials: CredentialsRx,
+    grace: std::time::Duration,
+    draining: Arc<AtomicBool>,
+    drain: lifecycle::Signal,
+    stop_background: watch::Sender<bool>,
+    proxy_task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+}
+
+impl Sidecar {
+    /// Binds every listener and starts serving.
+    pub async fn start(config: &Config) -> Result<Self, StartError> {
+        let registry = Registry::new_custom(Some(METRICS_PREFIX.into()), None)?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Always 1; labels carry the version."),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(build_info))?;
+
+        let (stop_background, stop_rx) = watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+
+        let (reloader, credentials) =
+            Reloader::new(config.identity.clone(), reload::Metrics::new(&registry)?);
+        tokio::spawn(reloader.run(stopped()));
+        let tls = spawn_tls_builder(credentials.clone(), config.tls.clone(), stopped());
+
+        let metrics = proxy::Metrics::new(&registry)?;
+        let proxy = Proxy::bind(&config.proxy, tls.clone(), metrics).await?;
+        let (inbound, outbound) = (proxy.inbound_addr(), proxy.outbound_addr());
+
+        let draining = Arc::new(AtomicBool::new(false));
+        let ready = {
+            let draining = draining.clone();
+            let tls = tls.clone();
+            Arc::new(move || !draining.load(Ordering::Relaxed) && tls.borrow().is_some())
+        };
+        let admin = Admin::bind(config.admin_listen, registry, ready).await?;
+        let admin_addr = admin.local_addr()?;
+
+        let (drain, watch) = lifecycle::channel();
+        let proxy_task = tokio::spawn(proxy.run(watch));
+        let admin_task = tokio::spawn(admin.run());
+        tracing::info!(
+            inbound = ?inbound,
+            outbound = ?outbound,
+            admin = %admin_addr,
+            id = %config.identity.expected_id,
+            "Listeners bound"
+        );
+        Ok(Self {
+            inbound,
+            outbound,
+            admin: admin_addr,
+            credentials,
+            grace: config.shutdown_grace_period,
+            draining,
+            drain,
+            stop_background,
+            proxy_task,
+            admin_task,
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then drains: listeners stop
+    /// accepting, `/ready` turns 503, in-flight requests and connections
+    /// get up to the grace period to finish.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Drained {
+        shutdown.await;
+        self.shutdown().await
+    }
+
+    pub async fn shutdown(self) -> Drained {
+        tracing::info!(grace = ?self.grace, "Draining");
+        self.draining.store(true, Ordering::Relaxed);
+        let drained = self.drain.drain(self.grace).await;
+        let _ = self.proxy_task.await;
+        let _ = self.stop_background.send(true);
+        self.admin_task.abort();
+        match drained {
+            Drained::Clean => tracing::info!("Drained"),
+            Drained::DeadlineExceeded => {
+                tracing::warn!("Grace period ended with connections still open")
+            }
+        }
+        drained
+    }
+}
+
+/// Rebuilds the TLS configs whenever the credentials change, so each new
+/// handshake uses the newest identity and bundle while established
+/// connections keep theirs.
+fn spawn_tls_builder(
+    mut credentials: CredentialsRx,
+    settings: crate::tls::TlsSettings,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> proxy::TlsRx {
+    let build = move |creds: &Option<Arc<crate::identity::Credentials>>| {
+        creds.as_ref().and_then(|c| match MeshTls::new(c.clone(), &settings) {
+            Ok(tls) => Some(Arc::new(tls)),
+            Err(error) => {
+                tracing::error!(%error, "Cannot build TLS configuration; keeping the previous one");
+                None
+            }
+        })
+    };
+    let initial = build(&credentials.borrow_and_update());
+    let (tx, rx) = watch::channel(initial);
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                changed = credentials.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let next = build(&credentials.borrow_and_update());
+                    if next.is_some() {
+                        tx.send_replace(next);
+                    }
+                }
+                _ = &mut stop => break,
+            }
+        }
+    });
+    rx
+}

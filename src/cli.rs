@@ -1,0 +1,376 @@
+//! The command line: subcommands, flags (each with an environment
+//! variable), and what each subcommand does at the top level. With
+//! `main.rs`, the only place that uses `anyhow`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use rustls_pki_types::UnixTime;
+
+use crate::app::Sidecar;
+use crate::ca::secret_dir::{self, SecretFile};
+use crate::ca::store::CaDir;
+use crate::config::{Config, ConfigError, FileConfig, LogFormat, Overrides};
+use crate::identity::{BUNDLE_FILE, CERT_FILE, KEY_FILE, SpiffeId, TrustDomain};
+use crate::units::{format_utc, parse_duration};
+
+/// Exit code for a bad configuration or usage (sysexits EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outrider",
+    version,
+    about = "A service-mesh sidecar proxy with SPIFFE identities and mutual TLS"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar proxy.
+    Proxy(ProxyArgs),
+    /// Manage a local mesh CA and workload certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Run a local two-workload mesh on loopback and show it working.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// YAML configuration file (see docs/configuration.md).
+    #[arg(long, env = "OUTRIDER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// Tokio worker threads; 1 runs everything on the current thread.
+    #[arg(long, env = "OUTRIDER_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
+    #[arg(long, env = "OUTRIDER_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+    /// The SPIFFE ID this workload's certificate must carry.
+    #[arg(long, env = "OUTRIDER_IDENTITY_ID")]
+    pub identity_id: Option<String>,
+    /// strict or permissive.
+    #[arg(long, env = "OUTRIDER_MTLS_MODE")]
+    pub mtls_mode: Option<String>,
+    #[arg(long, env = "OUTRIDER_INBOUND_LISTEN")]
+    pub inbound_listen: Option<String>,
+    /// Static mode: forward inbound traffic to this address.
+    #[arg(long, env = "OUTRIDER_INBOUND_APP")]
+    pub inbound_app: Option<String>,
+    /// detect or opaque.
+    #[arg(long, env = "OUTRIDER_INBOUND_PROTOCOL")]
+    pub inbound_protocol: Option<String>,
+    #[arg(long, env = "OUTRIDER_OUTBOUND_LISTEN")]
+    pub outbound_listen: Option<String>,
+    /// Static mode: send outbound traffic to this peer proxy.
+    #[arg(long, env = "OUTRIDER_OUTBOUND_PEER")]
+    pub outbound_peer: Option<String>,
+    /// The SPIFFE ID the static peer must present.
+    #[arg(long, env = "OUTRIDER_OUTBOUND_PEER_ID")]
+    pub outbound_peer_id: Option<String>,
+    /// detect or opaque.
+    #[arg(long, env = "OUTRIDER_OUTBOUND_PROTOCOL")]
+    pub outbound_protocol: Option<String>,
+    #[arg(long, env = "OUTRIDER_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Enable TLS 1.3 session resumption.
+    #[arg(long, env = "OUTRIDER_TLS_RESUMPTION")]
+    pub tls_resumption: Option<bool>,
+    /// Comma-separated key-exchange groups (x25519, secp256r1, secp384r1).
+    #[arg(long, env = "OUTRIDER_TLS_KEY_EXCHANGE")]
+    pub tls_key_exchange: Option<String>,
+    /// A tracing filter such as `info` or `outrider=debug`.
+    #[arg(long, env = "OUTRIDER_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// plain or json.
+    #[arg(long, env = "OUTRIDER_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a trust anchor (root) and an issuer (intermediate).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long, default_value = "87600h", value_parser = parse_duration)]
+        root_ttl: Duration,
+        #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+        issuer_ttl: Duration,
+        /// Replace an existing CA in DIR.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a workload identity into a Secret-style directory (a rotation
+    /// if OUT already holds one).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+        #[arg(long)]
+        out: PathBuf,
+        /// Another root to trust as well (trust-anchor rotation); repeatable.
+        #[arg(long)]
+        extra_root: Vec<PathBuf>,
+    },
+    /// Describe a certificate and check it is a valid X509-SVID now.
+    Inspect {
+        file: PathBuf,
+        /// Also verify the chain against this bundle.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Leave the mesh running after the steps, until Ctrl-C.
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Proxy(args) => run_proxy(args),
+        Command::Ca(command) => run_ca(command),
+        Command::Demo(args) => crate::demo::main(args.keep_running),
+    }
+}
+
+// === proxy ===
+
+fn load_config(args: &ProxyArgs) -> Result<Config, ConfigError> {
+    let mut file = match &args.config {
+        Some(path) => FileConfig::from_file(path)?,
+        None => FileConfig::default(),
+    };
+    file.apply(&Overrides {
+        identity_dir: args.identity_dir.clone(),
+        identity_id: args.identity_id.clone(),
+        mtls_mode: args.mtls_mode.clone(),
+        inbound_listen: args.inbound_listen.clone(),
+        inbound_app: args.inbound_app.clone(),
+        inbound_protocol: args.inbound_protocol.clone(),
+        outbound_listen: args.outbound_listen.clone(),
+        outbound_peer: args.outbound_peer.clone(),
+        outbound_peer_id: args.outbound_peer_id.clone(),
+        outbound_protocol: args.outbound_protocol.clone(),
+        admin_listen: args.admin_listen.clone(),
+        tls_resumption: args.tls_resumption,
+        tls_key_exchange: args.tls_key_exchange.clone(),
+        log_level: args.log_level.clone(),
+        log_format: args.log_format.clone(),
+    })?;
+    file.validate()
+}
+
+fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    let config = match load_config(&args) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("outrider: {error}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    if args.worker_threads == 0 {
+        eprintln!("outrider: invalid configuration: --worker-threads: must be at least 1");
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
+    let effective =
+        serde_yaml::to_string(&config.effective).context("serialising the configuration")?;
+    if args.check {
+        print!("{effective}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    init_tracing(&config.log.level, config.log.format);
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %effective, "Starting outrider proxy");
+
+    let runtime = build_runtime(args.worker_threads)?;
+    runtime.block_on(async {
+        let sidecar = Sidecar::start(&config).await?;
+        sidecar.run_until(shutdown_signal()).await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn build_runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let runtime = if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads)
+            .enable_all()
+            .build()
+    };
+    runtime.context("starting the async runtime")
+}
+
+pub fn init_tracing(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("Received SIGTERM"),
+                _ = int.recv() => tracing::info!("Received SIGINT"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+// === ca ===
+
+fn run_ca(command: CaCommand) -> anyhow::Result<ExitCode> {
+    let now = time::OffsetDateTime::now_utc();
+    match command {
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            root_ttl,
+            issuer_ttl,
+            force,
+        } => {
+            let td = match TrustDomain::parse(&trust_domain) {
+                Ok(td) => td,
+                Err(error) => {
+                    eprintln!("outrider: --trust-domain: {error}");
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            };
+            let created = CaDir::new(&dir).init(&td, root_ttl, issuer_ttl, force, now)?;
+            println!(
+                "Created a CA for trust domain {} in {}",
+                created.trust_domain,
+                dir.display()
+            );
+            println!(
+                "  root.crt, root.key       trust anchor, valid until {}",
+                fmt_time(created.root_not_after)
+            );
+            println!(
+                "  issuer.crt, issuer.key   issuer, valid until {}",
+                fmt_time(created.issuer_not_after)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Issue {
+            dir,
+            namespace,
+            service_account,
+            ttl,
+            out,
+            extra_root,
+        } => {
+            let ca = CaDir::new(&dir);
+            let td = ca.trust_domain()?;
+            let id = match SpiffeId::workload(&td, &namespace, &service_account) {
+                Ok(id) => id,
+                Err(error) => {
+                    eprintln!("outrider: --namespace/--service-account: {error}");
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            };
+            let mut bundle = ca.root_pem()?;
+            for path in &extra_root {
+                let pem = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                crate::ca::inspect::parse_bundle(pem.as_bytes()).with_context(|| {
+                    format!("{} is not a PEM certificate bundle", path.display())
+                })?;
+                if !bundle.ends_with('\n') {
+                    bundle.push('\n');
+                }
+                bundle.push_str(&pem);
+            }
+            let svid = ca.signing_ca()?.issue(&id, ttl, now)?;
+            secret_dir::publish(
+                &out,
+                &[
+                    SecretFile {
+                        name: CERT_FILE,
+                        contents: svid.chain_pem.as_bytes(),
+                        mode: 0o644,
+                    },
+                    SecretFile {
+                        name: KEY_FILE,
+                        contents: svid.key_pem.as_bytes(),
+                        mode: 0o600,
+                    },
+                    SecretFile {
+                        name: BUNDLE_FILE,
+                        contents: bundle.as_bytes(),
+                        mode: 0o644,
+                    },
+                ],
+            )?;
+            println!(
+                "Issued {} (serial {}) valid until {} into {}",
+                svid.id,
+                svid.serial,
+                fmt_time(svid.not_after),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Inspect { file, bundle } => {
+            let pem =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let bundle_pem = match &bundle {
+                Some(path) => Some(
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => None,
+            };
+            match crate::ca::inspect::inspect(&pem, bundle_pem.as_deref(), UnixTime::now()) {
+                Ok(report) => {
+                    print!("{report}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(error) => {
+                    eprintln!("outrider: {}: {error}", file.display());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}
+
+fn fmt_time(t: time::OffsetDateTime) -> String {
+    format_utc(t.unix_timestamp())
+}

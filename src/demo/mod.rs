@@ -1,0 +1,4 @@
+//! `outrider demo`.
+pub fn main(_keep_running: bool) -> anyhow::Result<std::process::ExitCode> {
+    anyhow::bail!("not yet")
+}

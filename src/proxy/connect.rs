@@ -1,0 +1,353 @@
+//! Opening upstream connections: mTLS to a peer proxy (with the permissive
+//! plaintext fallback for destinations that have none), or plaintext to
+//! the local application.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::io::{Activity, MeteredIo, UpstreamIo};
+use super::metrics::{ConnMetrics, Direction, Metrics};
+use super::tls_status::{NoTlsReason, TlsStatus};
+use super::{MtlsMode, TlsRx};
+use crate::identity::SpiffeId;
+use crate::tls::{MESH_ALPN, PeerExpectation, handshake_failure_reason};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("cannot connect to {addr}: {source}")]
+    Io { addr: SocketAddr, source: io::Error },
+    #[error("mTLS handshake with {addr} failed: {reason}")]
+    Handshake {
+        addr: SocketAddr,
+        reason: &'static str,
+    },
+    #[error("{addr} did not negotiate the mesh protocol")]
+    NotMeshProtocol { addr: SocketAddr },
+    #[error("no workload identity is loaded yet")]
+    NoIdentity,
+}
+
+impl ConnectError {
+    /// A bounded label for `connection_errors_total{reason}` and the
+    /// `x-outrider-error` response header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Timeout { .. } => "connect_timeout",
+            Self::Io { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused => {
+                "connect_refused"
+            }
+            Self::Io { .. } => "connect_error",
+            Self::Handshake { .. } | Self::NotMeshProtocol { .. } => "upstream_tls_failed",
+            Self::NoIdentity => "no_identity",
+        }
+    }
+}
+
+/// An upstream connection, its TLS status, and the metrics that count its
+/// close when the connection is dropped.
+pub struct Connected {
+    pub io: UpstreamIo,
+    pub tls: TlsStatus,
+    pub metrics: Option<ConnMetrics>,
+}
+
+/// Something that opens upstream connections to an address.
+pub trait Connect: Send + Sync + 'static {
+    fn connect(
+        &self,
+        dst: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + '_>>;
+}
+
+async fn connect_tcp(dst: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(dst))
+        .await
+        .map_err(|_| ConnectError::Timeout { addr: dst, timeout })?
+        .map_err(|source| ConnectError::Io { addr: dst, source })?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+// === AppConnector ===
+
+/// Plaintext connections to the local application (inbound).
+pub struct AppConnector {
+    pub connect_timeout: Duration,
+}
+
+impl Connect for AppConnector {
+    fn connect(
+        &self,
+        dst: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + '_>> {
+        Box::pin(async move {
+            let stream = connect_tcp(dst, self.connect_timeout).await?;
+            Ok(Connected {
+                io: UpstreamIo::Plain(MeteredIo::new(stream, Activity::new())),
+                tls: TlsStatus::NoTls(NoTlsReason::NotProvidedByRemote),
+                metrics: None,
+            })
+        })
+    }
+}
+
+// === MeshConnector ===
+
+/// Whom an outbound route expects at the other end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpectedPeer {
+    /// Any workload of our own trust domain.
+    SameTrustDomain,
+    /// Exactly this workload; such a route never falls back to plaintext.
+    Id(SpiffeId),
+}
+
+/// mTLS connections to peer proxies (outbound).
+pub struct MeshConnector {
+    pub tls: TlsRx,
+    pub expected: ExpectedPeer,
+    pub mode: MtlsMode,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub fallback_ttl: Duration,
+    pub metrics: Metrics,
+    /// Destinations found to have no proxy, until when.
+    unmeshed: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+/// Why a handshake failed, as far as the fallback decision cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerKind {
+    /// Not speaking TLS at all: a plaintext server without a proxy.
+    NotTls,
+    /// A TLS server that is not a mesh proxy (rejected our ALPN or showed
+    /// a certificate that is not one of ours).
+    ForeignTls,
+    /// Anything else (timeouts, resets mid-handshake): no conclusion.
+    Unknown,
+}
+
+fn peer_kind(error: &io::Error) -> PeerKind {
+    if let Some(tls) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        return match tls {
+            rustls::Error::InvalidMessage(_) => PeerKind::NotTls,
+            rustls::Error::AlertReceived(_)
+            | rustls::Error::NoApplicationProtocol
+            | rustls::Error::InvalidCertificate(_)
+            | rustls::Error::PeerIncompatible(_) => PeerKind::ForeignTls,
+            _ => PeerKind::Unknown,
+        };
+    }
+    match error.kind() {
+        // A plaintext server that reads our ClientHello as a bad request
+        // and hangs up.
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => PeerKind::NotTls,
+        _ => PeerKind::Unknown,
+    }
+}
+
+impl MeshConnector {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        tls: TlsRx,
+        expected: ExpectedPeer,
+        mode: MtlsMode,
+        connect_timeout: Duration,
+        handshake_timeout: Duration,
+        fallback_ttl: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            tls,
+            expected,
+            mode,
+            connect_timeout,
+            handshake_timeout,
+            fallback_ttl,
+            metrics,
+            unmeshed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens a connection to `dst`. `app_tls` says the application's own
+    /// bytes are TLS, so relaying them without our mTLS exposes nothing.
+    pub async fn connect_to(
+        &self,
+        dst: SocketAddr,
+        app_tls: bool,
+    ) -> Result<Connected, ConnectError> {
+        if self.may_fall_back() && self.known_unmeshed(dst) {
+            return self.plaintext(dst).await;
+        }
+        let mesh = self.tls.borrow().clone().ok_or(ConnectError::NoIdentity)?;
+        let expectation = match &self.expected {
+            ExpectedPeer::SameTrustDomain => {
+                PeerExpectation::TrustDomain(mesh.credentials().id().trust_domain())
+            }
+            ExpectedPeer::Id(id) => PeerExpectation::Id(id.clone()),
+        };
+        let config = mesh
+            .client_config(&expectation)
+            .map_err(|_| ConnectError::NoIdentity)?;
+        let stream = connect_tcp(dst, self.connect_timeout).await?;
+        let activity = Activity::new();
+        let handshake = TlsConnector::from(config).connect(
+            ServerName::IpAddress(dst.ip().into()),
+            MeteredIo::new(stream, activity),
+        );
+        let error = match tokio::time::timeout(self.handshake_timeout, handshake).await {
+            Ok(Ok(tls)) => {
+                let (_, session) = tls.get_ref();
+                if session.alpn_protocol() != Some(MESH_ALPN) {
+                    self.metrics
+                        .handshake_failed(Direction::Outbound, "alpn_mismatch");
+                    return Err(ConnectError::NotMeshProtocol { addr: dst });
+                }
+                let server_id = session
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .and_then(|leaf| mesh.server_id(&expectation, leaf));
+                let Some(server_id) = server_id else {
+                    // The verifier accepted a chain whose leaf it cannot
+                    // name: refuse rather than guess.
+                    self.metrics
+                        .handshake_failed(Direction::Outbound, "unknown_peer");
+                    return Err(ConnectError::Handshake {
+                        addr: dst,
+                        reason: "unknown_peer",
+                    });
+                };
+                self.metrics.handshake_ok(Direction::Outbound);
+                let status = TlsStatus::Mtls(server_id);
+                let mut tls = Box::new(tls);
+                let metrics = self.metrics.connection(Direction::Outbound, &status);
+                tls.get_mut().0.set_counters(metrics.bytes());
+                return Ok(Connected {
+                    io: UpstreamIo::Tls(tls),
+                    tls: status,
+                    metrics: Some(metrics),
+                });
+            }
+            Ok(Err(error)) => error,
+            Err(_elapsed) => io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"),
+        };
+        let reason = handshake_failure_reason(&error);
+        self.metrics.handshake_failed(Direction::Outbound, reason);
+        let kind = peer_kind(&error);
+        let fall_back = self.may_fall_back()
+            && (kind == PeerKind::NotTls || (kind == PeerKind::ForeignTls && app_tls));
+        if fall_back {
+            tracing::info!(%dst, reason, "Destination has no proxy; sending plaintext (permissive mode)");
+            self.remember_unmeshed(dst);
+            return self.plaintext(dst).await;
+        }
+        tracing::debug!(%dst, reason, %error, "Outbound mTLS handshake failed");
+        Err(ConnectError::Handshake { addr: dst, reason })
+    }
+
+    fn may_fall_back(&self) -> bool {
+        self.mode == MtlsMode::Permissive && self.expected == ExpectedPeer::SameTrustDomain
+    }
+
+    fn known_unmeshed(&self, dst: SocketAddr) -> bool {
+        let Ok(mut unmeshed) = self.unmeshed.lock() else {
+            return false;
+        };
+        match unmeshed.get(&dst) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                unmeshed.remove(&dst);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember_unmeshed(&self, dst: SocketAddr) {
+        if let Ok(mut unmeshed) = self.unmeshed.lock() {
+            // Bounded: forget everything rather than grow without limit.
+            if unmeshed.len() >= 4096 {
+                unmeshed.clear();
+            }
+            unmeshed.insert(dst, Instant::now() + self.fallback_ttl);
+        }
+    }
+
+    async fn plaintext(&self, dst: SocketAddr) -> Result<Connected, ConnectError> {
+        let stream = connect_tcp(dst, self.connect_timeout).await?;
+        self.metrics.plaintext_fallback();
+        let status = TlsStatus::NoTls(NoTlsReason::PeerNotMeshed);
+        let metrics = self.metrics.connection(Direction::Outbound, &status);
+        let mut io = MeteredIo::new(stream, Activity::new());
+        io.set_counters(metrics.bytes());
+        Ok(Connected {
+            io: UpstreamIo::Plain(io),
+            tls: status,
+            metrics: Some(metrics),
+        })
+    }
+}
+
+impl Connect for MeshConnector {
+    fn connect(
+        &self,
+        dst: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + '_>> {
+        Box::pin(self.connect_to(dst, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls_error(e: rustls::Error) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn a_plaintext_reply_means_the_destination_has_no_proxy() {
+        let e = tls_error(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType,
+        ));
+        assert_eq!(peer_kind(&e), PeerKind::NotTls);
+        assert_eq!(
+            peer_kind(&io::Error::from(io::ErrorKind::UnexpectedEof)),
+            PeerKind::NotTls
+        );
+    }
+
+    #[test]
+    fn an_untrusted_certificate_means_a_foreign_tls_server() {
+        let e = tls_error(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        assert_eq!(peer_kind(&e), PeerKind::ForeignTls);
+        let e = tls_error(rustls::Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol,
+        ));
+        assert_eq!(peer_kind(&e), PeerKind::ForeignTls);
+    }
+
+    #[test]
+    fn a_timeout_proves_nothing_about_the_destination() {
+        assert_eq!(
+            peer_kind(&io::Error::from(io::ErrorKind::TimedOut)),
+            PeerKind::Unknown
+        );
+    }
+}

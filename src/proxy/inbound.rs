@@ -1,0 +1,331 @@
+//! The inbound side: connections arriving for the local application.
+//!
+//! Mesh clients announce themselves with a TLS ClientHello carrying ALPN
+//! `outrider/1`; those are terminated here with mutual TLS and the client's
+//! SPIFFE ID travels with the connection. Anything else is plaintext from
+//! outside the mesh: relayed as unauthenticated in permissive mode, closed
+//! in strict mode. After that, HTTP goes through hyper (with the caller's
+//! identity set in `x-outrider-client-id`) and everything else is relayed
+//! as opaque bytes.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::connect::{AppConnector, Connect};
+use super::detect::{Detection, Protocol, read_and_classify};
+use super::http::{HttpForward, HttpLimits};
+use super::io::{Activity, MeteredIo, Rewind};
+use super::metrics::{Direction, Metrics};
+use super::orig_dst::original_dst;
+use super::pool::{Pool, Version};
+use super::tls_status::{NoTlsReason, TlsStatus};
+use super::{
+    Error, InboundConfig, InboundTarget, Limits, MAX_DETECT_BYTES, MtlsMode, ProtocolMode,
+    ProxyConfig, TlsRx, accept_loop, bind,
+};
+use crate::lifecycle::Watch;
+use crate::tls::handshake_failure_reason;
+
+const DIRECTION: Direction = Direction::Inbound;
+
+pub struct Inbound {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    local: SocketAddr,
+    target: InboundTarget,
+    protocol: ProtocolMode,
+    mode: MtlsMode,
+    opaque_ports: BTreeSet<u16>,
+    limits: Limits,
+    http_limits: HttpLimits,
+    tls: TlsRx,
+    metrics: Metrics,
+    app: Arc<AppConnector>,
+    pool: Arc<Pool>,
+}
+
+impl Inbound {
+    pub async fn bind(
+        config: &InboundConfig,
+        proxy: &ProxyConfig,
+        tls: TlsRx,
+        metrics: Metrics,
+    ) -> Result<Self, Error> {
+        let listener = bind(config.listen).await?;
+        let local = listener.local_addr().map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let limits = proxy.limits.clone();
+        let app = Arc::new(AppConnector {
+            connect_timeout: limits.connect_timeout,
+        });
+        let pool = Pool::new(
+            app.clone(),
+            limits.pool_idle_timeout,
+            limits.pool_max_idle_per_destination,
+        );
+        Ok(Self {
+            listener,
+            shared: Arc::new(Shared {
+                local,
+                target: config.target.clone(),
+                protocol: config.protocol,
+                mode: proxy.mtls_mode,
+                opaque_ports: proxy.opaque_ports.clone(),
+                http_limits: HttpLimits {
+                    max_header_bytes: limits.max_header_bytes,
+                    header_read_timeout: limits.header_read_timeout,
+                    idle_timeout: limits.idle_timeout,
+                },
+                limits,
+                tls,
+                metrics,
+                app,
+                pool,
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local
+    }
+
+    pub async fn run(self, drain: Watch) {
+        let shared = self.shared;
+        let (max, metrics) = (shared.limits.max_connections, shared.metrics.clone());
+        accept_loop(
+            self.listener,
+            DIRECTION,
+            max,
+            metrics,
+            drain,
+            move |stream, client, drain| {
+                let shared = shared.clone();
+                async move { shared.serve(stream, client, drain).await }
+            },
+        )
+        .await;
+    }
+}
+
+impl Shared {
+    async fn serve(&self, stream: TcpStream, client: SocketAddr, drain: Watch) {
+        let app_addr = match &self.target {
+            InboundTarget::App(addr) => *addr,
+            InboundTarget::OriginalDst => match original_dst(&stream) {
+                Ok(addr) => addr,
+                Err(_) => return,
+            },
+        };
+        if app_addr == self.local {
+            // Sent straight to the listener, not redirected: forwarding it
+            // would connect the proxy to itself.
+            self.metrics.connection_error(DIRECTION, "loop_detected");
+            return;
+        }
+        let _open = self.metrics.accepted(DIRECTION);
+        let activity = Activity::new();
+        let mut io = MeteredIo::new(stream, activity.clone());
+        let mut prefix = BytesMut::new();
+        let detected = match read_and_classify(
+            &mut io,
+            &mut prefix,
+            self.limits.detect_timeout,
+            MAX_DETECT_BYTES,
+        )
+        .await
+        {
+            Ok(detected) => detected,
+            Err(_) => return,
+        };
+
+        if detected == Detection::Detected(Protocol::Tls { mesh: true }) {
+            return self
+                .serve_mesh(
+                    Rewind::new(prefix.freeze(), io),
+                    client,
+                    app_addr,
+                    activity,
+                    drain,
+                )
+                .await;
+        }
+        if detected == Detection::Closed {
+            return;
+        }
+        // Not mesh TLS: the client has no proxy (or is the kubelet).
+        if self.mode == MtlsMode::Strict {
+            self.metrics
+                .connection_error(DIRECTION, "plaintext_refused");
+            tracing::debug!(%client, "Refused a connection without mesh TLS (strict mode)");
+            return;
+        }
+        if detected == Detection::TimedOut {
+            self.metrics.detect_timeout(DIRECTION);
+        }
+        let tls = TlsStatus::NoTls(NoTlsReason::NotProvidedByRemote);
+        let mut conn = self.metrics.connection(DIRECTION, &tls);
+        io.set_counters(conn.bytes());
+        let protocol = match detected {
+            Detection::Detected(p) if !self.is_opaque(app_addr) => p,
+            _ => Protocol::Unknown,
+        };
+        let result = self
+            .forward(
+                Rewind::new(prefix.freeze(), io),
+                protocol,
+                tls,
+                app_addr,
+                activity,
+                drain,
+            )
+            .await;
+        conn.set_result(result);
+    }
+
+    /// Terminates mesh mTLS, then forwards by protocol.
+    async fn serve_mesh(
+        &self,
+        io: Rewind<MeteredIo<TcpStream>>,
+        client: SocketAddr,
+        app_addr: SocketAddr,
+        activity: Arc<Activity>,
+        drain: Watch,
+    ) {
+        let Some(mesh) = self.tls.borrow().clone() else {
+            self.metrics.handshake_failed(DIRECTION, "no_identity");
+            return;
+        };
+        let accept = TlsAcceptor::from(mesh.server_config()).accept(io);
+        let mut tls = match tokio::time::timeout(self.limits.handshake_timeout, accept).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                let reason = handshake_failure_reason(&error);
+                self.metrics.handshake_failed(DIRECTION, reason);
+                tracing::debug!(%client, reason, %error, "Inbound mTLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.handshake_failed(DIRECTION, "timeout");
+                return;
+            }
+        };
+        let peer = {
+            let (_, session) = tls.get_ref();
+            session
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|leaf| mesh.client_id(leaf))
+        };
+        let Some(peer) = peer else {
+            self.metrics.handshake_failed(DIRECTION, "unknown_peer");
+            return;
+        };
+        drop(mesh);
+        self.metrics.handshake_ok(DIRECTION);
+        let status = TlsStatus::Mtls(peer);
+        let mut conn = self.metrics.connection(DIRECTION, &status);
+        tls.get_mut().0.get_mut().set_counters(conn.bytes());
+
+        let mut prefix = BytesMut::new();
+        let protocol = if self.is_opaque(app_addr) {
+            Protocol::Unknown
+        } else {
+            match read_and_classify(
+                &mut tls,
+                &mut prefix,
+                self.limits.detect_timeout,
+                MAX_DETECT_BYTES,
+            )
+            .await
+            {
+                Ok(Detection::Detected(p)) => p,
+                Ok(Detection::TimedOut) => {
+                    self.metrics.detect_timeout(DIRECTION);
+                    Protocol::Unknown
+                }
+                Ok(Detection::Closed) | Err(_) => return,
+            }
+        };
+        let result = self
+            .forward(
+                Rewind::new(prefix.freeze(), tls),
+                protocol,
+                status,
+                app_addr,
+                activity,
+                drain,
+            )
+            .await;
+        conn.set_result(result);
+    }
+
+    fn is_opaque(&self, app_addr: SocketAddr) -> bool {
+        self.protocol == ProtocolMode::Opaque || self.opaque_ports.contains(&app_addr.port())
+    }
+
+    async fn forward<I>(
+        &self,
+        io: I,
+        protocol: Protocol,
+        tls: TlsStatus,
+        app_addr: SocketAddr,
+        activity: Arc<Activity>,
+        drain: Watch,
+    ) -> &'static str
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let version = match protocol {
+            Protocol::Http1 => Some(Version::Http1),
+            Protocol::Http2 => Some(Version::Http2),
+            Protocol::Tls { .. } | Protocol::Unknown => None,
+        };
+        self.metrics.protocol(DIRECTION, protocol_label(version));
+        match version {
+            Some(version) => {
+                let forward = Arc::new(HttpForward {
+                    direction: DIRECTION,
+                    version,
+                    dst: app_addr,
+                    pool: self.pool.clone(),
+                    metrics: self.metrics.clone(),
+                    downstream_tls: Some(tls),
+                    activity,
+                    idle_timeout: self.limits.idle_timeout,
+                    drain: drain.clone(),
+                });
+                super::http::serve(io, forward, &self.http_limits, &drain).await
+            }
+            None => {
+                let upstream = match self.app.connect(app_addr).await {
+                    Ok(upstream) => upstream,
+                    Err(error) => {
+                        self.metrics.connection_error(DIRECTION, error.reason());
+                        tracing::debug!(%app_addr, %error, "Cannot reach the application");
+                        return "error";
+                    }
+                };
+                super::tcp::relay(io, upstream.io, &activity, self.limits.idle_timeout).await
+            }
+        }
+    }
+}
+
+pub(super) fn protocol_label(version: Option<Version>) -> &'static str {
+    match version {
+        Some(Version::Http1) => "http1",
+        Some(Version::Http2) => "http2",
+        None => "opaque",
+    }
+}

@@ -1,0 +1,281 @@
+//! The data plane's Prometheus metrics, registered into a registry the
+//! caller owns.
+//!
+//! Label values come from closed sets (direction, TLS status and its
+//! reason, failure reasons, status codes) plus peer SPIFFE IDs, which are
+//! bounded by the number of service accounts that talk to this workload.
+//! Never addresses, paths or hosts.
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+
+use super::io::ByteCounters;
+use super::tls_status::TlsStatus;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+/// Every data-plane metric family.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    http_requests: IntCounterVec,
+    http_responses: IntCounterVec,
+    http_latency: HistogramVec,
+    tcp_open: IntCounterVec,
+    tcp_close: IntCounterVec,
+    tcp_open_connections: IntGaugeVec,
+    tcp_read_bytes: IntCounterVec,
+    tcp_write_bytes: IntCounterVec,
+    tls_handshakes: IntCounterVec,
+    tls_handshake_failures: IntCounterVec,
+    detect_timeouts: IntCounterVec,
+    protocols: IntCounterVec,
+    connection_errors: IntCounterVec,
+    plaintext_fallbacks: IntCounter,
+}
+
+/// Handles for one connection, resolved once when its TLS status is known.
+/// Counts the close (with the result set last) when dropped.
+#[derive(Debug)]
+pub struct ConnMetrics {
+    metrics: Metrics,
+    labels: [String; 4],
+    result: &'static str,
+}
+
+const TCP_LABELS: &[&str] = &["direction", "tls", "no_tls_reason", "peer_id"];
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let http_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "http_response_latency_seconds",
+                "Time from receiving a request to sending the response headers.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["direction", "peer_id"],
+        )?;
+        registry.register(Box::new(http_latency.clone()))?;
+        let tcp_open_connections = IntGaugeVec::new(
+            Opts::new(
+                "tcp_open_connections",
+                "Connections currently accepted and not yet closed.",
+            ),
+            &["direction"],
+        )?;
+        registry.register(Box::new(tcp_open_connections.clone()))?;
+        let plaintext_fallbacks = IntCounter::new(
+            "outbound_plaintext_fallbacks_total",
+            "Outbound connections sent in plaintext because the destination has no proxy (permissive mode).",
+        )?;
+        registry.register(Box::new(plaintext_fallbacks.clone()))?;
+        Ok(Self {
+            http_requests: counter(
+                "http_requests_total",
+                "HTTP requests received, by direction and TLS status of the connection.",
+                &["direction", "tls", "peer_id"],
+            )?,
+            http_responses: counter(
+                "http_responses_total",
+                "HTTP responses sent, by status code.",
+                &["direction", "tls", "peer_id", "status_code"],
+            )?,
+            http_latency,
+            tcp_open: counter(
+                "tcp_open_total",
+                "Connections opened (counted once TLS status is known).",
+                TCP_LABELS,
+            )?,
+            tcp_close: counter(
+                "tcp_close_total",
+                "Connections closed, by how they ended.",
+                &["direction", "tls", "no_tls_reason", "peer_id", "result"],
+            )?,
+            tcp_open_connections,
+            tcp_read_bytes: counter(
+                "tcp_read_bytes_total",
+                "Bytes read from downstream connections.",
+                TCP_LABELS,
+            )?,
+            tcp_write_bytes: counter(
+                "tcp_write_bytes_total",
+                "Bytes written to downstream connections.",
+                TCP_LABELS,
+            )?,
+            tls_handshakes: counter(
+                "tls_handshakes_total",
+                "Successful mesh TLS handshakes.",
+                &["direction"],
+            )?,
+            tls_handshake_failures: counter(
+                "tls_handshake_failures_total",
+                "Failed mesh TLS handshakes, by reason.",
+                &["direction", "reason"],
+            )?,
+            detect_timeouts: counter(
+                "protocol_detect_timeouts_total",
+                "Connections whose protocol was not known before the detection timeout (treated as opaque).",
+                &["direction"],
+            )?,
+            protocols: counter(
+                "protocol_detections_total",
+                "Connections by the protocol detected (or configured) after the mesh hop.",
+                &["direction", "protocol"],
+            )?,
+            connection_errors: counter(
+                "connection_errors_total",
+                "Connections refused or failed, by reason.",
+                &["direction", "reason"],
+            )?,
+            plaintext_fallbacks,
+        })
+    }
+
+    pub fn connection(&self, direction: Direction, tls: &TlsStatus) -> ConnMetrics {
+        let labels = [
+            direction.as_str().to_string(),
+            tls.label().to_string(),
+            tls.no_tls_reason().to_string(),
+            tls.peer_id_label().to_string(),
+        ];
+        let l = [&*labels[0], &*labels[1], &*labels[2], &*labels[3]];
+        self.tcp_open.with_label_values(&l).inc();
+        ConnMetrics {
+            metrics: self.clone(),
+            labels,
+            result: "ok",
+        }
+    }
+
+    pub fn http_request(&self, direction: Direction, tls: &TlsStatus) {
+        self.http_requests
+            .with_label_values(&[direction.as_str(), tls.label(), tls.peer_id_label()])
+            .inc();
+    }
+
+    pub fn http_response(
+        &self,
+        direction: Direction,
+        tls: &TlsStatus,
+        status: u16,
+        elapsed: std::time::Duration,
+    ) {
+        let code = status.to_string();
+        let (dir, peer) = (direction.as_str(), tls.peer_id_label());
+        self.http_responses
+            .with_label_values(&[dir, tls.label(), peer, &code])
+            .inc();
+        self.http_latency
+            .with_label_values(&[dir, peer])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn accepted(&self, direction: Direction) -> OpenConnection {
+        let gauge = self
+            .tcp_open_connections
+            .with_label_values(&[direction.as_str()]);
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
+    pub fn handshake_ok(&self, direction: Direction) {
+        self.tls_handshakes
+            .with_label_values(&[direction.as_str()])
+            .inc();
+    }
+
+    pub fn handshake_failed(&self, direction: Direction, reason: &str) {
+        self.tls_handshake_failures
+            .with_label_values(&[direction.as_str(), reason])
+            .inc();
+    }
+
+    pub fn detect_timeout(&self, direction: Direction) {
+        self.detect_timeouts
+            .with_label_values(&[direction.as_str()])
+            .inc();
+    }
+
+    pub fn protocol(&self, direction: Direction, protocol: &str) {
+        self.protocols
+            .with_label_values(&[direction.as_str(), protocol])
+            .inc();
+    }
+
+    pub fn connection_error(&self, direction: Direction, reason: &str) {
+        self.connection_errors
+            .with_label_values(&[direction.as_str(), reason])
+            .inc();
+    }
+
+    pub fn plaintext_fallback(&self) {
+        self.plaintext_fallbacks.inc();
+    }
+}
+
+/// Keeps `tcp_open_connections` up while alive.
+#[derive(Debug)]
+pub struct OpenConnection(prometheus::IntGauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl ConnMetrics {
+    fn labels(&self) -> [&str; 4] {
+        [
+            &self.labels[0],
+            &self.labels[1],
+            &self.labels[2],
+            &self.labels[3],
+        ]
+    }
+
+    pub fn bytes(&self) -> ByteCounters {
+        let l = self.labels();
+        ByteCounters {
+            read: self.metrics.tcp_read_bytes.with_label_values(&l),
+            written: self.metrics.tcp_write_bytes.with_label_values(&l),
+        }
+    }
+
+    /// How the connection ended (`ok`, `error`, `idle_timeout`, ...);
+    /// recorded when this value is dropped.
+    pub fn set_result(&mut self, result: &'static str) {
+        self.result = result;
+    }
+}
+
+impl Drop for ConnMetrics {
+    fn drop(&mut self) {
+        let l = self.labels();
+        self.metrics
+            .tcp_close
+            .with_label_values(&[l[0], l[1], l[2], l[3], self.result])
+            .inc();
+    }
+}

@@ -1,0 +1,232 @@
+//! The data plane: inbound and outbound listeners, mTLS, protocol
+//! detection, HTTP and opaque forwarding, and their metrics.
+//!
+//! Takes its configuration as plain data and its TLS material from a
+//! `watch` channel; never reads files, flags or the environment, and never
+//! calls the CA. Each listener is bound in [`Proxy::bind`] (so tests can
+//! use port 0 and ask for the address) and served by [`Proxy::run`] until
+//! the drain signal.
+
+mod connect;
+mod detect;
+pub mod http;
+mod inbound;
+mod io;
+pub mod metrics;
+mod orig_dst;
+mod outbound;
+mod pool;
+mod tcp;
+mod tls_status;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+pub use connect::ExpectedPeer;
+pub use detect::{Protocol, classify};
+pub use metrics::{Direction, Metrics};
+pub use tls_status::{NoTlsReason, TlsStatus};
+
+use crate::identity::SpiffeId;
+use crate::lifecycle::Watch;
+use crate::tls::MeshTls;
+
+/// The TLS material in use; `None` until an identity is loaded.
+pub type TlsRx = watch::Receiver<Option<Arc<MeshTls>>>;
+
+/// Bytes read while detecting a protocol: a full TLS record, or an HTTP/1
+/// request line.
+const MAX_DETECT_BYTES: usize = 17 * 1024;
+
+/// Whether plaintext is accepted from, and sent to, workloads without a
+/// proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    #[serde(alias = "STRICT")]
+    Strict,
+    #[serde(alias = "PERMISSIVE")]
+    Permissive,
+}
+
+/// Whether a listener detects protocols or treats everything as opaque.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtocolMode {
+    Detect,
+    Opaque,
+}
+
+/// Where inbound connections go after the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundTarget {
+    /// The address the client dialled (`SO_ORIGINAL_DST`).
+    OriginalDst,
+    /// A fixed application address (local mode).
+    App(SocketAddr),
+}
+
+/// Where outbound connections go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboundTarget {
+    /// The address the application dialled (`SO_ORIGINAL_DST`).
+    OriginalDst,
+    /// A fixed peer proxy, optionally with the identity it must present.
+    Peer {
+        addr: SocketAddr,
+        id: Option<SpiffeId>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    pub listen: SocketAddr,
+    pub target: InboundTarget,
+    pub protocol: ProtocolMode,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboundConfig {
+    pub listen: SocketAddr,
+    pub target: OutboundTarget,
+    pub protocol: ProtocolMode,
+}
+
+/// Timeouts and limits that protect the proxy from slow or hostile peers.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub detect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_destination: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub inbound: Option<InboundConfig>,
+    pub outbound: Option<OutboundConfig>,
+    pub mtls_mode: MtlsMode,
+    pub opaque_ports: BTreeSet<u16>,
+    pub plaintext_fallback_ttl: Duration,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The bound listeners, ready to serve.
+pub struct Proxy {
+    inbound: Option<inbound::Inbound>,
+    outbound: Option<outbound::Outbound>,
+}
+
+impl Proxy {
+    pub async fn bind(config: &ProxyConfig, tls: TlsRx, metrics: Metrics) -> Result<Self, Error> {
+        let inbound = match &config.inbound {
+            Some(c) => Some(inbound::Inbound::bind(c, config, tls.clone(), metrics.clone()).await?),
+            None => None,
+        };
+        let outbound = match &config.outbound {
+            Some(c) => Some(outbound::Outbound::bind(c, config, tls, metrics).await?),
+            None => None,
+        };
+        Ok(Self { inbound, outbound })
+    }
+
+    pub fn inbound_addr(&self) -> Option<SocketAddr> {
+        self.inbound.as_ref().map(|i| i.local_addr())
+    }
+
+    pub fn outbound_addr(&self) -> Option<SocketAddr> {
+        self.outbound.as_ref().map(|o| o.local_addr())
+    }
+
+    /// Accepts until draining starts. Connections already accepted keep
+    /// their own [`Watch`] and finish on their own terms.
+    pub async fn run(self, drain: Watch) {
+        let inbound = self.inbound.map(|i| tokio::spawn(i.run(drain.clone())));
+        let outbound = self.outbound.map(|o| tokio::spawn(o.run(drain.clone())));
+        drop(drain);
+        if let Some(task) = inbound {
+            let _ = task.await;
+        }
+        if let Some(task) = outbound {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(|source| Error::Bind { addr, source })?;
+    socket
+        .set_reuseaddr(true)
+        .and_then(|()| socket.bind(addr))
+        .and_then(|()| socket.listen(1024))
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+/// Accepts connections until draining, enforcing the connection limit and
+/// handing each one to `serve` on its own task.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    direction: Direction,
+    max_connections: usize,
+    metrics: Metrics,
+    drain: Watch,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Watch) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let (stream, client) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead
+                    // of spinning, and keep serving.
+                    tracing::warn!(direction = direction.as_str(), %error, "Accept failed");
+                    metrics.connection_error(direction, "accept_failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = drain.signaled() => break,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            metrics.connection_error(direction, "max_connections");
+            tracing::debug!(direction = direction.as_str(), %client, "Connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let task = serve(stream, client, drain.clone());
+        tokio::spawn(async move {
+            task.await;
+            drop(permit);
+        });
+    }
+    tracing::debug!(direction = direction.as_str(), "Listener closed");
+}

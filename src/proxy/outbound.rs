@@ -1,0 +1,202 @@
+//! The outbound side: connections the local application opens.
+//!
+//! The destination is the static peer of the route or the address the
+//! application dialled. HTTP is served through hyper and forwarded over
+//! pooled mTLS connections; everything else (and every configured opaque
+//! port, without waiting for the client to speak) gets an mTLS connection
+//! of its own and is relayed as bytes.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::connect::{ExpectedPeer, MeshConnector};
+use super::detect::{Detection, Protocol, read_and_classify};
+use super::http::{HttpForward, HttpLimits};
+use super::inbound::protocol_label;
+use super::io::{Activity, MeteredIo, Rewind};
+use super::metrics::{Direction, Metrics};
+use super::orig_dst::original_dst;
+use super::pool::{Pool, Version};
+use super::{
+    Error, Limits, MAX_DETECT_BYTES, OutboundConfig, OutboundTarget, ProtocolMode, ProxyConfig,
+    TlsRx, accept_loop, bind,
+};
+use crate::lifecycle::Watch;
+
+const DIRECTION: Direction = Direction::Outbound;
+
+pub struct Outbound {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    local: SocketAddr,
+    target: OutboundTarget,
+    protocol: ProtocolMode,
+    opaque_ports: BTreeSet<u16>,
+    limits: Limits,
+    http_limits: HttpLimits,
+    metrics: Metrics,
+    connector: Arc<MeshConnector>,
+    pool: Arc<Pool>,
+}
+
+impl Outbound {
+    pub async fn bind(
+        config: &OutboundConfig,
+        proxy: &ProxyConfig,
+        tls: TlsRx,
+        metrics: Metrics,
+    ) -> Result<Self, Error> {
+        let listener = bind(config.listen).await?;
+        let local = listener.local_addr().map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let limits = proxy.limits.clone();
+        let expected = match &config.target {
+            OutboundTarget::Peer { id: Some(id), .. } => ExpectedPeer::Id(id.clone()),
+            _ => ExpectedPeer::SameTrustDomain,
+        };
+        let connector = Arc::new(MeshConnector::new(
+            tls,
+            expected,
+            proxy.mtls_mode,
+            limits.connect_timeout,
+            limits.handshake_timeout,
+            proxy.plaintext_fallback_ttl,
+            metrics.clone(),
+        ));
+        let pool = Pool::new(
+            connector.clone(),
+            limits.pool_idle_timeout,
+            limits.pool_max_idle_per_destination,
+        );
+        Ok(Self {
+            listener,
+            shared: Arc::new(Shared {
+                local,
+                target: config.target.clone(),
+                protocol: config.protocol,
+                opaque_ports: proxy.opaque_ports.clone(),
+                http_limits: HttpLimits {
+                    max_header_bytes: limits.max_header_bytes,
+                    header_read_timeout: limits.header_read_timeout,
+                    idle_timeout: limits.idle_timeout,
+                },
+                limits,
+                metrics,
+                connector,
+                pool,
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local
+    }
+
+    pub async fn run(self, drain: Watch) {
+        let shared = self.shared;
+        let (max, metrics) = (shared.limits.max_connections, shared.metrics.clone());
+        accept_loop(
+            self.listener,
+            DIRECTION,
+            max,
+            metrics,
+            drain,
+            move |stream, _client, drain| {
+                let shared = shared.clone();
+                async move { shared.serve(stream, drain).await }
+            },
+        )
+        .await;
+    }
+}
+
+impl Shared {
+    async fn serve(&self, stream: TcpStream, drain: Watch) {
+        let dst = match &self.target {
+            OutboundTarget::Peer { addr, .. } => *addr,
+            OutboundTarget::OriginalDst => match original_dst(&stream) {
+                Ok(addr) => addr,
+                Err(_) => return,
+            },
+        };
+        if dst == self.local {
+            self.metrics.connection_error(DIRECTION, "loop_detected");
+            return;
+        }
+        let _open = self.metrics.accepted(DIRECTION);
+        let activity = Activity::new();
+        let mut io = MeteredIo::new(stream, activity.clone());
+        let mut prefix = BytesMut::new();
+
+        let protocol =
+            if self.protocol == ProtocolMode::Opaque || self.opaque_ports.contains(&dst.port()) {
+                // Server-speaks-first protocols live here: connect at once.
+                Protocol::Unknown
+            } else {
+                match read_and_classify(
+                    &mut io,
+                    &mut prefix,
+                    self.limits.detect_timeout,
+                    MAX_DETECT_BYTES,
+                )
+                .await
+                {
+                    Ok(Detection::Detected(p)) => p,
+                    Ok(Detection::TimedOut) => {
+                        self.metrics.detect_timeout(DIRECTION);
+                        Protocol::Unknown
+                    }
+                    Ok(Detection::Closed) | Err(_) => return,
+                }
+            };
+        let io = Rewind::new(prefix.freeze(), io);
+        let version = match protocol {
+            Protocol::Http1 => Some(Version::Http1),
+            Protocol::Http2 => Some(Version::Http2),
+            _ => None,
+        };
+        self.metrics.protocol(DIRECTION, protocol_label(version));
+
+        if let Some(version) = version {
+            let forward = Arc::new(HttpForward {
+                direction: DIRECTION,
+                version,
+                dst,
+                pool: self.pool.clone(),
+                metrics: self.metrics.clone(),
+                downstream_tls: None,
+                activity,
+                idle_timeout: self.limits.idle_timeout,
+                drain: drain.clone(),
+            });
+            super::http::serve(io, forward, &self.http_limits, &drain).await;
+            return;
+        }
+
+        // The application's own TLS stays end-to-end encrypted even if the
+        // destination turns out to have no proxy.
+        let app_tls = matches!(protocol, Protocol::Tls { .. });
+        let upstream = match self.connector.connect_to(dst, app_tls).await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                self.metrics.connection_error(DIRECTION, error.reason());
+                tracing::debug!(%dst, %error, "Outbound connection failed");
+                return;
+            }
+        };
+        let mut conn = upstream.metrics;
+        let result = super::tcp::relay(io, upstream.io, &activity, self.limits.idle_timeout).await;
+        if let Some(conn) = conn.as_mut() {
+            conn.set_result(result);
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Reusable HTTP client connections, per destination address.
+//!
+//! HTTP/1 connections are checked out for one request at a time and come
+//! back when the response body has been fully read (a connection whose
+//! body was abandoned cannot be reused and is closed). HTTP/2 connections
+//! are shared: one per destination, multiplexed. Idle connections expire.
+//! A request that fails on a reused connection before it was written is
+//! retried on a fresh one, which covers the race with a server closing an
+//! idle keep-alive connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::connect::{Connect, ConnectError, Connected};
+use super::tls_status::TlsStatus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("upstream HTTP error: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+impl ForwardError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Connect(e) => e.reason(),
+            Self::Http(_) => "upstream_http_error",
+        }
+    }
+}
+
+/// HTTP version spoken on both hops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+pub struct Pool {
+    connector: Arc<dyn Connect>,
+    idle_timeout: Duration,
+    max_idle_per_destination: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    http1: HashMap<SocketAddr, Vec<IdleHttp1>>,
+    http2: HashMap<SocketAddr, (http2::SendRequest<Incoming>, TlsStatus)>,
+}
+
+struct IdleHttp1 {
+    sender: http1::SendRequest<Incoming>,
+    tls: TlsStatus,
+    since: Instant,
+}
+
+/// A response and the TLS status of the connection it came over.
+pub struct Sent {
+    pub response: Response<Incoming>,
+    pub tls: TlsStatus,
+    /// For HTTP/1: hands the connection back once the body is done.
+    pub release: Option<Release>,
+}
+
+/// The right to return an HTTP/1 connection to its pool.
+pub struct Release {
+    pool: Weak<Pool>,
+    dst: SocketAddr,
+    sender: http1::SendRequest<Incoming>,
+    tls: TlsStatus,
+}
+
+impl Release {
+    /// Returns the connection for reuse. Call only once the response body
+    /// has been read to its end.
+    pub fn release(self) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        if self.sender.is_closed() {
+            return;
+        }
+        let Ok(mut state) = pool.state.lock() else {
+            return;
+        };
+        let idle = state.http1.entry(self.dst).or_default();
+        if idle.len() < pool.max_idle_per_destination {
+            idle.push(IdleHttp1 {
+                sender: self.sender,
+                tls: self.tls,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+// === impl Pool ===
+
+impl Pool {
+    pub fn new(
+        connector: Arc<dyn Connect>,
+        idle_timeout: Duration,
+        max_idle_per_destination: usize,
+    ) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            connector,
+            idle_timeout,
+            max_idle_per_destination,
+            state: Mutex::new(State::default()),
+        });
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(idle_timeout.max(Duration::from_secs(1)));
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { break };
+                pool.evict_idle();
+            }
+        });
+        pool
+    }
+
+    fn evict_idle(&self) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        state.http1.retain(|_, idle| {
+            idle.retain(|c| {
+                !c.sender.is_closed() && now.duration_since(c.since) < self.idle_timeout
+            });
+            !idle.is_empty()
+        });
+        state.http2.retain(|_, (sender, _)| !sender.is_closed());
+    }
+
+    /// Sends `req` to `dst`. An upgrade request gets a connection of its
+    /// own that never returns to the pool.
+    pub async fn send(
+        self: &Arc<Self>,
+        dst: SocketAddr,
+        req: Request<Incoming>,
+        version: Version,
+        upgrade: bool,
+    ) -> Result<Sent, ForwardError> {
+        match version {
+            Version::Http1 => self.send_http1(dst, req, upgrade).await,
+            Version::Http2 => self.send_http2(dst, req).await,
+        }
+    }
+
+    async fn send_http1(
+        self: &Arc<Self>,
+        dst: SocketAddr,
+        mut req: Request<Incoming>,
+        upgrade: bool,
+    ) -> Result<Sent, ForwardError> {
+        loop {
+            let reused = if upgrade {
+                None
+            } else {
+                self.checkout_http1(dst).await
+            };
+            let was_reused = reused.is_some();
+            let (mut sender, tls) = match reused {
+                Some(conn) => conn,
+                None => self.connect_http1(dst).await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    let release = (!upgrade).then(|| Release {
+                        pool: Arc::downgrade(self),
+                        dst,
+                        sender,
+                        tls: tls.clone(),
+                    });
+                    return Ok(Sent {
+                        response,
+                        tls,
+                        release,
+                    });
+                }
+                Err(mut error) => match error.take_message() {
+                    // Never written: the pooled connection had gone stale.
+                    Some(unsent) if was_reused => req = unsent,
+                    _ => return Err(error.into_error().into()),
+                },
+            }
+        }
+    }
+
+    async fn checkout_http1(
+        &self,
+        dst: SocketAddr,
+    ) -> Option<(http1::SendRequest<Incoming>, TlsStatus)> {
+        loop {
+            let mut conn = {
+                let mut state = self.state.lock().ok()?;
+                state.http1.get_mut(&dst)?.pop()?
+            };
+            if conn.sender.is_closed() || conn.since.elapsed() >= self.idle_timeout {
+                continue;
+            }
+            if conn.sender.is_ready() {
+                return Some((conn.sender, conn.tls));
+            }
+            // Released a moment ago; its connection task has not yet
+            // caught up. It becomes ready as soon as it runs.
+            match tokio::time::timeout(Duration::from_millis(100), conn.sender.ready()).await {
+                Ok(Ok(())) => return Some((conn.sender, conn.tls)),
+                _ => continue,
+            }
+        }
+    }
+
+    async fn connect_http1(
+        &self,
+        dst: SocketAddr,
+    ) -> Result<(http1::SendRequest<Incoming>, TlsStatus), ForwardError> {
+        let Connected { io, tls, metrics } = self.connector.connect(dst).await?;
+        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            let mut metrics = metrics;
+            if conn.with_upgrades().await.is_err() {
+                if let Some(m) = metrics.as_mut() {
+                    m.set_result("error");
+                }
+            }
+        });
+        Ok((sender, tls))
+    }
+
+    async fn send_http2(
+        self: &Arc<Self>,
+        dst: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<Sent, ForwardError> {
+        loop {
+            let shared = {
+                let state = self.state.lock().ok();
+                state.and_then(|s| s.http2.get(&dst).filter(|(s, _)| !s.is_closed()).cloned())
+            };
+            let was_shared = shared.is_some();
+            let (mut sender, tls) = match shared {
+                Some(conn) => conn,
+                None => self.connect_http2(dst).await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    return Ok(Sent {
+                        response,
+                        tls,
+                        release: None,
+                    });
+                }
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if was_shared => {
+                        if let Ok(mut state) = self.state.lock() {
+                            state.http2.remove(&dst);
+                        }
+                        req = unsent;
+                    }
+                    _ => return Err(error.into_error().into()),
+                },
+            }
+        }
+    }
+
+    async fn connect_http2(
+        &self,
+        dst: SocketAddr,
+    ) -> Result<(http2::SendRequest<Incoming>, TlsStatus), ForwardError> {
+        let Connected { io, tls, metrics } = self.connector.connect(dst).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .handshake(TokioIo::new(io))
+            .await?;
+        tokio::spawn(async move {
+            let mut metrics = metrics;
+            if conn.await.is_err() {
+                if let Some(m) = metrics.as_mut() {
+                    m.set_result("error");
+                }
+            }
+        });
+        if let Ok(mut state) = self.state.lock() {
+            state.http2.insert(dst, (sender.clone(), tls.clone()));
+        }
+        Ok((sender, tls))
+    }
+}
