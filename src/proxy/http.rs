@@ -264,6 +264,14 @@ impl HttpForward {
             set_client_id(req.headers_mut(), tls);
         }
         let grpc = is_grpc(&req);
+        // Each hop negotiates its own keep-alive: an HTTP/1.0 client must
+        // not make the pooled upstream connection single-use, and an
+        // HTTP/1.0 upstream must not close the downstream connection.
+        let downstream_version = req.version();
+        *req.version_mut() = match self.version {
+            Version::Http1 => http::Version::HTTP_11,
+            Version::Http2 => http::Version::HTTP_2,
+        };
 
         let (response, upstream_tls) = match self
             .pool
@@ -287,6 +295,7 @@ impl HttpForward {
                     ));
                 }
                 strip_hop_by_hop(response.headers_mut(), upgrade && switched);
+                *response.version_mut() = downstream_version;
                 let response = response.map(|body| ProxyBody::Upstream {
                     body,
                     release,
