@@ -92,9 +92,11 @@ impl Sidecar {
         let (drain, watch) = lifecycle::channel();
         let proxy_task = tokio::spawn(proxy.run(watch));
         let admin_task = tokio::spawn(admin.run());
+        let show =
+            |a: Option<SocketAddr>| a.map_or_else(|| "disabled".to_string(), |a| a.to_string());
         tracing::info!(
-            inbound = ?inbound,
-            outbound = ?outbound,
+            inbound = %show(inbound),
+            outbound = %show(outbound),
             admin = %admin_addr,
             id = %config.identity.expected_id,
             "Listeners bound"

@@ -2,7 +2,9 @@
 //! feature: certificate authorities that can also mint deliberately broken
 //! certificates, identity directories, and bounded polling.
 
+pub mod apps;
 pub mod certs;
+pub mod tls;
 
 use std::time::Duration;
 

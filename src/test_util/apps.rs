@@ -1,0 +1,244 @@
+//! Small servers and clients for black-box tests: HTTP/1 and HTTP/2 apps
+//! that report what they saw, an upgrade (WebSocket-style) echo, TCP echo
+//! and banner servers, and a parser for the Prometheus text format.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::proxy::http::CLIENT_ID_HEADER;
+
+fn describe(req: &Request<Incoming>) -> String {
+    let caller = req
+        .headers()
+        .get(&CLIENT_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("unauthenticated");
+    format!(
+        "{:?} {} {} caller={caller}",
+        req.version(),
+        req.method(),
+        req.uri().path()
+    )
+}
+
+async fn bind() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (listener, addr)
+}
+
+/// HTTP/1.1 app answering `<version> <method> <path> caller=<id>`, after
+/// `delay` (for in-flight tests). Paths starting `/status/NNN` answer NNN.
+pub async fn http1_app(delay: Duration) -> SocketAddr {
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| async move {
+                    tokio::time::sleep(delay).await;
+                    let status = req
+                        .uri()
+                        .path()
+                        .strip_prefix("/status/")
+                        .and_then(|s| s.parse::<u16>().ok())
+                        .and_then(|s| StatusCode::from_u16(s).ok())
+                        .unwrap_or(StatusCode::OK);
+                    let mut response = Response::new(Full::new(Bytes::from(describe(&req))));
+                    *response.status_mut() = status;
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// HTTP/2 (prior knowledge, h2c) app with the same answers.
+pub async fn http2_app() -> SocketAddr {
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(describe(&req)))))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Accepts `Upgrade: websocket` with 101 and then echoes raw bytes.
+pub async fn upgrade_echo_app() -> SocketAddr {
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|mut req: Request<Incoming>| async move {
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(upgraded) = upgrade.await {
+                            let mut io = TokioIo::new(upgraded);
+                            let mut buf = [0u8; 1024];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                    let mut response = Response::new(Full::new(Bytes::new()));
+                    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                    response
+                        .headers_mut()
+                        .insert("upgrade", "websocket".parse().expect("value"));
+                    response
+                        .headers_mut()
+                        .insert("connection", "upgrade".parse().expect("value"));
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Echoes bytes; on EOF from the client, writes `bye` and closes (so a
+/// half-close is observable).
+pub async fn tcp_echo() -> SocketAddr {
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) => {
+                            let _ = stream.write_all(b"bye").await;
+                            break;
+                        }
+                        Ok(n) => {
+                            if stream.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A server-speaks-first protocol: sends `banner` on connect, then echoes.
+pub async fn banner_server(banner: &'static [u8]) -> SocketAddr {
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if stream.write_all(banner).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One HTTP/1.1 request on a new connection.
+pub async fn http1_request(
+    addr: SocketAddr,
+    req: Request<Empty<Bytes>>,
+) -> Result<(StatusCode, http::HeaderMap, String), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+pub async fn http1_get(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), String> {
+    let req = Request::get(path)
+        .header("host", "test")
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    http1_request(addr, req).await.map(|(s, _, b)| (s, b))
+}
+
+/// One HTTP/2 (prior knowledge) request on a new connection.
+pub async fn http2_get(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://test{path}"))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Sums every sample of `name` whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if series_name != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
