@@ -15,7 +15,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 use super::spiffe::SpiffeId;
-use super::svid::{Expected, SvidError, SvidLeaf, TrustBundle, Usage, verify_svid};
+use super::svid::{Expected, SvidError, SvidLeaf, TrustBundle, Usage, parse_leaf, verify_svid};
 
 /// File names inside the identity directory, as in a `kubernetes.io/tls`
 /// Secret that also carries `ca.crt`.
@@ -129,9 +129,16 @@ impl Credentials {
             .key_provider
             .load_private_key(key)
             .map_err(|e| LoadError::UnusableKey(e.to_string()))?;
+        // Structure first, so garbage is reported as garbage rather than as
+        // a key that does not match it.
+        parse_leaf(&chain[0])?;
         let certified_key = CertifiedKey::new(chain, signing_key);
-        if certified_key.keys_match().is_err() {
-            return Err(LoadError::KeyMismatch);
+        match certified_key.keys_match() {
+            Ok(()) => {}
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+                return Err(LoadError::KeyMismatch);
+            }
+            Err(other) => return Err(LoadError::UnusableKey(other.to_string())),
         }
 
         let bundle = TrustBundle::new(roots)?;
@@ -174,4 +181,82 @@ fn parse_certs(pem: &[u8], file: &'static str) -> Result<Vec<CertificateDer<'sta
         return Err(LoadError::NoCertificate(file));
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::certs::TestCa;
+
+    fn raw(chain: &str, key: &str, bundle: &str) -> RawCredentials {
+        RawCredentials {
+            cert_pem: chain.as_bytes().to_vec(),
+            key_pem: key.as_bytes().to_vec(),
+            bundle_pem: bundle.as_bytes().to_vec(),
+        }
+    }
+
+    fn load(raw: &RawCredentials, id: &SpiffeId) -> Result<Credentials, LoadError> {
+        Credentials::from_raw(raw, id, UnixTime::now(), Duration::from_secs(60))
+    }
+
+    #[test]
+    fn a_consistent_set_loads() {
+        let ca = TestCa::new("cluster.local");
+        let svid = ca.issue("shop", "orders");
+        let creds = load(&raw(&svid.chain_pem, &svid.key_pem, &ca.root_pem), &svid.id).unwrap();
+        assert_eq!(creds.id(), &svid.id);
+        assert_eq!(creds.bundle.len(), 1);
+    }
+
+    #[test]
+    fn each_inconsistency_is_reported_with_its_reason() {
+        let ca = TestCa::new("cluster.local");
+        let svid = ca.issue("shop", "orders");
+        let other = ca.issue("shop", "orders");
+        let foreign = TestCa::new("cluster.local");
+        let cases = [
+            (raw("", &svid.key_pem, &ca.root_pem), "malformed_pem"),
+            (raw(&svid.chain_pem, "", &ca.root_pem), "malformed_pem"),
+            (
+                raw(&svid.chain_pem, &svid.key_pem, "nothing"),
+                "malformed_pem",
+            ),
+            (
+                raw(&svid.chain_pem, &other.key_pem, &ca.root_pem),
+                "key_mismatch",
+            ),
+            (
+                raw(&svid.chain_pem, &svid.key_pem, &foreign.root_pem),
+                "unknown_ca",
+            ),
+        ];
+        for (raw, reason) in cases {
+            let err = load(&raw, &svid.id).unwrap_err();
+            assert_eq!(err.reason(), reason, "{err}");
+        }
+        let payments = ca.id("shop", "payments");
+        let err = load(
+            &raw(&svid.chain_pem, &svid.key_pem, &ca.root_pem),
+            &payments,
+        )
+        .unwrap_err();
+        assert_eq!(err.reason(), "wrong_identity");
+    }
+
+    #[test]
+    fn reading_through_data_gives_one_generation() {
+        let ca = TestCa::new("cluster.local");
+        let dir = tempfile::tempdir().unwrap();
+        let first = ca.issue("shop", "orders");
+        crate::test_util::certs::write_identity(
+            dir.path(),
+            &first.chain_pem,
+            &first.key_pem,
+            &ca.root_pem,
+        );
+        let raw = RawCredentials::read_dir(dir.path()).unwrap();
+        assert_eq!(raw.cert_pem, first.chain_pem.as_bytes());
+        assert_eq!(raw.key_pem, first.key_pem.as_bytes());
+    }
 }

@@ -67,3 +67,21 @@ pub async fn mesh_request(addr: SocketAddr, config: Arc<ClientConfig>) -> Result
         Err(e) => Err(format!("read: {e}")),
     }
 }
+
+/// The serial of the leaf the server at `addr` presents to a new handshake.
+pub async fn served_serial(addr: SocketAddr, config: Arc<ClientConfig>) -> Result<String, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = TlsConnector::from(config)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("no certificate")?;
+    crate::identity::svid::parse_leaf(leaf)
+        .map(|l| l.serial)
+        .map_err(|e| e.to_string())
+}
