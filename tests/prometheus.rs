@@ -28,7 +28,10 @@ fn require(binary: &str) {
         .args(["-c", &format!("command -v {binary}")])
         .output()
         .is_ok_and(|o| o.status.success());
-    assert!(found, "`{binary}` is not installed: run ci/test.sh, or apt-get install prometheus");
+    assert!(
+        found,
+        "`{binary}` is not installed: run ci/test.sh, or apt-get install prometheus"
+    );
 }
 
 #[tokio::test]
@@ -40,9 +43,13 @@ async fn prometheus_scrapes_the_request_counter_and_promtool_accepts_the_exposit
     let app = apps::http1_app(Duration::ZERO).await;
     let server_w = workload(tmp.path(), &ca, "shop", "payments");
     let client_w = workload(tmp.path(), &ca, "shop", "orders");
-    let server = ProxyProcess::start(&config(&server_w, &sections(Some(app), None, "strict", ""))).await;
-    let client =
-        ProxyProcess::start(&config(&client_w, &sections(None, Some((server.inbound(), &server_w.id)), "strict", ""))).await;
+    let server =
+        ProxyProcess::start(&config(&server_w, &sections(Some(app), None, "strict", ""))).await;
+    let client = ProxyProcess::start(&config(
+        &client_w,
+        &sections(None, Some((server.inbound(), &server_w.id)), "strict", ""),
+    ))
+    .await;
     for _ in 0..7 {
         let (status, _) = apps::http1_get(client.outbound(), "/").await.unwrap();
         assert_eq!(status, 200);
@@ -57,7 +64,12 @@ async fn prometheus_scrapes_the_request_counter_and_promtool_accepts_the_exposit
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    promtool.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
     let linted = promtool.wait_with_output().unwrap();
     assert!(
         linted.status.success(),
@@ -66,7 +78,10 @@ async fn prometheus_scrapes_the_request_counter_and_promtool_accepts_the_exposit
         String::from_utf8_lossy(&linted.stderr)
     );
 
-    let web = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let web = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     std::fs::write(
         tmp.path().join("prometheus.yml"),
         format!(
@@ -77,8 +92,14 @@ async fn prometheus_scrapes_the_request_counter_and_promtool_accepts_the_exposit
     .unwrap();
     let _prometheus = KillOnDrop(
         Command::new("prometheus")
-            .arg(format!("--config.file={}", tmp.path().join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", tmp.path().join("tsdb").display()))
+            .arg(format!(
+                "--config.file={}",
+                tmp.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                tmp.path().join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address={web}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -86,7 +107,8 @@ async fn prometheus_scrapes_the_request_counter_and_promtool_accepts_the_exposit
             .unwrap(),
     );
 
-    let query = "/api/v1/query?query=sum(outrider_http_requests_total%7Bdirection%3D%22inbound%22%7D)";
+    let query =
+        "/api/v1/query?query=sum(outrider_http_requests_total%7Bdirection%3D%22inbound%22%7D)";
     let value = common::eventually(Duration::from_secs(30), async || {
         let (status, body) = apps::http1_get(web, query).await.ok()?;
         if status != 200 {
@@ -97,7 +119,11 @@ async fn prometheus_scrapes_the_request_counter_and_promtool_accepts_the_exposit
         sample.parse::<f64>().ok()
     })
     .await;
-    assert_eq!(value, Some(7.0), "Prometheus never reported the request counter");
+    assert_eq!(
+        value,
+        Some(7.0),
+        "Prometheus never reported the request counter"
+    );
 
     let up = "/api/v1/query?query=sum(up%7Bjob%3D%22outrider%22%7D)";
     let both_up = common::eventually(Duration::from_secs(30), async || {
