@@ -34,7 +34,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the sidecar proxy.
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Manage a local mesh CA and workload certificates.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -147,7 +147,7 @@ pub struct DemoArgs {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Proxy(args) => run_proxy(args),
+        Command::Proxy(args) => run_proxy(*args),
         Command::Ca(command) => run_ca(command),
         Command::Demo(args) => crate::demo::main(args.keep_running),
     }

@@ -1,6 +1,8 @@
 //! `outrider ca`: init, issue (kubelet-style rotation), inspect — and
 //! proxies running on identities it issued.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

@@ -1,6 +1,8 @@
 //! Start-up, readiness, configuration errors and graceful shutdown of the
 //! real binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

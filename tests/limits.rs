@@ -1,6 +1,8 @@
 //! Outbound peer verification, the permissive plaintext fallback, and the
 //! limits that protect the proxy from misbehaving peers.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! mTLS between two real proxies, and every protocol passing through.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};

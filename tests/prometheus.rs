@@ -3,6 +3,8 @@
 //! must be installed (`ci/test.sh` does it); this test fails, it does not
 //! skip, when they are missing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Write;

@@ -1,5 +1,7 @@
 //! What the inbound side refuses, and what permissive mode lets through.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Identity and trust-anchor rotation while traffic flows, and bad updates
 //! that must change nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -1,6 +1,9 @@
 //! Shared test fixtures, compiled only for tests and the `test-util`
 //! feature: certificate authorities that can also mint deliberately broken
 //! certificates, identity directories, and bounded polling.
+//!
+//! Fixtures panic on setup failure, like the tests that use them.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod apps;
 pub mod certs;

@@ -1,7 +1,7 @@
 //! Running the real `outrider` binary in black-box tests: spawn it with a
 //! config file on loopback port 0, learn its addresses from its JSON log,
 //! read its metrics, signal it.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
