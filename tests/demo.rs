@@ -8,10 +8,21 @@ use std::time::{Duration, Instant};
 #[test]
 fn the_demo_passes_every_step_well_under_a_minute() {
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_outrider")).arg("demo").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_outrider"))
+        .arg("demo")
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
     for expected in [
         "backend saw caller spiffe://cluster.local/ns/demo/sa/frontend",
         "with a certificate from another CA: refused",
@@ -20,6 +31,9 @@ fn the_demo_passes_every_step_well_under_a_minute() {
         "/metrics",
         "All steps passed",
     ] {
-        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
     }
 }

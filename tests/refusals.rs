@@ -242,3 +242,65 @@ async fn garbage_and_silent_peers_are_closed_while_others_are_served() {
         "silent peer still open: {closed:?}"
     );
 }
+
+#[tokio::test]
+async fn strict_mode_authenticates_a_spiffe_client_that_offers_no_alpn() {
+    let s = server("strict").await;
+    let svid = s.ca.issue("shop", "orders");
+    let mut config =
+        (*client_config(&s.ca.root_pem, Some((&svid.chain_pem, &svid.key_pem)))).clone();
+    config.alpn_protocols.clear();
+    let reply = mesh_request(s.proxy.inbound(), std::sync::Arc::new(config.clone()))
+        .await
+        .unwrap();
+    assert!(
+        reply.contains("caller=spiffe://cluster.local/ns/shop/sa/orders"),
+        "{reply}"
+    );
+    // Without a certificate the same client is refused.
+    let mut anonymous = (*client_config(&s.ca.root_pem, None)).clone();
+    anonymous.alpn_protocols.clear();
+    assert!(
+        mesh_request(s.proxy.inbound(), std::sync::Arc::new(anonymous))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn permissive_mode_passes_application_tls_through_untouched() {
+    // The app speaks its own TLS; an unmeshed client offering `h2` must
+    // reach it rather than our mTLS.
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("cluster.local");
+    let echo = apps::tcp_echo().await;
+    let w = workload(tmp.path(), &ca, "shop", "payments");
+    let proxy =
+        ProxyProcess::start(&config(&w, &sections(Some(echo), None, "permissive", ""))).await;
+    let mut app_tls = (*client_config(&ca.root_pem, None)).clone();
+    app_tls.alpn_protocols = vec![b"h2".to_vec()];
+    // The echo app reflects the ClientHello, which the client cannot parse
+    // as a ServerHello: the handshake fails, but on the app's side, which
+    // shows the proxy did not terminate it.
+    let result = mesh_request(proxy.inbound(), std::sync::Arc::new(app_tls)).await;
+    assert!(result.is_err());
+    let labels = [("direction", "inbound"), ("protocol", "opaque")];
+    let relayed = common::eventually(Duration::from_secs(5), async || {
+        (proxy
+            .metric("outrider_protocol_detections_total", &labels)
+            .await
+            == 1.0)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        relayed.is_some(),
+        "application TLS was not relayed as opaque"
+    );
+    assert_eq!(
+        proxy
+            .metric("outrider_tls_handshake_failures_total", &[])
+            .await,
+        0.0
+    );
+}

@@ -23,14 +23,24 @@ const MAX_TLS_RECORD: usize = 16 * 1024 + 256;
 /// What a connection's first bytes say it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    /// A TLS ClientHello; `mesh` when it offers ALPN `outrider/1`.
-    Tls {
-        mesh: bool,
-    },
+    /// A TLS ClientHello, and what it offers for ALPN.
+    Tls(Alpn),
     Http1,
     Http2,
     /// Anything else: copied as opaque bytes.
     Unknown,
+}
+
+/// The ALPN extension of a ClientHello, as far as the mesh cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// Offers `outrider/1`: a peer proxy.
+    Mesh,
+    /// No ALPN extension at all.
+    Absent,
+    /// Offers only other protocols (`h2`, `http/1.1`, ...): the
+    /// application's own TLS.
+    Other,
 }
 
 /// The outcome of reading a connection's prefix.
@@ -122,23 +132,26 @@ fn classify_tls(prefix: &[u8]) -> Progress {
         return Progress::NeedMore;
     }
     let record = &prefix[5..5 + record_len];
-    match client_hello_offers_alpn(record, MESH_ALPN) {
-        Some(mesh) => Progress::Done(Protocol::Tls { mesh }),
+    match client_hello_alpn(record, MESH_ALPN) {
+        Some(alpn) => Progress::Done(Protocol::Tls(alpn)),
         None => Progress::Done(Protocol::Unknown),
     }
 }
 
 /// Walks a ClientHello handshake message. `None` when it is not one;
-/// otherwise whether its ALPN extension lists `wanted`. A ClientHello
-/// fragmented over several records is reported as not offering it: our
+/// otherwise what its ALPN extension says about `mesh`. A ClientHello
+/// fragmented over several records is reported as [`Alpn::Other`]: our
 /// own proxies never send one.
-fn client_hello_offers_alpn(record: &[u8], wanted: &[u8]) -> Option<bool> {
+fn client_hello_alpn(record: &[u8], mesh: &[u8]) -> Option<Alpn> {
     let mut r = Reader(record);
     if r.u8()? != 0x01 {
         return None; // not a ClientHello
     }
     let body_len = r.u24()?;
-    let mut body = Reader(r.take(body_len.min(r.0.len()))?);
+    if body_len > r.0.len() {
+        return Some(Alpn::Other);
+    }
+    let mut body = Reader(r.take(body_len)?);
     body.take(2 + 32)?; // legacy_version, random
     let session_id = body.u8()? as usize;
     body.take(session_id)?;
@@ -147,7 +160,7 @@ fn client_hello_offers_alpn(record: &[u8], wanted: &[u8]) -> Option<bool> {
     let compression = body.u8()? as usize;
     body.take(compression)?;
     if body.0.is_empty() {
-        return Some(false); // no extensions
+        return Some(Alpn::Absent); // no extensions at all
     }
     let ext_len = body.u16()? as usize;
     let mut exts = Reader(body.take(ext_len.min(body.0.len()))?);
@@ -161,14 +174,14 @@ fn client_hello_offers_alpn(record: &[u8], wanted: &[u8]) -> Option<bool> {
             let mut list = Reader(alpn.take(list_len)?);
             while !list.0.is_empty() {
                 let n = list.u8()? as usize;
-                if list.take(n)? == wanted {
-                    return Some(true);
+                if list.take(n)? == mesh {
+                    return Some(Alpn::Mesh);
                 }
             }
-            return Some(false);
+            return Some(Alpn::Other);
         }
     }
-    Some(false)
+    Some(Alpn::Absent)
 }
 
 struct Reader<'a>(&'a [u8]);

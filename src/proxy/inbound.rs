@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::connect::{AppConnector, Connect};
-use super::detect::{Detection, Protocol, read_and_classify};
+use super::detect::{Alpn, Detection, Protocol, read_and_classify};
 use super::http::{HttpForward, HttpLimits};
 use super::io::{Activity, MeteredIo, Rewind};
 use super::metrics::{Direction, Metrics};
@@ -149,7 +149,18 @@ impl Shared {
             Err(_) => return,
         };
 
-        if detected == Detection::Detected(Protocol::Tls { mesh: true }) {
+        // A peer proxy asks for the mesh ALPN. In strict mode a client that
+        // offers no ALPN at all also gets the mesh handshake: a SPIFFE-aware
+        // client without a sidecar can then authenticate with its SVID,
+        // and anything else is refused either way. In permissive mode such
+        // TLS belongs to the application and is passed through, as Istio
+        // does.
+        let mesh = match detected {
+            Detection::Detected(Protocol::Tls(Alpn::Mesh)) => true,
+            Detection::Detected(Protocol::Tls(Alpn::Absent)) => self.mode == MtlsMode::Strict,
+            _ => false,
+        };
+        if mesh {
             return self
                 .serve_mesh(
                     Rewind::new(prefix.freeze(), io),
@@ -289,7 +300,7 @@ impl Shared {
         let version = match protocol {
             Protocol::Http1 => Some(Version::Http1),
             Protocol::Http2 => Some(Version::Http2),
-            Protocol::Tls { .. } | Protocol::Unknown => None,
+            Protocol::Tls(_) | Protocol::Unknown => None,
         };
         self.metrics.protocol(DIRECTION, protocol_label(version));
         match version {

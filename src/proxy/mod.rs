@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 pub use connect::ExpectedPeer;
-pub use detect::{Protocol, classify};
+pub use detect::{Alpn, Protocol, classify};
 pub use metrics::{Direction, Metrics};
 pub use tls_status::{NoTlsReason, TlsStatus};
 

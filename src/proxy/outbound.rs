@@ -184,7 +184,7 @@ impl Shared {
 
         // The application's own TLS stays end-to-end encrypted even if the
         // destination turns out to have no proxy.
-        let app_tls = matches!(protocol, Protocol::Tls { .. });
+        let app_tls = matches!(protocol, Protocol::Tls(_));
         let upstream = match self.connector.connect_to(dst, app_tls).await {
             Ok(upstream) => upstream,
             Err(error) => {

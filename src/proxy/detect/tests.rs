@@ -35,21 +35,22 @@ fn client_hello(alpn: &[&[u8]]) -> Vec<u8> {
 #[test]
 fn a_client_hello_offering_the_mesh_alpn_is_mesh_tls() {
     let hello = client_hello(&[b"h2", MESH_ALPN]);
+    assert_eq!(classify(&hello), Progress::Done(Protocol::Tls(Alpn::Mesh)));
+}
+
+#[test]
+fn a_client_hello_with_other_protocols_is_application_tls() {
     assert_eq!(
-        classify(&hello),
-        Progress::Done(Protocol::Tls { mesh: true })
+        classify(&client_hello(&[b"h2", b"http/1.1"])),
+        Progress::Done(Protocol::Tls(Alpn::Other))
     );
 }
 
 #[test]
-fn a_client_hello_without_the_mesh_alpn_is_foreign_tls() {
-    assert_eq!(
-        classify(&client_hello(&[b"h2", b"http/1.1"])),
-        Progress::Done(Protocol::Tls { mesh: false })
-    );
+fn a_client_hello_without_alpn_says_so() {
     assert_eq!(
         classify(&client_hello(&[])),
-        Progress::Done(Protocol::Tls { mesh: false })
+        Progress::Done(Protocol::Tls(Alpn::Absent))
     );
 }
 
