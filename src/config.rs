@@ -446,7 +446,9 @@ impl FileConfig {
                 "equals outbound.listen: the proxy would forward to itself",
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+        self.log
+            .level
+            .parse::<tracing_subscriber::filter::Targets>()
             .map_err(|e| invalid("log.level", e.to_string()))?;
 
         let proxy = ProxyConfig {
@@ -570,7 +572,7 @@ mod tests {
                 "inbound.app",
             ),
             ("tls:\n  key_exchange: []\n", "tls.key_exchange"),
-            ("log:\n  level: \"[[[\"\n", "log.level"),
+            ("log:\n  level: outrider=loud\n", "log.level"),
         ];
         for (yaml, field) in cases {
             let err = FileConfig::from_yaml(&format!("{ID}{yaml}"))

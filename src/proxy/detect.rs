@@ -223,7 +223,8 @@ pub async fn read_and_classify<T: AsyncRead + Unpin>(
         if buf.len() >= max {
             return Ok(Detection::Detected(Protocol::Unknown));
         }
-        buf.reserve(max.clamp(1024, 4096));
+        // Most prefixes (a request line, a ClientHello) fit in 1 KiB.
+        buf.reserve(1024);
         match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
             Err(_elapsed) => return Ok(Detection::TimedOut),
             Ok(Ok(0)) if buf.is_empty() => return Ok(Detection::Closed),

@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::io::Activity;
-use super::metrics::{Direction, Metrics};
+use super::metrics::{Direction, HttpMetrics, Metrics};
 use super::pool::{ForwardError, Pool, Release, Sent, Version};
 use super::tls_status::{NoTlsReason, TlsStatus};
 use crate::lifecycle::Watch;
@@ -46,17 +46,18 @@ pub struct HttpLimits {
 
 /// Everything the service needs for one downstream connection.
 pub struct HttpForward {
-    pub direction: Direction,
-    pub version: Version,
-    pub dst: SocketAddr,
-    pub pool: Arc<Pool>,
-    pub metrics: Metrics,
-    /// Inbound only: the mesh status of the downstream connection, which
-    /// decides the caller-identity header.
-    pub downstream_tls: Option<TlsStatus>,
-    pub activity: Arc<Activity>,
-    pub idle_timeout: Duration,
-    pub drain: Watch,
+    direction: Direction,
+    version: Version,
+    dst: SocketAddr,
+    pool: Arc<Pool>,
+    metrics: Metrics,
+    http_metrics: HttpMetrics,
+    /// Inbound only: the mesh status of the downstream connection, and the
+    /// caller-identity header value it implies (computed once).
+    downstream: Option<(TlsStatus, Option<HeaderValue>)>,
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+    drain: Watch,
 }
 
 // === ProxyBody ===
@@ -135,40 +136,41 @@ impl Drop for ProxyBody {
 
 // === header hygiene ===
 
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-];
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Removes hop-by-hop headers (and those the `Connection` header names).
 /// For an upgrade, `Upgrade` survives and `Connection: upgrade` is kept.
 /// `TE: trailers` survives for gRPC over HTTP/2.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(name);
+            }
         }
+        headers.remove(header::CONNECTION);
     }
     let te_trailers = headers
-        .get(header::TE)
+        .remove(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in HOP_BY_HOP {
-        if upgrade && name == "upgrade" {
-            continue;
-        }
+    for name in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TRANSFER_ENCODING,
+        &header::TRAILER,
+    ] {
         headers.remove(name);
+    }
+    if !upgrade {
+        headers.remove(header::UPGRADE);
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -178,12 +180,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Replaces whatever the caller claimed with the identity we verified.
-pub fn set_client_id(headers: &mut HeaderMap, tls: &TlsStatus) {
-    headers.remove(&CLIENT_ID_HEADER);
-    if let Some(id) = tls.peer_id() {
-        if let Ok(value) = HeaderValue::from_str(id.as_str()) {
-            headers.insert(CLIENT_ID_HEADER.clone(), value);
+/// Replaces whatever the caller claimed with the identity we verified
+/// (`None` for a caller without one).
+pub fn set_client_id(headers: &mut HeaderMap, client_id: Option<&HeaderValue>) {
+    match client_id {
+        Some(value) => {
+            headers.insert(CLIENT_ID_HEADER.clone(), value.clone());
+        }
+        None => {
+            headers.remove(&CLIENT_ID_HEADER);
         }
     }
 }
@@ -255,13 +260,45 @@ pub fn synthetic_response(
 // === impl HttpForward ===
 
 impl HttpForward {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        direction: Direction,
+        version: Version,
+        dst: SocketAddr,
+        pool: Arc<Pool>,
+        metrics: Metrics,
+        downstream_tls: Option<TlsStatus>,
+        activity: Arc<Activity>,
+        idle_timeout: Duration,
+        drain: Watch,
+    ) -> Self {
+        let downstream = downstream_tls.map(|tls| {
+            let header = tls
+                .peer_id()
+                .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
+            (tls, header)
+        });
+        Self {
+            direction,
+            version,
+            dst,
+            pool,
+            http_metrics: HttpMetrics::new(metrics.clone(), direction),
+            metrics,
+            downstream,
+            activity,
+            idle_timeout,
+            drain,
+        }
+    }
+
     async fn forward(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let upgrade = self.version == Version::Http1 && is_upgrade_request(&req);
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
-        if let Some(tls) = &self.downstream_tls {
-            set_client_id(req.headers_mut(), tls);
+        if let Some((_, client_id)) = &self.downstream {
+            set_client_id(req.headers_mut(), client_id.as_ref());
         }
         let grpc = is_grpc(&req);
         // Each hop negotiates its own keep-alive: an HTTP/1.0 client must
@@ -313,14 +350,12 @@ impl HttpForward {
                 )
             }
         };
-        let tls = self.downstream_tls.as_ref().unwrap_or(&upstream_tls);
-        self.metrics.http_request(self.direction, tls);
-        self.metrics.http_response(
-            self.direction,
-            tls,
-            response.status().as_u16(),
-            start.elapsed(),
-        );
+        let tls = self
+            .downstream
+            .as_ref()
+            .map_or(&upstream_tls, |(tls, _)| tls);
+        self.http_metrics
+            .record(tls, response.status().as_u16(), start.elapsed());
         response
     }
 }
@@ -488,7 +523,7 @@ mod tests {
             CLIENT_ID_HEADER.clone(),
             HeaderValue::from_static("spiffe://cluster.local/ns/a/sa/forged"),
         );
-        set_client_id(&mut h, &TlsStatus::Mtls(id));
+        set_client_id(&mut h, Some(&HeaderValue::from_str(id.as_str()).unwrap()));
         assert_eq!(h[&CLIENT_ID_HEADER], "spiffe://cluster.local/ns/a/sa/real");
     }
 
@@ -499,7 +534,7 @@ mod tests {
             CLIENT_ID_HEADER.clone(),
             HeaderValue::from_static("spiffe://cluster.local/ns/a/sa/forged"),
         );
-        set_client_id(&mut h, &TlsStatus::NoTls(NoTlsReason::NotProvidedByRemote));
+        set_client_id(&mut h, None);
         assert!(!h.contains_key(&CLIENT_ID_HEADER));
     }
 

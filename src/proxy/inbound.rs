@@ -305,17 +305,17 @@ impl Shared {
         self.metrics.protocol(DIRECTION, protocol_label(version));
         match version {
             Some(version) => {
-                let forward = Arc::new(HttpForward {
-                    direction: DIRECTION,
+                let forward = Arc::new(HttpForward::new(
+                    DIRECTION,
                     version,
-                    dst: app_addr,
-                    pool: self.pool.clone(),
-                    metrics: self.metrics.clone(),
-                    downstream_tls: Some(tls),
+                    app_addr,
+                    self.pool.clone(),
+                    self.metrics.clone(),
+                    Some(tls),
                     activity,
-                    idle_timeout: self.limits.idle_timeout,
-                    drain: drain.clone(),
-                });
+                    self.limits.idle_timeout,
+                    drain.clone(),
+                ));
                 super::http::serve(io, forward, &self.http_limits, &drain).await
             }
             None => {

@@ -6,8 +6,11 @@
 //! bounded by the number of service accounts that talk to this workload.
 //! Never addresses, paths or hosts.
 
+use std::sync::Mutex;
+use std::time::Duration;
+
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 use super::io::ByteCounters;
@@ -169,27 +172,16 @@ impl Metrics {
         }
     }
 
-    pub fn http_request(&self, direction: Direction, tls: &TlsStatus) {
-        self.http_requests
-            .with_label_values(&[direction.as_str(), tls.label(), tls.peer_id_label()])
-            .inc();
-    }
-
-    pub fn http_response(
-        &self,
-        direction: Direction,
-        tls: &TlsStatus,
-        status: u16,
-        elapsed: std::time::Duration,
-    ) {
-        let code = status.to_string();
+    fn http_series(&self, direction: Direction, tls: &TlsStatus) -> HttpSeries {
         let (dir, peer) = (direction.as_str(), tls.peer_id_label());
-        self.http_responses
-            .with_label_values(&[dir, tls.label(), peer, &code])
-            .inc();
-        self.http_latency
-            .with_label_values(&[dir, peer])
-            .observe(elapsed.as_secs_f64());
+        HttpSeries {
+            tls: tls.clone(),
+            requests: self
+                .http_requests
+                .with_label_values(&[dir, tls.label(), peer]),
+            latency: self.http_latency.with_label_values(&[dir, peer]),
+            responses: Vec::new(),
+        }
     }
 
     pub fn accepted(&self, direction: Direction) -> OpenConnection {
@@ -232,6 +224,61 @@ impl Metrics {
 
     pub fn plaintext_fallback(&self) {
         self.plaintext_fallbacks.inc();
+    }
+}
+
+/// The HTTP series of one connection, resolved on first use. Looking a
+/// series up by its labels hashes every label value; a connection's
+/// requests nearly always share them, so they are looked up once.
+#[derive(Debug)]
+pub struct HttpMetrics {
+    metrics: Metrics,
+    direction: Direction,
+    cached: Mutex<Option<HttpSeries>>,
+}
+
+#[derive(Debug)]
+struct HttpSeries {
+    tls: TlsStatus,
+    requests: IntCounter,
+    latency: Histogram,
+    /// Response counters by status code; a handful per connection.
+    responses: Vec<(u16, IntCounter)>,
+}
+
+impl HttpMetrics {
+    pub fn new(metrics: Metrics, direction: Direction) -> Self {
+        Self {
+            metrics,
+            direction,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// Counts one request and its response.
+    pub fn record(&self, tls: &TlsStatus, status: u16, elapsed: Duration) {
+        let Ok(mut cached) = self.cached.lock() else {
+            return;
+        };
+        let series = match cached.as_mut() {
+            Some(series) if series.tls == *tls => series,
+            _ => cached.insert(self.metrics.http_series(self.direction, tls)),
+        };
+        series.requests.inc();
+        series.latency.observe(elapsed.as_secs_f64());
+        match series.responses.iter().find(|(code, _)| *code == status) {
+            Some((_, counter)) => counter.inc(),
+            None => {
+                let counter = self.metrics.http_responses.with_label_values(&[
+                    self.direction.as_str(),
+                    tls.label(),
+                    tls.peer_id_label(),
+                    &status.to_string(),
+                ]);
+                counter.inc();
+                series.responses.push((status, counter));
+            }
+        }
     }
 }
 

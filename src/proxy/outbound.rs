@@ -167,17 +167,17 @@ impl Shared {
         self.metrics.protocol(DIRECTION, protocol_label(version));
 
         if let Some(version) = version {
-            let forward = Arc::new(HttpForward {
-                direction: DIRECTION,
+            let forward = Arc::new(HttpForward::new(
+                DIRECTION,
                 version,
                 dst,
-                pool: self.pool.clone(),
-                metrics: self.metrics.clone(),
-                downstream_tls: None,
+                self.pool.clone(),
+                self.metrics.clone(),
+                None,
                 activity,
-                idle_timeout: self.limits.idle_timeout,
-                drain: drain.clone(),
-            });
+                self.limits.idle_timeout,
+                drain.clone(),
+            ));
             super::http::serve(io, forward, &self.http_limits, &drain).await;
             return;
         }
