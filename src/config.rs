@@ -121,13 +121,13 @@ pub struct LimitsSection {
     pub detect_timeout: Duration,
     #[serde(with = "serde_duration")]
     pub idle_timeout: Duration,
-    #[serde(with = "serde_duration")]
-    pub header_read_timeout: Duration,
     pub max_connections: usize,
     #[serde(with = "serde_bytes")]
     pub max_header_bytes: usize,
     #[serde(with = "serde_duration")]
-    pub pool_idle_timeout: Duration,
+    pub app_pool_idle_timeout: Duration,
+    #[serde(with = "serde_duration")]
+    pub peer_pool_idle_timeout: Duration,
     pub pool_max_idle_per_destination: usize,
 }
 
@@ -229,10 +229,13 @@ impl Default for LimitsSection {
             connect_timeout: Duration::from_secs(1),
             detect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(3600),
-            header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             max_header_bytes: 64 * 1024,
-            pool_idle_timeout: Duration::from_secs(90),
+            // Below the keep-alive timeouts of common servers (Node.js: 5 s),
+            // so we never reuse a connection the application is closing.
+            app_pool_idle_timeout: Duration::from_secs(3),
+            // Peer proxies keep idle connections for `idle_timeout` (1 h).
+            peer_pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_destination: 256,
         }
     }
@@ -393,10 +396,14 @@ impl FileConfig {
         positive("limits.detect_timeout", self.limits.detect_timeout)?;
         positive("limits.idle_timeout", self.limits.idle_timeout)?;
         positive(
-            "limits.header_read_timeout",
-            self.limits.header_read_timeout,
+            "limits.app_pool_idle_timeout",
+            self.limits.app_pool_idle_timeout,
         )?;
-        positive("limits.pool_idle_timeout", self.limits.pool_idle_timeout)?;
+        positive(
+            "limits.peer_pool_idle_timeout",
+            self.limits.peer_pool_idle_timeout,
+        )?;
+
         positive("identity.reload_debounce", self.identity.reload_debounce)?;
         positive(
             "identity.reload_poll_interval",
@@ -479,10 +486,15 @@ impl FileConfig {
                 handshake_timeout: self.tls.handshake_timeout,
                 detect_timeout: self.limits.detect_timeout,
                 idle_timeout: self.limits.idle_timeout,
-                header_read_timeout: self.limits.header_read_timeout,
                 max_connections: self.limits.max_connections,
                 max_header_bytes: self.limits.max_header_bytes,
-                pool_idle_timeout: self.limits.pool_idle_timeout,
+                app_pool_idle_timeout: self.limits.app_pool_idle_timeout,
+                // A pooled connection must be retired before the peer's idle
+                // timeout (the same setting, mesh-wide) closes it under us.
+                peer_pool_idle_timeout: self
+                    .limits
+                    .peer_pool_idle_timeout
+                    .min(self.limits.idle_timeout / 2),
                 pool_max_idle_per_destination: self.limits.pool_max_idle_per_destination,
             },
         };

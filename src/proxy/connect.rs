@@ -68,6 +68,12 @@ pub trait Connect: Send + Sync + 'static {
         &self,
         dst: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + '_>>;
+
+    /// True when connections to `dst` are known to be plaintext to a
+    /// server without a proxy (so HTTP/1 must stay HTTP/1).
+    fn known_plaintext(&self, _dst: SocketAddr) -> bool {
+        false
+    }
 }
 
 async fn connect_tcp(dst: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
@@ -308,6 +314,10 @@ impl Connect for MeshConnector {
         dst: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + '_>> {
         Box::pin(self.connect_to(dst, false))
+    }
+
+    fn known_plaintext(&self, dst: SocketAddr) -> bool {
+        self.may_fall_back() && self.known_unmeshed(dst)
     }
 }
 

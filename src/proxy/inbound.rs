@@ -71,7 +71,7 @@ impl Inbound {
         });
         let pool = Pool::new(
             app.clone(),
-            limits.pool_idle_timeout,
+            limits.app_pool_idle_timeout,
             limits.pool_max_idle_per_destination,
         );
         Ok(Self {
@@ -84,7 +84,6 @@ impl Inbound {
                 opaque_ports: proxy.opaque_ports.clone(),
                 http_limits: HttpLimits {
                     max_header_bytes: limits.max_header_bytes,
-                    header_read_timeout: limits.header_read_timeout,
                     idle_timeout: limits.idle_timeout,
                 },
                 limits,

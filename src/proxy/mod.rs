@@ -105,10 +105,13 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub detect_timeout: Duration,
     pub idle_timeout: Duration,
-    pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
-    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections to the local application are not reused
+    /// after this.
+    pub app_pool_idle_timeout: Duration,
+    /// Idle pooled connections to peer proxies are not reused after this.
+    pub peer_pool_idle_timeout: Duration,
     pub pool_max_idle_per_destination: usize,
 }
 

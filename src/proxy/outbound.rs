@@ -74,7 +74,7 @@ impl Outbound {
         ));
         let pool = Pool::new(
             connector.clone(),
-            limits.pool_idle_timeout,
+            limits.peer_pool_idle_timeout,
             limits.pool_max_idle_per_destination,
         );
         Ok(Self {
@@ -86,7 +86,6 @@ impl Outbound {
                 opaque_ports: proxy.opaque_ports.clone(),
                 http_limits: HttpLimits {
                     max_header_bytes: limits.max_header_bytes,
-                    header_read_timeout: limits.header_read_timeout,
                     idle_timeout: limits.idle_timeout,
                 },
                 limits,

@@ -3,7 +3,9 @@
 //! HTTP/1 connections are checked out for one request at a time and come
 //! back when the response body has been fully read (a connection whose
 //! body was abandoned cannot be reused and is closed). HTTP/2 connections
-//! are shared: one per destination, multiplexed. Idle connections expire.
+//! are shared: one per destination, multiplexed. Between two proxies,
+//! HTTP/1 requests also travel over one shared HTTP/2 connection (see
+//! [`Route::Http1OverHttp2`]). Idle connections expire.
 //! A request that fails on a reused connection before it was written is
 //! retried on a fresh one, which covers the race with a server closing an
 //! idle keep-alive connection.
@@ -38,11 +40,26 @@ impl ForwardError {
     }
 }
 
-/// HTTP version spoken on both hops.
+/// HTTP version of a downstream connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
     Http1,
     Http2,
+}
+
+/// How a request travels upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// HTTP/1 on a connection of the pool; an upgrade gets a connection of
+    /// its own.
+    Http1 { upgrade: bool },
+    /// HTTP/2 on the destination's shared connection.
+    Http2,
+    /// An HTTP/1 request carried over the shared HTTP/2 connection to a
+    /// peer proxy (already converted by the caller with
+    /// [`super::http::http1_to_mesh_http2`]), or turned back and sent as
+    /// HTTP/1 when the destination turns out to have no proxy.
+    Http1OverHttp2,
 }
 
 pub struct Pool {
@@ -56,6 +73,13 @@ pub struct Pool {
 struct State {
     http1: HashMap<SocketAddr, Vec<IdleHttp1>>,
     http2: HashMap<SocketAddr, (http2::SendRequest<Incoming>, TlsStatus)>,
+}
+
+/// A new connection for the shared HTTP/2 slot: HTTP/2 to a peer proxy, or
+/// HTTP/1 when the destination answered in plaintext (no proxy).
+enum Shared {
+    Http2(http2::SendRequest<Incoming>, TlsStatus),
+    Http1(http1::SendRequest<Incoming>, TlsStatus),
 }
 
 struct IdleHttp1 {
@@ -144,19 +168,24 @@ impl Pool {
         state.http2.retain(|_, (sender, _)| !sender.is_closed());
     }
 
-    /// Sends `req` to `dst`. An upgrade request gets a connection of its
-    /// own that never returns to the pool.
+    /// Sends `req` to `dst` the way `route` says.
     pub async fn send(
         self: &Arc<Self>,
         dst: SocketAddr,
         req: Request<Incoming>,
-        version: Version,
-        upgrade: bool,
+        route: Route,
     ) -> Result<Sent, ForwardError> {
-        match version {
-            Version::Http1 => self.send_http1(dst, req, upgrade).await,
-            Version::Http2 => self.send_http2(dst, req).await,
+        match route {
+            Route::Http1 { upgrade } => self.send_http1(dst, req, upgrade).await,
+            Route::Http2 => self.send_http2(dst, req, false).await,
+            Route::Http1OverHttp2 => self.send_http2(dst, req, true).await,
         }
+    }
+
+    /// Whether HTTP/1 requests to `dst` may ride HTTP/2: not when it is
+    /// known to have no proxy.
+    pub fn mesh_http2_possible(&self, dst: SocketAddr) -> bool {
+        !self.connector.known_plaintext(dst)
     }
 
     async fn send_http1(
@@ -240,10 +269,14 @@ impl Pool {
         Ok((sender, tls))
     }
 
+    /// `converted`: `req` is an HTTP/1 request already put in HTTP/2 form
+    /// for a peer proxy; should the destination turn out to have no proxy,
+    /// it is turned back and sent as HTTP/1.
     async fn send_http2(
         self: &Arc<Self>,
         dst: SocketAddr,
         mut req: Request<Incoming>,
+        converted: bool,
     ) -> Result<Sent, ForwardError> {
         loop {
             let shared = {
@@ -253,7 +286,27 @@ impl Pool {
             let was_shared = shared.is_some();
             let (mut sender, tls) = match shared {
                 Some(conn) => conn,
-                None => self.connect_http2(dst).await?,
+                None => match self.connect_shared(dst, converted).await? {
+                    Shared::Http2(sender, tls) => (sender, tls),
+                    Shared::Http1(mut sender, tls) => {
+                        super::http::mesh_http2_to_http1(&mut req);
+                        let response = sender
+                            .try_send_request(req)
+                            .await
+                            .map_err(|e| e.into_error())?;
+                        let release = Some(Release {
+                            pool: Arc::downgrade(self),
+                            dst,
+                            sender,
+                            tls: tls.clone(),
+                        });
+                        return Ok(Sent {
+                            response,
+                            tls,
+                            release,
+                        });
+                    }
+                },
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -276,11 +329,24 @@ impl Pool {
         }
     }
 
-    async fn connect_http2(
+    async fn connect_shared(
         &self,
         dst: SocketAddr,
-    ) -> Result<(http2::SendRequest<Incoming>, TlsStatus), ForwardError> {
+        http1_if_plaintext: bool,
+    ) -> Result<Shared, ForwardError> {
         let Connected { io, tls, metrics } = self.connector.connect(dst).await?;
+        if http1_if_plaintext && tls.peer_id().is_none() {
+            let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+            tokio::spawn(async move {
+                let mut metrics = metrics;
+                if conn.await.is_err() {
+                    if let Some(m) = metrics.as_mut() {
+                        m.set_result("error");
+                    }
+                }
+            });
+            return Ok(Shared::Http1(sender, tls));
+        }
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
@@ -297,6 +363,6 @@ impl Pool {
         if let Ok(mut state) = self.state.lock() {
             state.http2.insert(dst, (sender.clone(), tls.clone()));
         }
-        Ok((sender, tls))
+        Ok(Shared::Http2(sender, tls))
     }
 }
