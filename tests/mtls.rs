@@ -302,3 +302,34 @@ async fn an_unreachable_app_gives_a_502_naming_the_reason() {
     assert_eq!(status, 502);
     assert_eq!(headers["x-outrider-error"], "connect_refused");
 }
+
+#[tokio::test]
+async fn a_burst_of_concurrent_requests_shares_one_mesh_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("cluster.local");
+    let app = apps::http1_app(Duration::from_millis(50)).await;
+    let (server, client) = pair(&ca, tmp.path(), app, "", "").await;
+    let outbound = client.outbound();
+    let burst: Vec<_> = (0..32)
+        .map(|i| {
+            tokio::spawn(async move { apps::http1_get(outbound, &format!("/burst/{i}")).await })
+        })
+        .collect();
+    for request in burst {
+        let (status, body) = request.await.unwrap().unwrap();
+        assert_eq!(status, 200);
+        assert!(body.starts_with("HTTP/1.1 GET /burst/"), "{body}");
+    }
+    assert_eq!(
+        server
+            .metric("outrider_tls_handshakes_total", &[("direction", "inbound")])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        client
+            .metric("outrider_tcp_open_total", &[("direction", "outbound")])
+            .await,
+        1.0
+    );
+}

@@ -284,7 +284,7 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 /// trailers-only `UNAVAILABLE` so their client libraries see a status.
 pub fn error_response(error: &ForwardError, grpc: bool) -> Response<ProxyBody> {
     use super::connect::ConnectError;
-    let status = match error {
+    let status = match error.root() {
         ForwardError::Connect(ConnectError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
         ForwardError::Connect(ConnectError::NoIdentity) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_GATEWAY,

@@ -6,12 +6,9 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use bytes::{Buf, Bytes};
 use prometheus::IntCounter;
@@ -90,39 +87,32 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 
 // === Activity ===
 
-/// When a connection last moved a byte, readable from a watchdog task.
+/// Whether a connection moved a byte since a watchdog last looked.
+///
+/// A flag rather than a timestamp: the hot path sets it without reading a
+/// clock, and the watchdog closes a connection after between one and two
+/// idle periods of silence.
 #[derive(Debug, Default)]
 pub struct Activity {
-    last_ms: AtomicU64,
-}
-
-/// Milliseconds since the first call, on tokio's clock (so paused-time
-/// tests see it move).
-fn process_clock() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    moved: AtomicBool,
 }
 
 impl Activity {
     pub fn new() -> Arc<Self> {
-        let a = Arc::new(Self::default());
-        a.touch();
-        a
+        Arc::new(Self::default())
     }
 
     pub fn touch(&self) {
-        self.last_ms.store(process_clock(), Ordering::Relaxed);
+        self.moved.store(true, Ordering::Relaxed);
     }
 
-    /// Completes once nothing has moved for `idle`.
+    /// Completes once a whole `idle` period has passed with nothing moved.
     pub async fn idle_for(&self, idle: Duration) {
-        let idle_ms = idle.as_millis() as u64;
         loop {
-            let quiet = process_clock().saturating_sub(self.last_ms.load(Ordering::Relaxed));
-            if quiet >= idle_ms {
+            tokio::time::sleep(idle).await;
+            if !self.moved.swap(false, Ordering::Relaxed) {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(idle_ms - quiet)).await;
         }
     }
 }

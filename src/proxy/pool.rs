@@ -19,6 +19,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::watch;
 
 use super::connect::{Connect, ConnectError, Connected};
 use super::tls_status::TlsStatus;
@@ -29,13 +30,27 @@ pub enum ForwardError {
     Connect(#[from] ConnectError),
     #[error("upstream HTTP error: {0}")]
     Http(#[from] hyper::Error),
+    /// The failure of a connect that several requests waited on.
+    #[error(transparent)]
+    Shared(Arc<ForwardError>),
+    #[error("connection pool lock poisoned")]
+    Poisoned,
 }
 
 impl ForwardError {
     pub fn reason(&self) -> &'static str {
-        match self {
+        match self.root() {
             Self::Connect(e) => e.reason(),
             Self::Http(_) => "upstream_http_error",
+            Self::Shared(_) | Self::Poisoned => "internal_error",
+        }
+    }
+
+    /// The error itself, whether it was this request's or a shared one.
+    pub fn root(&self) -> &ForwardError {
+        match self {
+            Self::Shared(inner) => inner.root(),
+            other => other,
         }
     }
 }
@@ -72,7 +87,45 @@ pub struct Pool {
 #[derive(Default)]
 struct State {
     http1: HashMap<SocketAddr, Vec<IdleHttp1>>,
-    http2: HashMap<SocketAddr, (http2::SendRequest<Incoming>, TlsStatus)>,
+    http2: HashMap<SocketAddr, Http2Slot>,
+}
+
+/// A destination's shared HTTP/2 connection, or the connect in progress.
+enum Http2Slot {
+    Ready(http2::SendRequest<Incoming>, TlsStatus),
+    Connecting(watch::Receiver<Option<Outcome>>),
+}
+
+/// How a shared connect ended, for the requests that waited on it.
+#[derive(Clone)]
+enum Outcome {
+    Ready(http2::SendRequest<Incoming>, TlsStatus),
+    /// The destination has no proxy: use HTTP/1.
+    Plaintext,
+    Failed(Arc<ForwardError>),
+}
+
+/// Whether a request connects for everyone or waits for another's connect.
+enum Role {
+    Connect(watch::Sender<Option<Outcome>>),
+    Wait(watch::Receiver<Option<Outcome>>),
+}
+
+/// What [`Pool::shared_http2`] hands a request.
+enum SharedConn {
+    Http2 {
+        sender: http2::SendRequest<Incoming>,
+        tls: TlsStatus,
+        /// From the pool rather than just connected (so may be stale).
+        reused: bool,
+    },
+    /// This request's own connect found plaintext: send on it as HTTP/1.
+    Http1 {
+        sender: http1::SendRequest<Incoming>,
+        tls: TlsStatus,
+    },
+    /// Another request's connect found plaintext.
+    UseHttp1,
 }
 
 /// A new connection for the shared HTTP/2 slot: HTTP/2 to a peer proxy, or
@@ -165,7 +218,10 @@ impl Pool {
             });
             !idle.is_empty()
         });
-        state.http2.retain(|_, (sender, _)| !sender.is_closed());
+        state.http2.retain(|_, slot| match slot {
+            Http2Slot::Ready(sender, _) => !sender.is_closed(),
+            Http2Slot::Connecting(rx) => rx.has_changed().is_ok(),
+        });
     }
 
     /// Sends `req` to `dst` the way `route` says.
@@ -279,34 +335,34 @@ impl Pool {
         converted: bool,
     ) -> Result<Sent, ForwardError> {
         loop {
-            let shared = {
-                let state = self.state.lock().ok();
-                state.and_then(|s| s.http2.get(&dst).filter(|(s, _)| !s.is_closed()).cloned())
-            };
-            let was_shared = shared.is_some();
-            let (mut sender, tls) = match shared {
-                Some(conn) => conn,
-                None => match self.connect_shared(dst, converted).await? {
-                    Shared::Http2(sender, tls) => (sender, tls),
-                    Shared::Http1(mut sender, tls) => {
-                        super::http::mesh_http2_to_http1(&mut req);
-                        let response = sender
-                            .try_send_request(req)
-                            .await
-                            .map_err(|e| e.into_error())?;
-                        let release = Some(Release {
-                            pool: Arc::downgrade(self),
-                            dst,
-                            sender,
-                            tls: tls.clone(),
-                        });
-                        return Ok(Sent {
-                            response,
-                            tls,
-                            release,
-                        });
-                    }
-                },
+            let (mut sender, tls, reused) = match self.shared_http2(dst, converted).await? {
+                SharedConn::Http2 {
+                    sender,
+                    tls,
+                    reused,
+                } => (sender, tls, reused),
+                SharedConn::Http1 { mut sender, tls } => {
+                    super::http::mesh_http2_to_http1(&mut req);
+                    let response = sender
+                        .try_send_request(req)
+                        .await
+                        .map_err(|e| e.into_error())?;
+                    let release = Some(Release {
+                        pool: Arc::downgrade(self),
+                        dst,
+                        sender,
+                        tls: tls.clone(),
+                    });
+                    return Ok(Sent {
+                        response,
+                        tls,
+                        release,
+                    });
+                }
+                SharedConn::UseHttp1 => {
+                    super::http::mesh_http2_to_http1(&mut req);
+                    return self.send_http1(dst, req, false).await;
+                }
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -317,14 +373,106 @@ impl Pool {
                     });
                 }
                 Err(mut error) => match error.take_message() {
-                    Some(unsent) if was_shared => {
+                    // Never written: the shared connection had gone away.
+                    Some(unsent) if reused => {
                         if let Ok(mut state) = self.state.lock() {
-                            state.http2.remove(&dst);
+                            if matches!(state.http2.get(&dst), Some(Http2Slot::Ready(s, _)) if s.is_closed())
+                            {
+                                state.http2.remove(&dst);
+                            }
                         }
                         req = unsent;
                     }
                     _ => return Err(error.into_error().into()),
                 },
+            }
+        }
+    }
+
+    /// The destination's shared HTTP/2 connection. Only one task connects
+    /// at a time; the others wait for its outcome, so a burst of requests
+    /// to a new destination opens one connection, not one each.
+    async fn shared_http2(
+        &self,
+        dst: SocketAddr,
+        converted: bool,
+    ) -> Result<SharedConn, ForwardError> {
+        loop {
+            let role = {
+                let mut state = self.state.lock().map_err(|_| ForwardError::Poisoned)?;
+                let waiting = match state.http2.get(&dst) {
+                    Some(Http2Slot::Ready(sender, tls)) if !sender.is_closed() => {
+                        return Ok(SharedConn::Http2 {
+                            sender: sender.clone(),
+                            tls: tls.clone(),
+                            reused: true,
+                        });
+                    }
+                    // A connect in progress whose task is still alive.
+                    Some(Http2Slot::Connecting(rx)) if rx.has_changed().is_ok() => Some(rx.clone()),
+                    _ => None,
+                };
+                match waiting {
+                    Some(rx) => Role::Wait(rx),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        state.http2.insert(dst, Http2Slot::Connecting(rx));
+                        Role::Connect(tx)
+                    }
+                }
+            };
+            let mut rx = match role {
+                Role::Wait(rx) => rx,
+                Role::Connect(tx) => return self.connect_http2_for_all(dst, converted, tx).await,
+            };
+            let outcome = match rx.wait_for(Option::is_some).await {
+                Ok(outcome) => outcome.clone(),
+                // The connecting request was cancelled: try again.
+                Err(_) => continue,
+            };
+            return match outcome {
+                Some(Outcome::Ready(sender, tls)) => Ok(SharedConn::Http2 {
+                    sender,
+                    tls,
+                    reused: false,
+                }),
+                Some(Outcome::Plaintext) => Ok(SharedConn::UseHttp1),
+                Some(Outcome::Failed(error)) => Err(ForwardError::Shared(error)),
+                None => continue,
+            };
+        }
+    }
+
+    async fn connect_http2_for_all(
+        &self,
+        dst: SocketAddr,
+        converted: bool,
+        tx: watch::Sender<Option<Outcome>>,
+    ) -> Result<SharedConn, ForwardError> {
+        let result = self.connect_shared(dst, converted).await;
+        let mut state = self.state.lock().map_err(|_| ForwardError::Poisoned)?;
+        match result {
+            Ok(Shared::Http2(sender, tls)) => {
+                state
+                    .http2
+                    .insert(dst, Http2Slot::Ready(sender.clone(), tls.clone()));
+                tx.send_replace(Some(Outcome::Ready(sender.clone(), tls.clone())));
+                Ok(SharedConn::Http2 {
+                    sender,
+                    tls,
+                    reused: false,
+                })
+            }
+            Ok(Shared::Http1(sender, tls)) => {
+                state.http2.remove(&dst);
+                tx.send_replace(Some(Outcome::Plaintext));
+                Ok(SharedConn::Http1 { sender, tls })
+            }
+            Err(error) => {
+                state.http2.remove(&dst);
+                let error = Arc::new(error);
+                tx.send_replace(Some(Outcome::Failed(error.clone())));
+                Err(ForwardError::Shared(error))
             }
         }
     }
@@ -360,9 +508,6 @@ impl Pool {
                 }
             }
         });
-        if let Ok(mut state) = self.state.lock() {
-            state.http2.insert(dst, (sender.clone(), tls.clone()));
-        }
         Ok(Shared::Http2(sender, tls))
     }
 }
