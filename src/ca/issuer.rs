@@ -223,7 +223,7 @@ fn checked_after(now: OffsetDateTime, lifetime: Duration) -> Result<OffsetDateTi
 /// and exactly 16 bytes long.
 fn random_serial() -> Result<[u8; 16], IssueError> {
     let mut serial = [0u8; 16];
-    rustls::crypto::ring::default_provider()
+    crate::crypto::provider()
         .secure_random
         .fill(&mut serial)
         .map_err(|_| IssueError::Random)?;

@@ -125,7 +125,7 @@ impl Credentials {
                 "RSA PKCS#1 keys are not supported".into(),
             ));
         }
-        let signing_key = rustls::crypto::ring::default_provider()
+        let signing_key = crate::crypto::provider()
             .key_provider
             .load_private_key(key)
             .map_err(|e| LoadError::UnusableKey(e.to_string()))?;

@@ -255,7 +255,7 @@ pub fn verify_svid(
         Usage::Client => webpki::KeyUsage::client_auth(),
     };
     ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
+        crate::crypto::CHAIN_ALGORITHMS,
         &bundle.anchors,
         intermediates,
         verify_at,

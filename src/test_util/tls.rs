@@ -18,7 +18,7 @@ use crate::tls::{MESH_ALPN, PeerExpectation, ServerVerifier};
 /// A client that verifies the server properly (against `root_pem`) and
 /// presents `chain_pem`/`key_pem`, or no certificate when `None`.
 pub fn client_config(root_pem: &str, client: Option<(&str, &str)>) -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::crypto::provider());
     let roots = CertificateDer::pem_slice_iter(root_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .expect("root pem");

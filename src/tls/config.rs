@@ -75,23 +75,23 @@ impl rustls::client::ResolvesClientCert for AlwaysResolves {
 }
 
 fn provider(settings: &TlsSettings) -> CryptoProvider {
-    use rustls::crypto::ring;
-    let mut provider = ring::default_provider();
+    use crate::crypto::backend;
+    let mut provider = crate::crypto::provider();
     // TLS 1.3 suites only, AES-128-GCM first: as strong as the P-256 keys
     // it protects, and the cheapest on hardware with AES instructions.
     provider.cipher_suites = vec![
-        ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-        ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        backend::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        backend::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        backend::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
     ];
     provider.kx_groups = settings
         .key_exchange
         .iter()
         .map(|group| -> &'static dyn SupportedKxGroup {
             match group {
-                KxGroup::X25519 => ring::kx_group::X25519,
-                KxGroup::Secp256r1 => ring::kx_group::SECP256R1,
-                KxGroup::Secp384r1 => ring::kx_group::SECP384R1,
+                KxGroup::X25519 => backend::kx_group::X25519,
+                KxGroup::Secp256r1 => backend::kx_group::SECP256R1,
+                KxGroup::Secp384r1 => backend::kx_group::SECP384R1,
             }
         })
         .collect();
