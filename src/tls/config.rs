@@ -173,13 +173,29 @@ impl MeshTls {
     }
 
     /// The SPIFFE ID of a client this server accepted.
+    ///
+    /// Call only with a leaf from a completed handshake: the verifier has
+    /// then accepted it, so when its cache no longer holds the leaf (it is
+    /// cleared when full), reading the ID from the certificate is safe.
     pub fn client_id(&self, end_entity: &[u8]) -> Option<SpiffeId> {
-        self.client_verifier.peer_id(end_entity)
+        self.client_verifier
+            .peer_id(end_entity)
+            .or_else(|| id_of_verified(end_entity))
     }
 
-    /// The SPIFFE ID of a server a client config built here accepted.
+    /// The SPIFFE ID of a server a client config built here accepted (same
+    /// contract as [`Self::client_id`]).
     pub fn server_id(&self, expected: &PeerExpectation, end_entity: &[u8]) -> Option<SpiffeId> {
-        let clients = self.clients.lock().ok()?;
-        clients.get(expected)?.1.peer_id(end_entity)
+        let cached = {
+            let clients = self.clients.lock().ok()?;
+            clients.get(expected)?.1.peer_id(end_entity)
+        };
+        cached.or_else(|| id_of_verified(end_entity))
     }
+}
+
+fn id_of_verified(end_entity: &[u8]) -> Option<SpiffeId> {
+    crate::identity::svid::parse_leaf(end_entity)
+        .ok()
+        .map(|leaf| leaf.id)
 }
