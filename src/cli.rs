@@ -11,10 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use rustls_pki_types::UnixTime;
 
 use crate::app::Sidecar;
-use crate::ca::secret_dir::{self, SecretFile};
+use crate::ca::secret_dir;
 use crate::ca::store::CaDir;
 use crate::config::{Config, ConfigError, FileConfig, LogFormat, Overrides};
-use crate::identity::{BUNDLE_FILE, CERT_FILE, KEY_FILE, SpiffeId, TrustDomain};
+use crate::identity::{SpiffeId, TrustDomain};
 use crate::units::{format_utc, parse_duration};
 
 /// Exit code for a bad configuration or usage (sysexits EX_USAGE).
@@ -331,26 +331,7 @@ fn run_ca(command: CaCommand) -> anyhow::Result<ExitCode> {
                 bundle.push_str(&pem);
             }
             let svid = ca.signing_ca()?.issue(&id, ttl, now)?;
-            secret_dir::publish(
-                &out,
-                &[
-                    SecretFile {
-                        name: CERT_FILE,
-                        contents: svid.chain_pem.as_bytes(),
-                        mode: 0o644,
-                    },
-                    SecretFile {
-                        name: KEY_FILE,
-                        contents: svid.key_pem.as_bytes(),
-                        mode: 0o600,
-                    },
-                    SecretFile {
-                        name: BUNDLE_FILE,
-                        contents: bundle.as_bytes(),
-                        mode: 0o644,
-                    },
-                ],
-            )?;
+            secret_dir::publish_identity(&out, &svid.chain_pem, &svid.key_pem, &bundle)?;
             println!(
                 "Issued {} (serial {}) valid until {} into {}",
                 svid.id,

@@ -11,7 +11,7 @@ use std::os::unix::fs::{OpenOptionsExt, symlink};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::identity::DATA_LINK;
+use crate::identity::{BUNDLE_FILE, CERT_FILE, DATA_LINK, KEY_FILE};
 
 const DATA_TMP: &str = "..data_tmp";
 
@@ -86,6 +86,36 @@ pub fn publish(dir: &Path, files: &[SecretFile<'_>]) -> Result<(), WriteError> {
         }
     }
     Ok(())
+}
+
+/// Publishes a workload identity as the proxy reads it: `tls.crt` (leaf
+/// then intermediates), `tls.key` (owner-only) and `ca.crt` (the bundle).
+pub fn publish_identity(
+    dir: &Path,
+    chain_pem: &str,
+    key_pem: &str,
+    bundle_pem: &str,
+) -> Result<(), WriteError> {
+    publish(
+        dir,
+        &[
+            SecretFile {
+                name: CERT_FILE,
+                contents: chain_pem.as_bytes(),
+                mode: 0o644,
+            },
+            SecretFile {
+                name: KEY_FILE,
+                contents: key_pem.as_bytes(),
+                mode: 0o600,
+            },
+            SecretFile {
+                name: BUNDLE_FILE,
+                contents: bundle_pem.as_bytes(),
+                mode: 0o644,
+            },
+        ],
+    )
 }
 
 /// `..2026_11_29_02_19_31.123456789`, like kubelet, with a counter suffix

@@ -23,13 +23,11 @@ use std::time::{Duration, Instant};
 use rustls_pki_types::UnixTime;
 
 use crate::app::Sidecar;
-use crate::ca::secret_dir::{self, SecretFile};
+use crate::ca::secret_dir;
 use crate::ca::store::CaDir;
 use crate::cli::{build_runtime, init_tracing};
 use crate::config::{Config, FileConfig, LogFormat, Overrides};
-use crate::identity::{
-    BUNDLE_FILE, CERT_FILE, Credentials, KEY_FILE, RawCredentials, SpiffeId, TrustDomain,
-};
+use crate::identity::{Credentials, RawCredentials, SpiffeId, TrustDomain};
 use crate::tls::{KxGroup, TlsSettings};
 
 const ROTATIONS: usize = 3;
@@ -104,26 +102,7 @@ fn issue(ca: &CaDir, id: &SpiffeId, out: &Path, extra_bundle: &str) -> anyhow::R
         time::OffsetDateTime::now_utc(),
     )?;
     let bundle = format!("{}{extra_bundle}", ca.root_pem()?);
-    secret_dir::publish(
-        out,
-        &[
-            SecretFile {
-                name: CERT_FILE,
-                contents: svid.chain_pem.as_bytes(),
-                mode: 0o644,
-            },
-            SecretFile {
-                name: KEY_FILE,
-                contents: svid.key_pem.as_bytes(),
-                mode: 0o600,
-            },
-            SecretFile {
-                name: BUNDLE_FILE,
-                contents: bundle.as_bytes(),
-                mode: 0o644,
-            },
-        ],
-    )?;
+    secret_dir::publish_identity(out, &svid.chain_pem, &svid.key_pem, &bundle)?;
     Ok(svid.serial)
 }
 

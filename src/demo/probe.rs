@@ -25,6 +25,22 @@ pub enum ProbeError {
     NotSvid(#[from] crate::identity::SvidError),
 }
 
+/// A mesh handshake with `addr` presenting `client`'s identity, accepting
+/// any server of the same trust domain.
+async fn connect_as(
+    addr: SocketAddr,
+    client: Arc<Credentials>,
+    settings: &TlsSettings,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ProbeError> {
+    let td = client.id().trust_domain();
+    let mesh = MeshTls::new(client, settings)?;
+    let config = mesh.client_config(&PeerExpectation::TrustDomain(td))?;
+    let tcp = TcpStream::connect(addr).await?;
+    Ok(TlsConnector::from(config)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await?)
+}
+
 /// Performs a mesh handshake as `client` and returns the leaf the server
 /// presented.
 pub async fn served_leaf(
@@ -32,13 +48,7 @@ pub async fn served_leaf(
     client: Arc<Credentials>,
     settings: &TlsSettings,
 ) -> Result<SvidLeaf, ProbeError> {
-    let td = client.id().trust_domain();
-    let mesh = MeshTls::new(client, settings)?;
-    let config = mesh.client_config(&PeerExpectation::TrustDomain(td))?;
-    let tcp = TcpStream::connect(addr).await?;
-    let tls = TlsConnector::from(config)
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-        .await?;
+    let tls = connect_as(addr, client, settings).await?;
     let leaf = tls
         .get_ref()
         .1
@@ -55,17 +65,10 @@ pub async fn is_served(
     client: Arc<Credentials>,
     settings: &TlsSettings,
 ) -> Result<bool, ProbeError> {
-    let td = client.id().trust_domain();
-    let mesh = MeshTls::new(client, settings)?;
-    let config = mesh.client_config(&PeerExpectation::TrustDomain(td))?;
-    let tcp = TcpStream::connect(addr).await?;
     // In TLS 1.3 the client finishes its side of the handshake before the
     // server has judged the client certificate; a refusal shows up on the
     // first read.
-    let Ok(mut tls) = TlsConnector::from(config)
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-        .await
-    else {
+    let Ok(mut tls) = connect_as(addr, client, settings).await else {
         return Ok(false);
     };
     if tls

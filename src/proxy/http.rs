@@ -39,11 +39,52 @@ pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-outrider-error"
 /// its original version, so the inbound proxy can turn it back.
 pub static ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("x-outrider-orig-proto");
 
-/// Limits on what a downstream HTTP client may send.
-#[derive(Debug, Clone)]
-pub struct HttpLimits {
+/// Serves the HTTP connections of one listener, forwarding every request
+/// through one pool.
+pub struct HttpServer {
+    pub direction: Direction,
+    pub pool: Arc<Pool>,
+    pub metrics: Metrics,
     pub max_header_bytes: usize,
     pub idle_timeout: Duration,
+}
+
+impl HttpServer {
+    /// Serves one downstream connection whose requests all go to `dst`;
+    /// returns how it ended. `downstream_tls` is given on the inbound side
+    /// and decides the caller-identity header.
+    pub async fn serve<I>(
+        &self,
+        io: I,
+        version: Version,
+        dst: SocketAddr,
+        downstream_tls: Option<TlsStatus>,
+        activity: Arc<Activity>,
+        drain: &Watch,
+    ) -> &'static str
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let downstream = downstream_tls.map(|tls| {
+            let header = tls
+                .peer_id()
+                .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
+            (tls, header)
+        });
+        let forward = Arc::new(HttpForward {
+            direction: self.direction,
+            version,
+            dst,
+            pool: self.pool.clone(),
+            metrics: self.metrics.clone(),
+            http_metrics: HttpMetrics::new(self.metrics.clone(), self.direction),
+            downstream,
+            activity,
+            idle_timeout: self.idle_timeout,
+            drain: drain.clone(),
+        });
+        serve(io, forward, self.max_header_bytes, self.idle_timeout, drain).await
+    }
 }
 
 /// Everything the service needs for one downstream connection.
@@ -328,38 +369,6 @@ pub fn synthetic_response(
 // === impl HttpForward ===
 
 impl HttpForward {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        direction: Direction,
-        version: Version,
-        dst: SocketAddr,
-        pool: Arc<Pool>,
-        metrics: Metrics,
-        downstream_tls: Option<TlsStatus>,
-        activity: Arc<Activity>,
-        idle_timeout: Duration,
-        drain: Watch,
-    ) -> Self {
-        let downstream = downstream_tls.map(|tls| {
-            let header = tls
-                .peer_id()
-                .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
-            (tls, header)
-        });
-        Self {
-            direction,
-            version,
-            dst,
-            pool,
-            http_metrics: HttpMetrics::new(metrics.clone(), direction),
-            metrics,
-            downstream,
-            activity,
-            idle_timeout,
-            drain,
-        }
-    }
-
     async fn forward(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let upgrade = self.version == Version::Http1 && is_upgrade_request(&req);
@@ -494,10 +503,11 @@ where
 
 /// Serves one downstream connection until it closes. Draining or idling
 /// asks hyper to finish in-flight requests and close. Returns how it ended.
-pub async fn serve<I>(
+async fn serve<I>(
     io: I,
     forward: Arc<HttpForward>,
-    limits: &HttpLimits,
+    max_header_bytes: usize,
+    idle_timeout: Duration,
     drain: &Watch,
 ) -> &'static str
 where
@@ -517,17 +527,17 @@ where
             // `idle_timeout`, and the request line by the detection timeout.
             let conn = hyper::server::conn::http1::Builder::new()
                 .header_read_timeout(None)
-                .max_buf_size(limits.max_header_bytes.max(8192))
+                .max_buf_size(max_header_bytes.max(8192))
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
-            drive(conn, &activity, limits.idle_timeout, drain).await
+            drive(conn, &activity, idle_timeout, drain).await
         }
         Version::Http2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
                 .serve_connection(TokioIo::new(io), service);
-            drive(conn, &activity, limits.idle_timeout, drain).await
+            drive(conn, &activity, idle_timeout, drain).await
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::connect::{AppConnector, Connect};
 use super::detect::{Alpn, Detection, Protocol, read_and_classify};
-use super::http::{HttpForward, HttpLimits};
+use super::http::HttpServer;
 use super::io::{Activity, MeteredIo, Rewind};
 use super::metrics::{Direction, Metrics};
 use super::orig_dst::original_dst;
@@ -27,7 +27,7 @@ use super::pool::{Pool, Version};
 use super::tls_status::{NoTlsReason, TlsStatus};
 use super::{
     Error, InboundConfig, InboundTarget, Limits, MAX_DETECT_BYTES, MtlsMode, ProtocolMode,
-    ProxyConfig, TlsRx, accept_loop, bind,
+    ProxyConfig, TlsRx, accept_loop, bind, http_server,
 };
 use crate::lifecycle::Watch;
 use crate::tls::handshake_failure_reason;
@@ -46,11 +46,10 @@ struct Shared {
     mode: MtlsMode,
     opaque_ports: BTreeSet<u16>,
     limits: Limits,
-    http_limits: HttpLimits,
+    http: HttpServer,
     tls: TlsRx,
     metrics: Metrics,
     app: Arc<AppConnector>,
-    pool: Arc<Pool>,
 }
 
 impl Inbound {
@@ -60,11 +59,7 @@ impl Inbound {
         tls: TlsRx,
         metrics: Metrics,
     ) -> Result<Self, Error> {
-        let listener = bind(config.listen).await?;
-        let local = listener.local_addr().map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let (listener, local) = bind(config.listen).await?;
         let limits = proxy.limits.clone();
         let app = Arc::new(AppConnector {
             connect_timeout: limits.connect_timeout,
@@ -82,15 +77,11 @@ impl Inbound {
                 protocol: config.protocol,
                 mode: proxy.mtls_mode,
                 opaque_ports: proxy.opaque_ports.clone(),
-                http_limits: HttpLimits {
-                    max_header_bytes: limits.max_header_bytes,
-                    idle_timeout: limits.idle_timeout,
-                },
+                http: http_server(DIRECTION, pool, metrics.clone(), &limits),
                 limits,
                 tls,
                 metrics,
                 app,
-                pool,
             }),
         })
     }
@@ -304,18 +295,9 @@ impl Shared {
         self.metrics.protocol(DIRECTION, protocol_label(version));
         match version {
             Some(version) => {
-                let forward = Arc::new(HttpForward::new(
-                    DIRECTION,
-                    version,
-                    app_addr,
-                    self.pool.clone(),
-                    self.metrics.clone(),
-                    Some(tls),
-                    activity,
-                    self.limits.idle_timeout,
-                    drain.clone(),
-                ));
-                super::http::serve(io, forward, &self.http_limits, &drain).await
+                self.http
+                    .serve(io, version, app_addr, Some(tls), activity, &drain)
+                    .await
             }
             None => {
                 let upstream = match self.app.connect(app_addr).await {

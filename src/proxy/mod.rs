@@ -176,17 +176,37 @@ impl Proxy {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+/// Binds a listener and reports the address it got (port 0 in tests).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let fail = |source| Error::Bind { addr, source };
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
     }
-    .map_err(|source| Error::Bind { addr, source })?;
-    socket
+    .map_err(fail)?;
+    let listener = socket
         .set_reuseaddr(true)
         .and_then(|()| socket.bind(addr))
         .and_then(|()| socket.listen(1024))
-        .map_err(|source| Error::Bind { addr, source })
+        .map_err(fail)?;
+    let local = listener.local_addr().map_err(fail)?;
+    Ok((listener, local))
+}
+
+/// The HTTP side of a listener, from the proxy's limits.
+fn http_server(
+    direction: Direction,
+    pool: Arc<pool::Pool>,
+    metrics: Metrics,
+    limits: &Limits,
+) -> http::HttpServer {
+    http::HttpServer {
+        direction,
+        pool,
+        metrics,
+        max_header_bytes: limits.max_header_bytes,
+        idle_timeout: limits.idle_timeout,
+    }
 }
 
 /// Accepts connections until draining, enforcing the connection limit and

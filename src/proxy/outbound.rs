@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::connect::{ExpectedPeer, MeshConnector};
 use super::detect::{Detection, Protocol, read_and_classify};
-use super::http::{HttpForward, HttpLimits};
+use super::http::HttpServer;
 use super::inbound::protocol_label;
 use super::io::{Activity, MeteredIo, Rewind};
 use super::metrics::{Direction, Metrics};
@@ -23,7 +23,7 @@ use super::orig_dst::original_dst;
 use super::pool::{Pool, Version};
 use super::{
     Error, Limits, MAX_DETECT_BYTES, OutboundConfig, OutboundTarget, ProtocolMode, ProxyConfig,
-    TlsRx, accept_loop, bind,
+    TlsRx, accept_loop, bind, http_server,
 };
 use crate::lifecycle::Watch;
 
@@ -40,10 +40,9 @@ struct Shared {
     protocol: ProtocolMode,
     opaque_ports: BTreeSet<u16>,
     limits: Limits,
-    http_limits: HttpLimits,
+    http: HttpServer,
     metrics: Metrics,
     connector: Arc<MeshConnector>,
-    pool: Arc<Pool>,
 }
 
 impl Outbound {
@@ -53,11 +52,7 @@ impl Outbound {
         tls: TlsRx,
         metrics: Metrics,
     ) -> Result<Self, Error> {
-        let listener = bind(config.listen).await?;
-        let local = listener.local_addr().map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let (listener, local) = bind(config.listen).await?;
         let limits = proxy.limits.clone();
         let expected = match &config.target {
             OutboundTarget::Peer { id: Some(id), .. } => ExpectedPeer::Id(id.clone()),
@@ -84,14 +79,10 @@ impl Outbound {
                 target: config.target.clone(),
                 protocol: config.protocol,
                 opaque_ports: proxy.opaque_ports.clone(),
-                http_limits: HttpLimits {
-                    max_header_bytes: limits.max_header_bytes,
-                    idle_timeout: limits.idle_timeout,
-                },
+                http: http_server(DIRECTION, pool, metrics.clone(), &limits),
                 limits,
                 metrics,
                 connector,
-                pool,
             }),
         })
     }
@@ -166,18 +157,9 @@ impl Shared {
         self.metrics.protocol(DIRECTION, protocol_label(version));
 
         if let Some(version) = version {
-            let forward = Arc::new(HttpForward::new(
-                DIRECTION,
-                version,
-                dst,
-                self.pool.clone(),
-                self.metrics.clone(),
-                None,
-                activity,
-                self.limits.idle_timeout,
-                drain.clone(),
-            ));
-            super::http::serve(io, forward, &self.http_limits, &drain).await;
+            self.http
+                .serve(io, version, dst, None, activity, &drain)
+                .await;
             return;
         }
 

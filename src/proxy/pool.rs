@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::watch;
 
 use super::connect::{Connect, ConnectError, Connected};
+use super::metrics::ConnMetrics;
 use super::tls_status::TlsStatus;
 
 #[derive(Debug, thiserror::Error)]
@@ -312,17 +313,7 @@ impl Pool {
         &self,
         dst: SocketAddr,
     ) -> Result<(http1::SendRequest<Incoming>, TlsStatus), ForwardError> {
-        let Connected { io, tls, metrics } = self.connector.connect(dst).await?;
-        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
-        tokio::spawn(async move {
-            let mut metrics = metrics;
-            if conn.with_upgrades().await.is_err() {
-                if let Some(m) = metrics.as_mut() {
-                    m.set_result("error");
-                }
-            }
-        });
-        Ok((sender, tls))
+        handshake_http1(self.connector.connect(dst).await?).await
     }
 
     /// `converted`: `req` is an HTTP/1 request already put in HTTP/2 form
@@ -482,32 +473,43 @@ impl Pool {
         dst: SocketAddr,
         http1_if_plaintext: bool,
     ) -> Result<Shared, ForwardError> {
-        let Connected { io, tls, metrics } = self.connector.connect(dst).await?;
-        if http1_if_plaintext && tls.peer_id().is_none() {
-            let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
-            tokio::spawn(async move {
-                let mut metrics = metrics;
-                if conn.await.is_err() {
-                    if let Some(m) = metrics.as_mut() {
-                        m.set_result("error");
-                    }
-                }
-            });
+        let connected = self.connector.connect(dst).await?;
+        if http1_if_plaintext && connected.tls.peer_id().is_none() {
+            let (sender, tls) = handshake_http1(connected).await?;
             return Ok(Shared::Http1(sender, tls));
         }
+        let Connected { io, tls, metrics } = connected;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .handshake(TokioIo::new(io))
             .await?;
-        tokio::spawn(async move {
-            let mut metrics = metrics;
-            if conn.await.is_err() {
-                if let Some(m) = metrics.as_mut() {
-                    m.set_result("error");
-                }
-            }
-        });
+        spawn_connection(conn, metrics);
         Ok(Shared::Http2(sender, tls))
     }
+}
+
+async fn handshake_http1(
+    connected: Connected,
+) -> Result<(http1::SendRequest<Incoming>, TlsStatus), ForwardError> {
+    let Connected { io, tls, metrics } = connected;
+    let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+    spawn_connection(conn.with_upgrades(), metrics);
+    Ok((sender, tls))
+}
+
+/// Drives a client connection on a task of its own; its metrics count the
+/// close, as an error if the connection failed.
+fn spawn_connection<E>(
+    conn: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    metrics: Option<ConnMetrics>,
+) {
+    tokio::spawn(async move {
+        let mut metrics = metrics;
+        if conn.await.is_err() {
+            if let Some(m) = metrics.as_mut() {
+                m.set_result("error");
+            }
+        }
+    });
 }

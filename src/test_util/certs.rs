@@ -11,7 +11,7 @@ use rcgen::{
 use time::OffsetDateTime;
 
 use crate::ca::issuer::{self, IssuedSvid, SigningCa};
-use crate::ca::secret_dir::{self, SecretFile};
+use crate::ca::secret_dir;
 use crate::identity::{SpiffeId, TrustDomain};
 
 /// A trust anchor and an issuer, in memory.
@@ -132,25 +132,5 @@ impl TestCa {
 
 /// Publishes a credential set into `dir` the way kubelet does.
 pub fn write_identity(dir: &Path, chain_pem: &str, key_pem: &str, bundle_pem: &str) {
-    secret_dir::publish(
-        dir,
-        &[
-            SecretFile {
-                name: "tls.crt",
-                contents: chain_pem.as_bytes(),
-                mode: 0o644,
-            },
-            SecretFile {
-                name: "tls.key",
-                contents: key_pem.as_bytes(),
-                mode: 0o600,
-            },
-            SecretFile {
-                name: "ca.crt",
-                contents: bundle_pem.as_bytes(),
-                mode: 0o644,
-            },
-        ],
-    )
-    .expect("publish identity");
+    secret_dir::publish_identity(dir, chain_pem, key_pem, bundle_pem).expect("publish identity");
 }
