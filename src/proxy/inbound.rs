@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::connect::{AppConnector, Connect};
@@ -26,20 +26,15 @@ use super::orig_dst::original_dst;
 use super::pool::{Pool, Version};
 use super::tls_status::{NoTlsReason, TlsStatus};
 use super::{
-    Error, InboundConfig, InboundTarget, Limits, MAX_DETECT_BYTES, MtlsMode, ProtocolMode,
-    ProxyConfig, TlsRx, accept_loop, bind, http_server,
+    Error, Handler, InboundConfig, InboundTarget, Limits, Listener, MAX_DETECT_BYTES, MtlsMode,
+    ProtocolMode, ProxyConfig, TlsRx, bind, http_server,
 };
 use crate::lifecycle::Watch;
 use crate::tls::handshake_failure_reason;
 
 const DIRECTION: Direction = Direction::Inbound;
 
-pub struct Inbound {
-    listener: TcpListener,
-    shared: Arc<Shared>,
-}
-
-struct Shared {
+pub struct Shared {
     local: SocketAddr,
     target: InboundTarget,
     protocol: ProtocolMode,
@@ -52,59 +47,47 @@ struct Shared {
     app: Arc<AppConnector>,
 }
 
-impl Inbound {
-    pub async fn bind(
-        config: &InboundConfig,
-        proxy: &ProxyConfig,
-        tls: TlsRx,
-        metrics: Metrics,
-    ) -> Result<Self, Error> {
-        let (listener, local) = bind(config.listen).await?;
-        let limits = proxy.limits.clone();
-        let app = Arc::new(AppConnector {
-            connect_timeout: limits.connect_timeout,
-        });
-        let pool = Pool::new(
-            app.clone(),
-            limits.app_pool_idle_timeout,
-            limits.pool_max_idle_per_destination,
-        );
-        Ok(Self {
-            listener,
-            shared: Arc::new(Shared {
-                local,
-                target: config.target.clone(),
-                protocol: config.protocol,
-                mode: proxy.mtls_mode,
-                opaque_ports: proxy.opaque_ports.clone(),
-                http: http_server(DIRECTION, pool, metrics.clone(), &limits),
-                limits,
-                tls,
-                metrics,
-                app,
-            }),
-        })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.shared.local
-    }
-
-    pub async fn run(self, drain: Watch) {
-        let shared = self.shared;
-        let (max, metrics) = (shared.limits.max_connections, shared.metrics.clone());
-        accept_loop(
-            self.listener,
-            DIRECTION,
-            max,
+/// Binds the inbound listener.
+pub async fn listener(
+    config: &InboundConfig,
+    proxy: &ProxyConfig,
+    tls: TlsRx,
+    metrics: Metrics,
+) -> Result<Listener<Shared>, Error> {
+    let (listener, local) = bind(config.listen).await?;
+    let limits = proxy.limits.clone();
+    let app = Arc::new(AppConnector {
+        connect_timeout: limits.connect_timeout,
+    });
+    let pool = Pool::new(
+        app.clone(),
+        limits.app_pool_idle_timeout,
+        limits.pool_max_idle_per_destination,
+    );
+    Ok(Listener::new(
+        listener,
+        local,
+        DIRECTION,
+        limits.max_connections,
+        metrics.clone(),
+        Shared {
+            local,
+            target: config.target.clone(),
+            protocol: config.protocol,
+            mode: proxy.mtls_mode,
+            opaque_ports: proxy.opaque_ports.clone(),
+            http: http_server(DIRECTION, pool, metrics.clone(), &limits),
+            limits,
+            tls,
             metrics,
-            drain,
-            move |stream, client, drain| {
-                let shared = shared.clone();
-                async move { shared.serve(stream, client, drain).await }
-            },
-        )
-        .await;
+            app,
+        },
+    ))
+}
+
+impl Handler for Shared {
+    async fn handle(self: Arc<Self>, stream: TcpStream, client: SocketAddr, drain: Watch) {
+        self.serve(stream, client, drain).await
     }
 }
 

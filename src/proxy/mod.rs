@@ -136,18 +136,75 @@ pub enum Error {
 
 /// The bound listeners, ready to serve.
 pub struct Proxy {
-    inbound: Option<inbound::Inbound>,
-    outbound: Option<outbound::Outbound>,
+    inbound: Option<Listener<inbound::Shared>>,
+    outbound: Option<Listener<outbound::Shared>>,
+}
+
+/// Serves one accepted connection.
+trait Handler: Send + Sync + 'static {
+    fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        client: SocketAddr,
+        drain: Watch,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// A bound listener and what serves its connections.
+struct Listener<H> {
+    listener: TcpListener,
+    local: SocketAddr,
+    direction: Direction,
+    max_connections: usize,
+    metrics: Metrics,
+    handler: Arc<H>,
+}
+
+impl<H: Handler> Listener<H> {
+    fn new(
+        listener: TcpListener,
+        local: SocketAddr,
+        direction: Direction,
+        max_connections: usize,
+        metrics: Metrics,
+        handler: H,
+    ) -> Self {
+        Self {
+            listener,
+            local,
+            direction,
+            max_connections,
+            metrics,
+            handler: Arc::new(handler),
+        }
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    async fn run(self, drain: Watch) {
+        let handler = self.handler;
+        accept_loop(
+            self.listener,
+            self.direction,
+            self.max_connections,
+            self.metrics,
+            drain,
+            move |stream, client, drain| handler.clone().handle(stream, client, drain),
+        )
+        .await;
+    }
 }
 
 impl Proxy {
     pub async fn bind(config: &ProxyConfig, tls: TlsRx, metrics: Metrics) -> Result<Self, Error> {
         let inbound = match &config.inbound {
-            Some(c) => Some(inbound::Inbound::bind(c, config, tls.clone(), metrics.clone()).await?),
+            Some(c) => Some(inbound::listener(c, config, tls.clone(), metrics.clone()).await?),
             None => None,
         };
         let outbound = match &config.outbound {
-            Some(c) => Some(outbound::Outbound::bind(c, config, tls, metrics).await?),
+            Some(c) => Some(outbound::listener(c, config, tls, metrics).await?),
             None => None,
         };
         Ok(Self { inbound, outbound })

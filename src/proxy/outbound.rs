@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::connect::{ExpectedPeer, MeshConnector};
 use super::detect::{Detection, Protocol, read_and_classify};
@@ -22,19 +22,14 @@ use super::metrics::{Direction, Metrics};
 use super::orig_dst::original_dst;
 use super::pool::{Pool, Version};
 use super::{
-    Error, Limits, MAX_DETECT_BYTES, OutboundConfig, OutboundTarget, ProtocolMode, ProxyConfig,
-    TlsRx, accept_loop, bind, http_server,
+    Error, Handler, Limits, Listener, MAX_DETECT_BYTES, OutboundConfig, OutboundTarget,
+    ProtocolMode, ProxyConfig, TlsRx, bind, http_server,
 };
 use crate::lifecycle::Watch;
 
 const DIRECTION: Direction = Direction::Outbound;
 
-pub struct Outbound {
-    listener: TcpListener,
-    shared: Arc<Shared>,
-}
-
-struct Shared {
+pub struct Shared {
     local: SocketAddr,
     target: OutboundTarget,
     protocol: ProtocolMode,
@@ -45,67 +40,55 @@ struct Shared {
     connector: Arc<MeshConnector>,
 }
 
-impl Outbound {
-    pub async fn bind(
-        config: &OutboundConfig,
-        proxy: &ProxyConfig,
-        tls: TlsRx,
-        metrics: Metrics,
-    ) -> Result<Self, Error> {
-        let (listener, local) = bind(config.listen).await?;
-        let limits = proxy.limits.clone();
-        let expected = match &config.target {
-            OutboundTarget::Peer { id: Some(id), .. } => ExpectedPeer::Id(id.clone()),
-            _ => ExpectedPeer::SameTrustDomain,
-        };
-        let connector = Arc::new(MeshConnector::new(
-            tls,
-            expected,
-            proxy.mtls_mode,
-            limits.connect_timeout,
-            limits.handshake_timeout,
-            proxy.plaintext_fallback_ttl,
-            metrics.clone(),
-        ));
-        let pool = Pool::new(
-            connector.clone(),
-            limits.peer_pool_idle_timeout,
-            limits.pool_max_idle_per_destination,
-        );
-        Ok(Self {
-            listener,
-            shared: Arc::new(Shared {
-                local,
-                target: config.target.clone(),
-                protocol: config.protocol,
-                opaque_ports: proxy.opaque_ports.clone(),
-                http: http_server(DIRECTION, pool, metrics.clone(), &limits),
-                limits,
-                metrics,
-                connector,
-            }),
-        })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.shared.local
-    }
-
-    pub async fn run(self, drain: Watch) {
-        let shared = self.shared;
-        let (max, metrics) = (shared.limits.max_connections, shared.metrics.clone());
-        accept_loop(
-            self.listener,
-            DIRECTION,
-            max,
+/// Binds the outbound listener.
+pub async fn listener(
+    config: &OutboundConfig,
+    proxy: &ProxyConfig,
+    tls: TlsRx,
+    metrics: Metrics,
+) -> Result<Listener<Shared>, Error> {
+    let (listener, local) = bind(config.listen).await?;
+    let limits = proxy.limits.clone();
+    let expected = match &config.target {
+        OutboundTarget::Peer { id: Some(id), .. } => ExpectedPeer::Id(id.clone()),
+        _ => ExpectedPeer::SameTrustDomain,
+    };
+    let connector = Arc::new(MeshConnector::new(
+        tls,
+        expected,
+        proxy.mtls_mode,
+        limits.connect_timeout,
+        limits.handshake_timeout,
+        proxy.plaintext_fallback_ttl,
+        metrics.clone(),
+    ));
+    let pool = Pool::new(
+        connector.clone(),
+        limits.peer_pool_idle_timeout,
+        limits.pool_max_idle_per_destination,
+    );
+    Ok(Listener::new(
+        listener,
+        local,
+        DIRECTION,
+        limits.max_connections,
+        metrics.clone(),
+        Shared {
+            local,
+            target: config.target.clone(),
+            protocol: config.protocol,
+            opaque_ports: proxy.opaque_ports.clone(),
+            http: http_server(DIRECTION, pool, metrics.clone(), &limits),
+            limits,
             metrics,
-            drain,
-            move |stream, _client, drain| {
-                let shared = shared.clone();
-                async move { shared.serve(stream, drain).await }
-            },
-        )
-        .await;
+            connector,
+        },
+    ))
+}
+
+impl Handler for Shared {
+    async fn handle(self: Arc<Self>, stream: TcpStream, _client: SocketAddr, drain: Watch) {
+        self.serve(stream, drain).await
     }
 }
 

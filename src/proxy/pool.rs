@@ -225,6 +225,20 @@ impl Pool {
         });
     }
 
+    fn release(
+        self: &Arc<Self>,
+        dst: SocketAddr,
+        sender: http1::SendRequest<Incoming>,
+        tls: TlsStatus,
+    ) -> Release {
+        Release {
+            pool: Arc::downgrade(self),
+            dst,
+            sender,
+            tls,
+        }
+    }
+
     /// Sends `req` to `dst` the way `route` says.
     pub async fn send(
         self: &Arc<Self>,
@@ -264,12 +278,7 @@ impl Pool {
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
-                    let release = (!upgrade).then(|| Release {
-                        pool: Arc::downgrade(self),
-                        dst,
-                        sender,
-                        tls: tls.clone(),
-                    });
+                    let release = (!upgrade).then(|| self.release(dst, sender, tls.clone()));
                     return Ok(Sent {
                         response,
                         tls,
@@ -338,12 +347,7 @@ impl Pool {
                         .try_send_request(req)
                         .await
                         .map_err(|e| e.into_error())?;
-                    let release = Some(Release {
-                        pool: Arc::downgrade(self),
-                        dst,
-                        sender,
-                        tls: tls.clone(),
-                    });
+                    let release = Some(self.release(dst, sender, tls.clone()));
                     return Ok(Sent {
                         response,
                         tls,
