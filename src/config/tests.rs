@@ -1,0 +1,110 @@
+use super::*;
+
+const ID: &str = "identity:\n  id: spiffe://cluster.local/ns/shop/sa/orders\n";
+
+#[test]
+fn an_empty_file_with_an_identity_gives_the_documented_defaults() {
+    let config = FileConfig::from_yaml(ID).unwrap().validate().unwrap();
+    assert_eq!(config.admin_listen, addr("0.0.0.0:4191"));
+    let inbound = config.proxy.inbound.unwrap();
+    assert_eq!(inbound.listen, addr("0.0.0.0:4143"));
+    assert_eq!(inbound.target, InboundTarget::OriginalDst);
+    assert_eq!(
+        config.proxy.outbound.unwrap().listen,
+        addr("127.0.0.1:4140")
+    );
+    assert_eq!(config.proxy.mtls_mode, MtlsMode::Permissive);
+    assert!(config.proxy.opaque_ports.contains(&3306));
+    assert_eq!(config.identity.dir, PathBuf::from(DEFAULT_IDENTITY_DIR));
+    assert_eq!(config.proxy.limits.detect_timeout, Duration::from_secs(1));
+}
+
+#[test]
+fn the_identity_is_required() {
+    let err = FileConfig::from_yaml("").unwrap().validate().unwrap_err();
+    assert_eq!(err.field, "identity.id");
+}
+
+#[test]
+fn type_errors_name_the_field_path() {
+    let err =
+        FileConfig::from_yaml(&format!("{ID}limits:\n  idle_timeout: forever\n")).unwrap_err();
+    assert_eq!(err.field, "limits.idle_timeout");
+    let err = FileConfig::from_yaml(&format!("{ID}inbound:\n  listen: nowhere\n")).unwrap_err();
+    assert_eq!(err.field, "inbound.listen");
+    let err = FileConfig::from_yaml("identity:\n  id: http://not-spiffe/x\n").unwrap_err();
+    assert_eq!(err.field, "identity.id");
+}
+
+#[test]
+fn unknown_keys_are_rejected_not_ignored() {
+    let err = FileConfig::from_yaml(&format!("{ID}limits:\n  idle_timout: 5s\n")).unwrap_err();
+    assert!(err.reason.contains("idle_timout"), "{err}");
+}
+
+#[test]
+fn semantic_errors_name_the_field() {
+    let cases = [
+        ("limits:\n  max_connections: 0\n", "limits.max_connections"),
+        ("limits:\n  detect_timeout: 0s\n", "limits.detect_timeout"),
+        (
+            "outbound:\n  peer_id: spiffe://cluster.local/ns/a/sa/b\n",
+            "outbound.peer_id",
+        ),
+        (
+            "outbound:\n  peer: 127.0.0.1:9\n  peer_id: spiffe://other.td/ns/a/sa/b\n",
+            "outbound.peer_id",
+        ),
+        (
+            "inbound:\n  listen: 127.0.0.1:9\n  app: 127.0.0.1:9\n",
+            "inbound.app",
+        ),
+        ("tls:\n  key_exchange: []\n", "tls.key_exchange"),
+        ("log:\n  level: outrider=loud\n", "log.level"),
+    ];
+    for (yaml, field) in cases {
+        let err = FileConfig::from_yaml(&format!("{ID}{yaml}"))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, field, "{yaml}: {err}");
+    }
+}
+
+#[test]
+fn overrides_replace_file_values_and_are_validated_alike() {
+    let mut file = FileConfig::from_yaml(&format!("{ID}mtls_mode: permissive\n")).unwrap();
+    file.apply(&Overrides {
+        mtls_mode: Some("STRICT".into()),
+        inbound_app: Some("127.0.0.1:8080".into()),
+        outbound_peer: Some("127.0.0.1:6143".into()),
+        outbound_peer_id: Some("spiffe://cluster.local/ns/shop/sa/payments".into()),
+        tls_key_exchange: Some("x25519".into()),
+        ..Overrides::default()
+    })
+    .unwrap();
+    let config = file.validate().unwrap();
+    assert_eq!(config.proxy.mtls_mode, MtlsMode::Strict);
+    assert_eq!(
+        config.proxy.inbound.unwrap().target,
+        InboundTarget::App(addr("127.0.0.1:8080"))
+    );
+    assert_eq!(config.tls.key_exchange, vec![KxGroup::X25519]);
+
+    let mut file = FileConfig::from_yaml(ID).unwrap();
+    let err = file
+        .apply(&Overrides {
+            outbound_peer: Some("not-an-address".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+    assert_eq!(err.field, "outbound.peer");
+}
+
+#[test]
+fn human_units_parse_in_the_file() {
+    let yaml = format!("{ID}limits:\n  max_header_bytes: 16KiB\n  idle_timeout: 1h30m\n");
+    let config = FileConfig::from_yaml(&yaml).unwrap().validate().unwrap();
+    assert_eq!(config.proxy.limits.max_header_bytes, 16384);
+    assert_eq!(config.proxy.limits.idle_timeout, Duration::from_secs(5400));
+}
