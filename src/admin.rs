@@ -17,6 +17,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
+/// Concurrent admin connections; more are closed on accept.
+const MAX_CONNECTIONS: usize = 64;
+
 /// Answers "should this instance receive traffic?".
 pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
@@ -56,13 +59,20 @@ impl Admin {
     /// Serves until the task is dropped.
     pub async fn run(self) {
         let shared = Arc::new((self.registry, self.ready));
+        // Scrapers and probes need a handful of connections; a flood must
+        // not exhaust the process's file descriptors.
+        let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok((stream, _)) = self.listener.accept().await else {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                continue;
+            };
             let shared = shared.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = service_fn(move |req| {
                     let shared = shared.clone();
                     async move { Ok::<_, Infallible>(route(&req, &shared.0, &shared.1)) }
