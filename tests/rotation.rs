@@ -361,3 +361,58 @@ async fn bad_updates_keep_the_old_identity_serving_and_are_counted() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn established_connections_outlive_rotations_of_both_identities() {
+    let ca = TestCa::new("cluster.local");
+    let tmp = tempfile::tempdir().unwrap();
+    let echo = apps::tcp_echo().await;
+    let server_w = workload(tmp.path(), &ca, "shop", "payments");
+    let client_w = workload(tmp.path(), &ca, "shop", "orders");
+    let server = ProxyProcess::start(&config(
+        &server_w,
+        &sections(Some(echo), None, "strict", ""),
+    ))
+    .await;
+    let client = ProxyProcess::start(&config(
+        &client_w,
+        &sections(None, Some((server.inbound(), &server_w.id)), "strict", "").replace(
+            "outbound:\n  listen: 127.0.0.1:0\n",
+            "outbound:\n  listen: 127.0.0.1:0\n  protocol: opaque\n",
+        ),
+    ))
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(client.outbound())
+        .await
+        .unwrap();
+    let mut round_trip = async |msg: &[u8]| {
+        stream.write_all(msg).await.unwrap();
+        let mut echo = vec![0u8; msg.len()];
+        stream.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, msg);
+    };
+    round_trip(b"before").await;
+    for round in 2..=3 {
+        for (w, sa) in [(&server_w, "payments"), (&client_w, "orders")] {
+            let svid = ca.issue("shop", sa);
+            write_identity(&w.dir, &svid.chain_pem, &svid.key_pem, &ca.root_pem);
+        }
+        for p in [&server, &client] {
+            wait_for(10, "both proxies to reload", async || {
+                (p.metric("outrider_identity_reloads_total", &[]).await == f64::from(round))
+                    .then_some(())
+            })
+            .await;
+        }
+        round_trip(format!("after rotation {round}").as_bytes()).await;
+    }
+    assert_eq!(
+        server.metric("outrider_tcp_close_total", &[]).await,
+        0.0,
+        "the connection was cut"
+    );
+    assert_eq!(
+        server.metric("outrider_tls_handshakes_total", &[]).await,
+        1.0
+    );
+}
