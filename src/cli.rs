@@ -40,6 +40,8 @@ pub enum Command {
     Ca(CaCommand),
     /// Run a local two-workload mesh on loopback and show it working.
     Demo(DemoArgs),
+    /// Print the CustomResourceDefinitions (YAML) for `kubectl apply -f -`.
+    Crds,
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +152,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Proxy(args) => run_proxy(*args),
         Command::Ca(command) => run_ca(command),
         Command::Demo(args) => crate::demo::main(args.keep_running),
+        Command::Crds => {
+            print!(
+                "{}",
+                crate::policy::crd::crds_yaml().context("rendering the CRDs")?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

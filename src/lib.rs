@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod demo;
 pub mod identity;
 pub mod lifecycle;
+pub mod policy;
 pub mod proxy;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;

@@ -1,0 +1,120 @@
+//! The CRDs' CEL rules, run by the same CEL library the API server uses.
+
+use kube::CustomResourceExt;
+use serde_json::{Value, json};
+
+use super::*;
+
+fn schema<K: CustomResourceExt>() -> Value {
+    let crd = K::crd();
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn check_policy(spec: Value) -> Result<(), String> {
+    let object = json!({"apiVersion": "security.outrider.dev/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "p", "namespace": "shop"}, "spec": spec});
+    kube::core::cel::Validator::new()
+        .validate(&schema::<AuthorizationPolicy>(), &object, None)
+        .map_err(|e| format!("{e:?}"))
+}
+
+fn source(field: &str, values: Value) -> Value {
+    json!({"action": "ALLOW", "rules": [{"from": [{field: values}]}]})
+}
+
+fn operation(field: &str, values: Value) -> Value {
+    json!({"action": "ALLOW", "rules": [{"to": [{field: values}]}]})
+}
+
+#[test]
+fn a_realistic_policy_passes_every_rule() {
+    let spec = json!({
+        "selector": {"matchLabels": {"app": "payments"}},
+        "action": "ALLOW",
+        "rules": [{
+            "from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/orders", "*/sa/admin", "spiffe://cluster.local/ns/ops/*"],
+                      "namespaces": ["shop"], "ipBlocks": ["10.0.0.0/8", "192.168.1.7", "fd00::/8"], "authenticated": true}],
+            "to": [{"ports": [8080], "methods": ["POST"], "paths": ["/api/payments/*", "*.json", "/healthz"]}]
+        }]
+    });
+    check_policy(spec).unwrap();
+}
+
+#[test]
+fn rejects_malformed_patterns() {
+    for bad in [
+        json!([""]),
+        json!(["spiffe://a/*/b"]),
+        json!(["**x"]),
+        json!(["a*b"]),
+    ] {
+        assert!(
+            check_policy(source("principals", bad.clone())).is_err(),
+            "principals {bad}"
+        );
+        assert!(
+            check_policy(operation("paths", bad.clone())).is_err(),
+            "paths {bad}"
+        );
+    }
+    for good in [json!(["*"]), json!(["*x"]), json!(["x*"])] {
+        check_policy(source("notPrincipals", good.clone())).unwrap();
+    }
+}
+
+#[test]
+fn rejects_ports_out_of_range() {
+    assert!(check_policy(operation("ports", json!([0]))).is_err());
+    assert!(check_policy(operation("ports", json!([65536]))).is_err());
+    check_policy(operation("notPorts", json!([1, 65535]))).unwrap();
+}
+
+#[test]
+fn rejects_what_cannot_be_an_address_or_cidr() {
+    for bad in ["10.0.0.0/8x", "example.com", "10.0.0", ""] {
+        assert!(
+            check_policy(source("ipBlocks", json!([bad]))).is_err(),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn rejects_lower_case_methods_and_bad_namespaces() {
+    assert!(check_policy(operation("methods", json!(["get"]))).is_err());
+    assert!(check_policy(source("namespaces", json!(["Shop"]))).is_err());
+    assert!(check_policy(source("namespaces", json!(["-shop"]))).is_err());
+}
+
+#[test]
+fn peer_authentication_port_keys_must_be_ports() {
+    let check = |spec: Value| {
+        let object = json!({"apiVersion": "security.outrider.dev/v1alpha1", "kind": "PeerAuthentication",
+            "metadata": {"name": "p", "namespace": "shop"}, "spec": spec});
+        kube::core::cel::Validator::new().validate(&schema::<PeerAuthentication>(), &object, None)
+    };
+    check(json!({"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "PERMISSIVE"}}}))
+        .unwrap();
+    assert!(check(json!({"portLevelMtls": {"http": {"mode": "STRICT"}}})).is_err());
+    assert!(check(json!({"portLevelMtls": {"70000": {"mode": "STRICT"}}})).is_err());
+}
+
+#[test]
+fn the_yaml_round_trips_through_serde() {
+    let yaml = crds_yaml().unwrap();
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 2);
+    assert_eq!(docs[0]["spec"]["group"], "security.outrider.dev");
+    assert_eq!(docs[1]["spec"]["names"]["kind"], "PeerAuthentication");
+}

@@ -1,0 +1,2 @@
+//! Who may talk to this workload, and how.
+pub mod crd;
