@@ -35,6 +35,7 @@ pub use tls_status::{NoTlsReason, TlsStatus};
 
 use crate::identity::SpiffeId;
 use crate::lifecycle::Watch;
+pub use crate::policy::MtlsMode;
 use crate::tls::MeshTls;
 
 /// The TLS material in use; `None` until an identity is loaded.
@@ -43,17 +44,6 @@ pub type TlsRx = watch::Receiver<Option<Arc<MeshTls>>>;
 /// Bytes read while detecting a protocol: a full TLS record, or an HTTP/1
 /// request line.
 const MAX_DETECT_BYTES: usize = 17 * 1024;
-
-/// Whether plaintext is accepted from, and sent to, workloads without a
-/// proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MtlsMode {
-    #[serde(alias = "STRICT")]
-    Strict,
-    #[serde(alias = "PERMISSIVE")]
-    Permissive,
-}
 
 /// Whether a listener detects protocols or treats everything as opaque.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]

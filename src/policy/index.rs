@@ -1,0 +1,161 @@
+//! Compiles the policies of a namespace into what applies to one workload.
+//!
+//! The proxy reads a [`WorkloadPolicy`] from a `watch` channel per
+//! connection or request; a source rebuilds and republishes it whenever
+//! objects, the workload's labels or the settings change.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::authz::Request;
+use super::model::{Action, DefaultPolicy, MtlsMode, PeerAuth, Policy, Selector};
+
+/// A kubelet probe that is always allowed from unauthenticated callers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    pub port: u16,
+    /// An exact HTTP path (`GET`/`HEAD` only). Without a path the port is
+    /// open to unauthenticated TCP connections (tcpSocket probes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+impl Probe {
+    pub fn matches(&self, req: &Request<'_>) -> bool {
+        if req.port != self.port {
+            return false;
+        }
+        match (&self.path, req.http) {
+            (None, _) => true,
+            (Some(path), Some(http)) => {
+                (http.method == "GET" || http.method == "HEAD")
+                    && http.path.split('?').next() == Some(path.as_str())
+            }
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// Who the workload is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Workload {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Mesh-wide settings that policies refine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub default: DefaultPolicy,
+    pub mtls: MtlsMode,
+    pub probes: Vec<Probe>,
+}
+
+/// Everything that decides for one workload.
+#[derive(Debug, Clone)]
+pub struct WorkloadPolicy {
+    pub namespace: String,
+    pub deny: Vec<Arc<Policy>>,
+    /// ALLOW policies that select the workload, broken ones included (they
+    /// match nothing but still make the workload deny-by-default).
+    pub allow: Vec<Arc<Policy>>,
+    pub audit: Vec<Arc<Policy>>,
+    pub default: DefaultPolicy,
+    pub probes: Vec<Probe>,
+    pub mtls: MtlsMode,
+    pub port_mtls: BTreeMap<u16, MtlsMode>,
+    /// Deciding policies with HTTP conditions, which cannot be evaluated on
+    /// opaque connections (reported when that happens).
+    pub http_only_rules: Vec<Arc<str>>,
+    /// False until the source has delivered its first complete state.
+    pub synced: bool,
+}
+
+impl WorkloadPolicy {
+    /// No policies: the settings alone decide.
+    pub fn unsynced(workload: &Workload, settings: &Settings) -> Self {
+        compile(workload, settings, &[], &[], false)
+    }
+
+    /// The mTLS mode on `port`.
+    pub fn mtls_mode(&self, port: u16) -> MtlsMode {
+        self.port_mtls.get(&port).copied().unwrap_or(self.mtls)
+    }
+}
+
+/// Selects what applies to `workload` out of a namespace's objects.
+pub fn compile(
+    workload: &Workload,
+    settings: &Settings,
+    policies: &[Arc<Policy>],
+    peer_auths: &[PeerAuth],
+    synced: bool,
+) -> WorkloadPolicy {
+    let prefix = format!("{}/", workload.namespace);
+    let selected = policies
+        .iter()
+        .filter(|p| p.id.starts_with(&prefix) && p.selector.selects(&workload.labels));
+    let (mut deny, mut allow, mut audit) = (Vec::new(), Vec::new(), Vec::new());
+    for policy in selected {
+        match policy.action {
+            Action::Deny => deny.push(policy.clone()),
+            Action::Allow => allow.push(policy.clone()),
+            Action::Audit => audit.push(policy.clone()),
+        }
+    }
+    // Stable evaluation order, whatever order the source listed them in.
+    for list in [&mut deny, &mut allow, &mut audit] {
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    let http_only_rules = deny
+        .iter()
+        .chain(&allow)
+        .filter(|p| p.rules.iter().any(|r| r.has_http_conditions()))
+        .map(|p| p.id.clone())
+        .collect();
+    let (mtls, port_mtls) = peer_authentication(workload, settings.mtls, peer_auths);
+    WorkloadPolicy {
+        namespace: workload.namespace.clone(),
+        deny,
+        allow,
+        audit,
+        default: settings.default,
+        probes: settings.probes.clone(),
+        mtls,
+        port_mtls,
+        http_only_rules,
+        synced,
+    }
+}
+
+/// The narrowest PeerAuthentication wins: one selecting the workload by
+/// labels over a namespace-wide one; among equals, the oldest.
+fn peer_authentication(
+    workload: &Workload,
+    mesh_default: MtlsMode,
+    peer_auths: &[PeerAuth],
+) -> (MtlsMode, BTreeMap<u16, MtlsMode>) {
+    let prefix = format!("{}/", workload.namespace);
+    let in_namespace = peer_auths.iter().filter(|p| p.id.starts_with(&prefix));
+    let specific = in_namespace
+        .clone()
+        .filter(|p| {
+            matches!(p.selector, Selector::Labels(_)) && p.selector.selects(&workload.labels)
+        })
+        .min_by(|a, b| a.order_key.cmp(&b.order_key));
+    let namespace_wide = in_namespace
+        .filter(|p| p.selector == Selector::All)
+        .min_by(|a, b| a.order_key.cmp(&b.order_key));
+    let base = namespace_wide.and_then(|p| p.mode).unwrap_or(mesh_default);
+    match specific {
+        Some(p) => (p.mode.unwrap_or(base), p.ports.clone()),
+        None => (
+            base,
+            namespace_wide.map(|p| p.ports.clone()).unwrap_or_default(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;
