@@ -11,13 +11,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus::{IntGaugeVec, Opts, Registry};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{Admin, BindError};
-use crate::config::Config;
+use crate::config::{Config, PolicyConfig, PolicySource};
 use crate::identity::reload::{self, CredentialsRx, Reloader};
 use crate::lifecycle::{self, Drained};
+use crate::policy::source::{self, PolicyRx, Publisher, files::FileSource};
 use crate::proxy::{self, Proxy};
 use crate::tls::MeshTls;
 
@@ -34,6 +35,57 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("policy source: {0}")]
+    PolicySource(#[from] crate::policy::source::kube::Error),
+}
+
+/// Starts the policy source the config names and returns the compiled
+/// policy's channel and the tasks that keep it current.
+async fn start_policy(
+    config: &PolicyConfig,
+    registry: &Registry,
+) -> Result<(PolicyRx, Vec<JoinHandle<()>>), StartError> {
+    let metrics = source::Metrics::new(registry)?;
+    let (workload, settings) = (config.workload.clone(), config.settings.clone());
+    if let PolicySource::None = config.source {
+        return Ok((
+            Publisher::without_source(workload, settings, metrics),
+            Vec::new(),
+        ));
+    }
+    let (publisher, rx) = Publisher::new(workload.clone(), settings, metrics.clone());
+    let (tx, updates) = mpsc::channel(16);
+    let mut tasks = vec![tokio::spawn(publisher.run(updates))];
+    match &config.source {
+        PolicySource::None => {}
+        PolicySource::Files(dir) => {
+            let files = FileSource::new(
+                dir.clone(),
+                workload.namespace.clone(),
+                config.reload_debounce,
+                config.poll_interval,
+                metrics,
+            );
+            tasks.push(tokio::spawn(files.run(tx.clone())));
+        }
+        PolicySource::Kubernetes { kubeconfig } => {
+            let client = source::kube::client(kubeconfig.as_deref()).await?;
+            tasks.push(tokio::spawn(source::kube::run(
+                client,
+                workload.namespace.clone(),
+                metrics,
+                tx.clone(),
+            )));
+        }
+    }
+    if let Some(path) = &config.labels_file {
+        tasks.push(tokio::spawn(source::labels::watch(
+            path.clone(),
+            config.poll_interval,
+            tx,
+        )));
+    }
+    Ok((rx, tasks))
 }
 
 /// A running sidecar.
@@ -42,6 +94,9 @@ pub struct Sidecar {
     pub outbound: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub credentials: CredentialsRx,
+    /// The policy in force for inbound traffic.
+    pub policy: PolicyRx,
+    policy_tasks: Vec<JoinHandle<()>>,
     grace: std::time::Duration,
     draining: Arc<AtomicBool>,
     drain: lifecycle::Signal,
@@ -76,15 +131,21 @@ impl Sidecar {
         tokio::spawn(reloader.run(stopped()));
         let tls = spawn_tls_builder(credentials.clone(), config.tls.clone(), stopped());
 
+        let (policy, policy_tasks) = start_policy(&config.policy, &registry).await?;
         let metrics = proxy::Metrics::new(&registry)?;
-        let proxy = Proxy::bind(&config.proxy, tls.clone(), metrics).await?;
+        let proxy = Proxy::bind(&config.proxy, tls.clone(), policy.clone(), metrics).await?;
         let (inbound, outbound) = (proxy.inbound_addr(), proxy.outbound_addr());
 
         let draining = Arc::new(AtomicBool::new(false));
         let ready = {
             let draining = draining.clone();
             let tls = tls.clone();
-            Arc::new(move || !draining.load(Ordering::Relaxed) && tls.borrow().is_some())
+            let policy = policy.clone();
+            Arc::new(move || {
+                !draining.load(Ordering::Relaxed)
+                    && tls.borrow().is_some()
+                    && policy.borrow().synced
+            })
         };
         let admin = Admin::bind(config.admin_listen, registry, ready).await?;
         let admin_addr = admin.local_addr()?;
@@ -106,6 +167,8 @@ impl Sidecar {
             outbound,
             admin: admin_addr,
             credentials,
+            policy,
+            policy_tasks,
             grace: config.shutdown_grace_period,
             draining,
             drain,
@@ -130,6 +193,9 @@ impl Sidecar {
         let _ = self.proxy_task.await;
         let _ = self.stop_background.send(true);
         self.admin_task.abort();
+        for task in self.policy_tasks {
+            task.abort();
+        }
         match drained {
             Drained::Clean => tracing::info!("Drained"),
             Drained::DeadlineExceeded => {

@@ -96,6 +96,24 @@ pub struct ProxyArgs {
     /// plain or json.
     #[arg(long, env = "OUTRIDER_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// The workload's namespace (default: the one in --identity-id).
+    #[arg(long, env = "OUTRIDER_WORKLOAD_NAMESPACE")]
+    pub workload_namespace: Option<String>,
+    /// The workload's labels, `key=value,key=value` (local mode).
+    #[arg(long, env = "OUTRIDER_WORKLOAD_LABELS")]
+    pub workload_labels: Option<String>,
+    /// A downward-API file holding the workload's labels (cluster mode).
+    #[arg(long, env = "OUTRIDER_WORKLOAD_LABELS_FILE")]
+    pub workload_labels_file: Option<PathBuf>,
+    /// none, files or kubernetes.
+    #[arg(long, env = "OUTRIDER_POLICY_SOURCE")]
+    pub policy_source: Option<String>,
+    /// The directory of policy YAML (policy source `files`).
+    #[arg(long, env = "OUTRIDER_POLICY_DIR")]
+    pub policy_dir: Option<PathBuf>,
+    /// allow-all, allow-authenticated, allow-same-namespace or deny.
+    #[arg(long, env = "OUTRIDER_POLICY_DEFAULT")]
+    pub policy_default: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,6 +166,7 @@ pub struct DemoArgs {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    crate::crypto::install_default();
     match cli.command {
         Command::Proxy(args) => run_proxy(*args),
         Command::Ca(command) => run_ca(command),
@@ -185,6 +204,12 @@ fn load_config(args: &ProxyArgs) -> Result<Config, ConfigError> {
         tls_key_exchange: args.tls_key_exchange.clone(),
         log_level: args.log_level.clone(),
         log_format: args.log_format.clone(),
+        workload_namespace: args.workload_namespace.clone(),
+        workload_labels: args.workload_labels.clone(),
+        workload_labels_file: args.workload_labels_file.clone(),
+        policy_source: args.policy_source.clone(),
+        policy_dir: args.policy_dir.clone(),
+        policy_default: args.policy_default.clone(),
     })?;
     file.validate()
 }

@@ -13,8 +13,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
 use crate::identity::SpiffeId;
 use crate::identity::reload::ReloadConfig;
+use crate::policy::{DefaultPolicy, Probe, Settings, Workload};
 use crate::proxy::{
     InboundConfig, InboundTarget, Limits, MtlsMode, OutboundConfig, OutboundTarget, ProtocolMode,
     ProxyConfig,
@@ -59,6 +62,77 @@ pub struct FileConfig {
     #[serde(with = "serde_duration")]
     pub shutdown_grace_period: Duration,
     pub log: LogSection,
+    pub workload: WorkloadSection,
+    pub policy: PolicySection,
+}
+
+/// Who this workload is, for selecting policies.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkloadSection {
+    /// Defaults to the namespace in `identity.id`.
+    pub namespace: Option<String>,
+    /// Fixed labels (local mode).
+    pub labels: BTreeMap<String, String>,
+    /// A downward-API labels file, watched (cluster mode).
+    pub labels_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicySourceKind {
+    None,
+    Files,
+    Kubernetes,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicySection {
+    pub source: PolicySourceKind,
+    /// `files`: the directory of policy YAML.
+    pub dir: Option<PathBuf>,
+    /// `kubernetes`: a kubeconfig; default: the usual inference.
+    pub kubeconfig: Option<PathBuf>,
+    pub default: DefaultPolicy,
+    pub probes: Vec<Probe>,
+    #[serde(with = "serde_duration")]
+    pub reload_debounce: Duration,
+    #[serde(with = "serde_duration")]
+    pub poll_interval: Duration,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        Self {
+            source: PolicySourceKind::None,
+            dir: None,
+            kubeconfig: None,
+            default: DefaultPolicy::AllowAll,
+            probes: Vec::new(),
+            reload_debounce: Duration::from_millis(100),
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Where policies come from, validated.
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    None,
+    Files(PathBuf),
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+/// The policy side of the proxy, validated.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub source: PolicySource,
+    pub workload: Workload,
+    pub labels_file: Option<PathBuf>,
+    pub settings: Settings,
+    pub reload_debounce: Duration,
+    pub poll_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -166,6 +240,8 @@ impl Default for FileConfig {
             limits: LimitsSection::default(),
             shutdown_grace_period: Duration::from_secs(30),
             log: LogSection::default(),
+            workload: WorkloadSection::default(),
+            policy: PolicySection::default(),
         }
     }
 }
@@ -269,6 +345,13 @@ pub struct Overrides {
     pub tls_key_exchange: Option<String>,
     pub log_level: Option<String>,
     pub log_format: Option<String>,
+    pub workload_namespace: Option<String>,
+    /// `key=value,key=value`.
+    pub workload_labels: Option<String>,
+    pub workload_labels_file: Option<PathBuf>,
+    pub policy_source: Option<String>,
+    pub policy_dir: Option<PathBuf>,
+    pub policy_default: Option<String>,
 }
 
 /// Everything the `proxy` subcommand runs with, validated.
@@ -280,6 +363,7 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub shutdown_grace_period: Duration,
     pub log: LogSection,
+    pub policy: PolicyConfig,
     /// The file as finally merged, for logging the effective config.
     pub effective: FileConfig,
 }
@@ -366,6 +450,25 @@ impl FileConfig {
         }
         if let Some(v) = &o.log_format {
             self.log.format = parse("log.format", v)?;
+        }
+        if let Some(v) = &o.workload_namespace {
+            self.workload.namespace = Some(v.clone());
+        }
+        if let Some(v) = &o.workload_labels {
+            self.workload.labels =
+                parse_labels(v).map_err(|reason| invalid("workload.labels", reason))?;
+        }
+        if let Some(v) = &o.workload_labels_file {
+            self.workload.labels_file = Some(v.clone());
+        }
+        if let Some(v) = &o.policy_source {
+            self.policy.source = parse("policy.source", v)?;
+        }
+        if let Some(v) = &o.policy_dir {
+            self.policy.dir = Some(v.clone());
+        }
+        if let Some(v) = &o.policy_default {
+            self.policy.default = parse("policy.default", v)?;
         }
         Ok(())
     }
@@ -457,6 +560,7 @@ impl FileConfig {
             .level
             .parse::<tracing_subscriber::filter::Targets>()
             .map_err(|e| invalid("log.level", e.to_string()))?;
+        let policy = self.policy_config(&id)?;
 
         let proxy = ProxyConfig {
             inbound: self.inbound.enabled.then(|| InboundConfig {
@@ -515,9 +619,99 @@ impl FileConfig {
             admin_listen: self.admin.listen,
             shutdown_grace_period: self.shutdown_grace_period,
             log: self.log.clone(),
+            policy,
             effective: self,
         })
     }
+
+    fn policy_config(&self, id: &SpiffeId) -> Result<PolicyConfig, ConfigError> {
+        let namespace = match &self.workload.namespace {
+            Some(ns) => ns.clone(),
+            None => id
+                .namespace_and_service_account()
+                .map_or_else(|| "default".to_string(), |(ns, _)| ns.to_string()),
+        };
+        if namespace.is_empty() {
+            return Err(invalid("workload.namespace", "must not be empty"));
+        }
+        if self.workload.labels_file.is_some() && !self.workload.labels.is_empty() {
+            return Err(invalid(
+                "workload.labels",
+                "give labels or labels_file, not both",
+            ));
+        }
+        let source = match self.policy.source {
+            PolicySourceKind::None => PolicySource::None,
+            PolicySourceKind::Files => {
+                let dir =
+                    self.policy.dir.clone().ok_or_else(|| {
+                        invalid("policy.dir", "required with policy.source: files")
+                    })?;
+                // A mistyped directory must not silently mean "no policies".
+                if !dir.is_dir() {
+                    return Err(invalid(
+                        "policy.dir",
+                        format!("{} is not a directory", dir.display()),
+                    ));
+                }
+                PolicySource::Files(dir)
+            }
+            PolicySourceKind::Kubernetes => PolicySource::Kubernetes {
+                kubeconfig: self.policy.kubeconfig.clone(),
+            },
+        };
+        let positive = |field: &str, d: Duration| {
+            if d.is_zero() {
+                Err(invalid(field, "must be greater than zero"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("policy.reload_debounce", self.policy.reload_debounce)?;
+        positive("policy.poll_interval", self.policy.poll_interval)?;
+        for (i, probe) in self.policy.probes.iter().enumerate() {
+            if probe.port == 0 {
+                return Err(invalid(
+                    &format!("policy.probes[{i}].port"),
+                    "must be 1-65535",
+                ));
+            }
+            if probe.path.as_ref().is_some_and(|p| !p.starts_with('/')) {
+                return Err(invalid(
+                    &format!("policy.probes[{i}].path"),
+                    "must start with '/'",
+                ));
+            }
+        }
+        Ok(PolicyConfig {
+            source,
+            workload: Workload {
+                namespace,
+                labels: self.workload.labels.clone(),
+            },
+            labels_file: self.workload.labels_file.clone(),
+            settings: Settings {
+                default: self.policy.default,
+                mtls: self.mtls_mode,
+                probes: self.policy.probes.clone(),
+            },
+            reload_debounce: self.policy.reload_debounce,
+            poll_interval: self.policy.poll_interval,
+        })
+    }
+}
+
+/// `app=payments,tier=backend` into a map.
+fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    text.split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| format!("{pair:?} is not key=value"))
+        })
+        .collect()
 }
 
 #[cfg(test)]

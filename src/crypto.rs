@@ -14,3 +14,9 @@ pub fn provider() -> rustls::crypto::CryptoProvider {
 /// Signature algorithms accepted in certificate chains.
 pub static CHAIN_ALGORITHMS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] =
     webpki::ALL_VERIFICATION_ALGS;
+
+/// Makes the provider the process default, for libraries (the Kubernetes
+/// client) that build their own rustls configurations. Idempotent.
+pub fn install_default() {
+    let _ = provider().install_default();
+}

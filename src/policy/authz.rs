@@ -53,13 +53,16 @@ pub enum Decider {
 
 impl Decider {
     /// The bounded label for `authz_decisions_total{policy}`.
-    pub fn label(&self) -> String {
+    pub fn label(&self) -> &str {
         match self {
-            Self::Policy { id, .. } => id.to_string(),
-            Self::NoAllowMatched => "no-allow-matched".into(),
-            Self::Default(d) => format!("default:{d}"),
-            Self::Probe => "probe".into(),
-            Self::NotSynced => "not-synced".into(),
+            Self::Policy { id, .. } => id,
+            Self::NoAllowMatched => "no-allow-matched",
+            Self::Default(DefaultPolicy::AllowAll) => "default:allow-all",
+            Self::Default(DefaultPolicy::AllowAuthenticated) => "default:allow-authenticated",
+            Self::Default(DefaultPolicy::AllowSameNamespace) => "default:allow-same-namespace",
+            Self::Default(DefaultPolicy::Deny) => "default:deny",
+            Self::Probe => "probe",
+            Self::NotSynced => "not-synced",
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod authz;
 pub mod crd;
 pub mod index;
 pub mod model;
+pub mod source;
 
 pub use authz::{Decider, Denied, Http, Permit, Request, authorize};
 pub use index::{Probe, Settings, Workload, WorkloadPolicy};

@@ -24,6 +24,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::authz::{Caller, Enforcer};
 use super::io::Activity;
 use super::metrics::{Direction, HttpMetrics, Metrics};
 use super::pool::{ForwardError, Pool, Release, Route, Sent, Version};
@@ -59,6 +60,7 @@ impl HttpServer {
         version: Version,
         dst: SocketAddr,
         downstream_tls: Option<TlsStatus>,
+        authz: Option<(Arc<Enforcer>, Caller)>,
         activity: Arc<Activity>,
         drain: &Watch,
     ) -> &'static str
@@ -79,6 +81,7 @@ impl HttpServer {
             metrics: self.metrics.clone(),
             http_metrics: HttpMetrics::new(self.metrics.clone(), self.direction),
             downstream,
+            authz,
             activity,
             idle_timeout: self.idle_timeout,
             drain: drain.clone(),
@@ -98,6 +101,8 @@ pub struct HttpForward {
     /// Inbound only: the mesh status of the downstream connection, and the
     /// caller-identity header value it implies (computed once).
     downstream: Option<(TlsStatus, Option<HeaderValue>)>,
+    /// Inbound only: who is calling, and what judges each request.
+    authz: Option<(Arc<Enforcer>, Caller)>,
     activity: Arc<Activity>,
     idle_timeout: Duration,
     drain: Watch,
@@ -371,6 +376,22 @@ pub fn synthetic_response(
 impl HttpForward {
     async fn forward(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
+        if let Some((enforcer, caller)) = &self.authz {
+            if enforcer
+                .check_http(caller, req.method().as_str(), req.uri().path())
+                .is_err()
+            {
+                // The body names nothing: which policy denied goes to the
+                // log and the metrics only.
+                let response =
+                    synthetic_response(StatusCode::FORBIDDEN, "forbidden", is_grpc(&req), 7);
+                if let Some((tls, _)) = &self.downstream {
+                    self.http_metrics
+                        .record(tls, response.status().as_u16(), start.elapsed());
+                }
+                return response;
+            }
+        }
         let upgrade = self.version == Version::Http1 && is_upgrade_request(&req);
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);

@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::authz::{Caller, Enforcer};
 use super::connect::{AppConnector, Connect};
 use super::detect::{Alpn, Detection, Protocol, read_and_classify};
 use super::http::HttpServer;
@@ -30,6 +31,7 @@ use super::{
     ProtocolMode, ProxyConfig, TlsRx, bind, http_server,
 };
 use crate::lifecycle::Watch;
+use crate::policy::source::PolicyRx;
 use crate::tls::handshake_failure_reason;
 
 const DIRECTION: Direction = Direction::Inbound;
@@ -38,13 +40,13 @@ pub struct Shared {
     local: SocketAddr,
     target: InboundTarget,
     protocol: ProtocolMode,
-    mode: MtlsMode,
     opaque_ports: BTreeSet<u16>,
     limits: Limits,
     http: HttpServer,
     tls: TlsRx,
     metrics: Metrics,
     app: Arc<AppConnector>,
+    enforcer: Arc<Enforcer>,
 }
 
 /// Binds the inbound listener.
@@ -52,6 +54,7 @@ pub async fn listener(
     config: &InboundConfig,
     proxy: &ProxyConfig,
     tls: TlsRx,
+    policy: PolicyRx,
     metrics: Metrics,
 ) -> Result<Listener<Shared>, Error> {
     let (listener, local) = bind(config.listen).await?;
@@ -74,11 +77,11 @@ pub async fn listener(
             local,
             target: config.target.clone(),
             protocol: config.protocol,
-            mode: proxy.mtls_mode,
             opaque_ports: proxy.opaque_ports.clone(),
             http: http_server(DIRECTION, pool, metrics.clone(), &limits),
             limits,
             tls,
+            enforcer: Arc::new(Enforcer::new(policy, metrics.clone())),
             metrics,
             app,
         },
@@ -107,6 +110,9 @@ impl Shared {
             return;
         }
         let _open = self.metrics.accepted(DIRECTION);
+        // The port's mTLS mode as the policy says now (PeerAuthentication,
+        // or the mesh default).
+        let strict = self.enforcer.policy().borrow().mtls_mode(app_addr.port()) == MtlsMode::Strict;
         let activity = Activity::new();
         let mut io = MeteredIo::new(stream, activity.clone());
         let mut prefix = BytesMut::new();
@@ -130,7 +136,7 @@ impl Shared {
         // does.
         let mesh = match detected {
             Detection::Detected(Protocol::Tls(Alpn::Mesh)) => true,
-            Detection::Detected(Protocol::Tls(Alpn::Absent)) => self.mode == MtlsMode::Strict,
+            Detection::Detected(Protocol::Tls(Alpn::Absent)) => strict,
             _ => false,
         };
         if mesh {
@@ -148,7 +154,7 @@ impl Shared {
             return;
         }
         // Not mesh TLS: the client has no proxy (or is the kubelet).
-        if self.mode == MtlsMode::Strict {
+        if strict {
             self.metrics
                 .connection_error(DIRECTION, "plaintext_refused");
             tracing::debug!(%client, "Refused a connection without mesh TLS (strict mode)");
@@ -164,11 +170,17 @@ impl Shared {
             Detection::Detected(p) if !self.is_opaque(app_addr) => p,
             _ => Protocol::Unknown,
         };
+        let caller = Caller {
+            peer: None,
+            source: client.ip(),
+            port: app_addr.port(),
+        };
         let result = self
             .forward(
                 Rewind::new(prefix.freeze(), io),
                 protocol,
                 tls,
+                caller,
                 app_addr,
                 activity,
                 drain,
@@ -217,6 +229,11 @@ impl Shared {
         };
         drop(mesh);
         self.metrics.handshake_ok(DIRECTION);
+        let caller = Caller {
+            peer: Some(peer.clone()),
+            source: client.ip(),
+            port: app_addr.port(),
+        };
         let status = TlsStatus::Mtls(peer);
         let mut conn = self.metrics.connection(DIRECTION, &status);
         tls.get_mut().0.get_mut().set_counters(conn.bytes());
@@ -246,6 +263,7 @@ impl Shared {
                 Rewind::new(prefix.freeze(), tls),
                 protocol,
                 status,
+                caller,
                 app_addr,
                 activity,
                 drain,
@@ -258,11 +276,13 @@ impl Shared {
         self.protocol == ProtocolMode::Opaque || self.opaque_ports.contains(&app_addr.port())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward<I>(
         &self,
         io: I,
         protocol: Protocol,
         tls: TlsStatus,
+        caller: Caller,
         app_addr: SocketAddr,
         activity: Arc<Activity>,
         drain: Watch,
@@ -278,11 +298,16 @@ impl Shared {
         self.metrics.protocol(DIRECTION, protocol_label(version));
         match version {
             Some(version) => {
+                let authz = Some((self.enforcer.clone(), caller));
                 self.http
-                    .serve(io, version, app_addr, Some(tls), activity, &drain)
+                    .serve(io, version, app_addr, Some(tls), authz, activity, &drain)
                     .await
             }
             None => {
+                // Opaque: judged now, and again at every policy change.
+                if self.enforcer.check_tcp(&caller).is_err() {
+                    return "denied";
+                }
                 let upstream = match self.app.connect(app_addr).await {
                     Ok(upstream) => upstream,
                     Err(error) => {
@@ -291,7 +316,10 @@ impl Shared {
                         return "error";
                     }
                 };
-                super::tcp::relay(io, upstream.io, &activity, self.limits.idle_timeout).await
+                tokio::select! {
+                    result = super::tcp::relay(io, upstream.io, &activity, self.limits.idle_timeout) => result,
+                    _ = self.enforcer.denied_later(&caller) => "terminated",
+                }
             }
         }
     }

@@ -48,6 +48,9 @@ pub struct Metrics {
     protocols: IntCounterVec,
     connection_errors: IntCounterVec,
     plaintext_fallbacks: IntCounter,
+    authz_decisions: IntCounterVec,
+    authz_terminated: IntCounterVec,
+    authz_http_rules_on_opaque: IntCounterVec,
 }
 
 /// Handles for one connection, resolved once when its TLS status is known.
@@ -153,7 +156,54 @@ impl Metrics {
                 &["direction", "reason"],
             )?,
             plaintext_fallbacks,
+            authz_decisions: counter(
+                "authz_decisions_total",
+                "Authorization decisions by kind (tcp per connection, http per request), outcome and the policy that decided (audit: each AUDIT policy that matched).",
+                &["direction", "kind", "decision", "policy"],
+            )?,
+            authz_terminated: counter(
+                "authz_terminated_total",
+                "Established opaque connections closed because an updated policy denies them.",
+                &["policy"],
+            )?,
+            authz_http_rules_on_opaque: counter(
+                "authz_http_rules_on_opaque_total",
+                "Opaque connections judged by a policy whose HTTP conditions cannot apply to them (they never match an ALLOW and always match a DENY).",
+                &["policy"],
+            )?,
         })
+    }
+
+    /// Counts a decision and any AUDIT matches that came with it.
+    pub fn authz(
+        &self,
+        direction: Direction,
+        kind: &str,
+        outcome: &Result<crate::policy::Permit, crate::policy::Denied>,
+    ) {
+        let (decision, by, audits) = match outcome {
+            Ok(permit) => ("allow", &permit.by, &permit.audits),
+            Err(denied) => ("deny", &denied.by, &denied.audits),
+        };
+        let dir = direction.as_str();
+        self.authz_decisions
+            .with_label_values(&[dir, kind, decision, by.label()])
+            .inc();
+        for audit in audits {
+            self.authz_decisions
+                .with_label_values(&[dir, kind, "audit", &audit.id])
+                .inc();
+        }
+    }
+
+    pub fn authz_terminated(&self, policy: &str) {
+        self.authz_terminated.with_label_values(&[policy]).inc();
+    }
+
+    pub fn authz_http_rules_on_opaque(&self, policy: &str) {
+        self.authz_http_rules_on_opaque
+            .with_label_values(&[policy])
+            .inc();
     }
 
     pub fn connection(&self, direction: Direction, tls: &TlsStatus) -> ConnMetrics {

@@ -7,6 +7,7 @@
 //! use port 0 and ask for the address) and served by [`Proxy::run`] until
 //! the drain signal.
 
+mod authz;
 mod connect;
 mod detect;
 pub mod http;
@@ -36,6 +37,7 @@ pub use tls_status::{NoTlsReason, TlsStatus};
 use crate::identity::SpiffeId;
 use crate::lifecycle::Watch;
 pub use crate::policy::MtlsMode;
+use crate::policy::source::PolicyRx;
 use crate::tls::MeshTls;
 
 /// The TLS material in use; `None` until an identity is loaded.
@@ -188,9 +190,17 @@ impl<H: Handler> Listener<H> {
 }
 
 impl Proxy {
-    pub async fn bind(config: &ProxyConfig, tls: TlsRx, metrics: Metrics) -> Result<Self, Error> {
+    /// `policy` decides inbound authorization and each port's mTLS mode.
+    pub async fn bind(
+        config: &ProxyConfig,
+        tls: TlsRx,
+        policy: PolicyRx,
+        metrics: Metrics,
+    ) -> Result<Self, Error> {
         let inbound = match &config.inbound {
-            Some(c) => Some(inbound::listener(c, config, tls.clone(), metrics.clone()).await?),
+            Some(c) => {
+                Some(inbound::listener(c, config, tls.clone(), policy, metrics.clone()).await?)
+            }
             None => None,
         };
         let outbound = match &config.outbound {

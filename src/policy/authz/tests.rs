@@ -77,8 +77,8 @@ fn run(policy: &WorkloadPolicy, cases: &[Case]) {
         };
         let outcome = authorize(policy, &req);
         let (allowed, by) = match &outcome {
-            Ok(p) => (true, p.by.label()),
-            Err(d) => (false, d.by.label()),
+            Ok(p) => (true, p.by.label().to_string()),
+            Err(d) => (false, d.by.label().to_string()),
         };
         assert_eq!(allowed, c.allowed, "case {n}: {outcome:?}");
         assert_eq!(by, c.by, "case {n}");

@@ -1,0 +1,156 @@
+//! Enforcing authorization on inbound traffic: the glue between the pure
+//! decision in `policy::authz` and connections, metrics and logs.
+//!
+//! Opaque connections are judged once when they start and again whenever
+//! the policy changes (a newly denied connection is closed); HTTP requests
+//! are judged one by one.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::metrics::{Direction, Metrics};
+use crate::identity::SpiffeId;
+use crate::policy::source::PolicyRx;
+use crate::policy::{Denied, Http, Permit, Request, authorize};
+
+/// A denial for a given (policy, caller, port, kind) is logged at most
+/// this often; the metric counts every one.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Who is calling which port.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub peer: Option<SpiffeId>,
+    pub source: IpAddr,
+    pub port: u16,
+}
+
+pub struct Enforcer {
+    policy: PolicyRx,
+    metrics: Metrics,
+    logged: Mutex<HashMap<(String, String, u16, &'static str), Instant>>,
+}
+
+impl Enforcer {
+    pub fn new(policy: PolicyRx, metrics: Metrics) -> Self {
+        Self {
+            policy,
+            metrics,
+            logged: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn policy(&self) -> &PolicyRx {
+        &self.policy
+    }
+
+    /// Judges an opaque connection.
+    pub fn check_tcp(&self, caller: &Caller) -> Result<Permit, Denied> {
+        let policy = self.policy.borrow().clone();
+        let outcome = authorize(&policy, &request(caller, None));
+        for id in &policy.http_only_rules {
+            self.metrics.authz_http_rules_on_opaque(id);
+        }
+        self.record("tcp", caller, &outcome, None);
+        outcome
+    }
+
+    /// Judges one HTTP request.
+    pub fn check_http(&self, caller: &Caller, method: &str, path: &str) -> Result<Permit, Denied> {
+        let policy = self.policy.borrow().clone();
+        let outcome = authorize(&policy, &request(caller, Some(Http { method, path })));
+        self.record("http", caller, &outcome, Some(method));
+        outcome
+    }
+
+    /// Resolves when a policy update denies this (allowed) opaque
+    /// connection; pending forever otherwise.
+    pub async fn denied_later(&self, caller: &Caller) -> Denied {
+        let mut rx = self.policy.clone();
+        rx.mark_unchanged();
+        loop {
+            if rx.changed().await.is_err() {
+                // No more updates can come: the last decision stands.
+                return std::future::pending().await;
+            }
+            let policy = rx.borrow_and_update().clone();
+            if let Err(denied) = authorize(&policy, &request(caller, None)) {
+                self.metrics
+                    .authz(Direction::Inbound, "tcp", &Err(denied.clone()));
+                self.metrics.authz_terminated(denied.by.label());
+                tracing::info!(
+                    peer = caller
+                        .peer
+                        .as_ref()
+                        .map_or("unauthenticated", SpiffeId::as_str),
+                    port = caller.port,
+                    policy = denied.by.label(),
+                    "Closing a connection a policy update denies"
+                );
+                return denied;
+            }
+        }
+    }
+
+    fn record(
+        &self,
+        kind: &'static str,
+        caller: &Caller,
+        outcome: &Result<Permit, Denied>,
+        method: Option<&str>,
+    ) {
+        self.metrics.authz(Direction::Inbound, kind, outcome);
+        let peer = caller
+            .peer
+            .as_ref()
+            .map_or("unauthenticated", SpiffeId::as_str);
+        let audits = match outcome {
+            Ok(p) => &p.audits,
+            Err(d) => &d.audits,
+        };
+        for audit in audits {
+            tracing::info!(peer, port = caller.port, kind, policy = %audit.id, rule = audit.rule, allowed = outcome.is_ok(), "Audit policy matched");
+        }
+        let Err(denied) = outcome else { return };
+        let key = (
+            denied.by.label().to_string(),
+            peer.to_string(),
+            caller.port,
+            kind,
+        );
+        let now = Instant::now();
+        let Ok(mut logged) = self.logged.lock() else {
+            return;
+        };
+        if logged
+            .get(&key)
+            .is_some_and(|at| now.duration_since(*at) < LOG_EVERY)
+        {
+            return;
+        }
+        if logged.len() >= 1024 {
+            logged.clear();
+        }
+        logged.insert(key, now);
+        tracing::info!(
+            peer,
+            source = %caller.source,
+            port = caller.port,
+            kind,
+            method,
+            policy = denied.by.label(),
+            "Denied by policy"
+        );
+    }
+}
+
+fn request<'a>(caller: &'a Caller, http: Option<Http<'a>>) -> Request<'a> {
+    Request {
+        peer: caller.peer.as_ref(),
+        source: caller.source,
+        port: caller.port,
+        http,
+    }
+}
