@@ -27,10 +27,13 @@ pub struct Caller {
     pub port: u16,
 }
 
+/// (deciding policy, caller, port, kind): one log line per key per minute.
+type DenialKey = (String, String, u16, &'static str);
+
 pub struct Enforcer {
     policy: PolicyRx,
     metrics: Metrics,
-    logged: Mutex<HashMap<(String, String, u16, &'static str), Instant>>,
+    logged: Mutex<HashMap<DenialKey, Instant>>,
 }
 
 impl Enforcer {

@@ -52,27 +52,33 @@ pub struct HttpServer {
 
 impl HttpServer {
     /// Serves one downstream connection whose requests all go to `dst`;
-    /// returns how it ended. `downstream_tls` is given on the inbound side
-    /// and decides the caller-identity header.
+    /// returns how it ended. `inbound` is given on the inbound side: it
+    /// decides the caller-identity header and authorizes each request.
     pub async fn serve<I>(
         &self,
         io: I,
         version: Version,
         dst: SocketAddr,
-        downstream_tls: Option<TlsStatus>,
-        authz: Option<(Arc<Enforcer>, Caller)>,
+        inbound: Option<InboundCaller>,
         activity: Arc<Activity>,
         drain: &Watch,
     ) -> &'static str
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let downstream = downstream_tls.map(|tls| {
-            let header = tls
-                .peer_id()
-                .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
-            (tls, header)
-        });
+        let (downstream, authz) = match inbound {
+            Some(InboundCaller {
+                tls,
+                enforcer,
+                caller,
+            }) => {
+                let header = tls
+                    .peer_id()
+                    .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
+                (Some((tls, header)), Some((enforcer, caller)))
+            }
+            None => (None, None),
+        };
         let forward = Arc::new(HttpForward {
             direction: self.direction,
             version,
@@ -88,6 +94,13 @@ impl HttpServer {
         });
         serve(io, forward, self.max_header_bytes, self.idle_timeout, drain).await
     }
+}
+
+/// The inbound side's facts about a downstream connection.
+pub struct InboundCaller {
+    pub tls: TlsStatus,
+    pub enforcer: Arc<Enforcer>,
+    pub caller: Caller,
 }
 
 /// Everything the service needs for one downstream connection.

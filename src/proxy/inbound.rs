@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use super::authz::{Caller, Enforcer};
 use super::connect::{AppConnector, Connect};
 use super::detect::{Alpn, Detection, Protocol, read_and_classify};
-use super::http::HttpServer;
+use super::http::{HttpServer, InboundCaller};
 use super::io::{Activity, MeteredIo, Rewind};
 use super::metrics::{Direction, Metrics};
 use super::orig_dst::original_dst;
@@ -298,9 +298,13 @@ impl Shared {
         self.metrics.protocol(DIRECTION, protocol_label(version));
         match version {
             Some(version) => {
-                let authz = Some((self.enforcer.clone(), caller));
+                let inbound = InboundCaller {
+                    tls,
+                    enforcer: self.enforcer.clone(),
+                    caller,
+                };
                 self.http
-                    .serve(io, version, app_addr, Some(tls), authz, activity, &drain)
+                    .serve(io, version, app_addr, Some(inbound), activity, &drain)
                     .await
             }
             None => {

@@ -141,7 +141,7 @@ impl Shared {
 
         if let Some(version) = version {
             self.http
-                .serve(io, version, dst, None, None, activity, &drain)
+                .serve(io, version, dst, None, activity, &drain)
                 .await;
             return;
         }

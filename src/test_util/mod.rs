@@ -7,6 +7,7 @@
 
 pub mod apps;
 pub mod certs;
+pub mod fake_apiserver;
 pub mod tls;
 
 use std::time::Duration;

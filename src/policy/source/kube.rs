@@ -88,6 +88,7 @@ pub async fn run(
     tokio::pin!(events);
 
     let mut state: BTreeMap<Kind, Watched> = BTreeMap::new();
+    let mut last_sent: Option<ObjectSet> = None;
     let mut failing = false;
     while let Some((kind, event)) = events.next().await {
         let watched = state.entry(kind).or_default();
@@ -115,6 +116,11 @@ pub async fn run(
                 .flat_map(|w| w.objects.values())
                 .map(|o| ((o.kind, o.namespace.clone(), o.name.clone()), o.clone()))
                 .collect();
+            // A relist that found what we already had changes nothing.
+            if last_sent.as_ref() == Some(&set) {
+                continue;
+            }
+            last_sent = Some(set.clone());
             if updates.send(Update::Objects(set)).await.is_err() {
                 return;
             }
