@@ -242,3 +242,25 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// One HTTP/2 (prior knowledge) request on a new connection, returning the
+/// status, headers (trailers-only responses carry grpc-status here) and body.
+pub async fn http2_request(
+    addr: SocketAddr,
+    req: Request<Empty<Bytes>>,
+) -> Result<(StatusCode, http::HeaderMap, String), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
