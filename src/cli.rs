@@ -17,8 +17,11 @@ use crate::config::{Config, ConfigError, FileConfig, LogFormat, Overrides};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::units::{format_utc, parse_duration};
 
-/// Exit code for a bad configuration or usage (sysexits EX_USAGE).
+/// Exit code for a bad configuration (sysexits EX_USAGE). Command-line
+/// syntax errors exit 2, as clap and most tools do.
 pub const EXIT_USAGE: u8 = 64;
+/// Exit code of `policy check` and of command-line syntax errors.
+pub const EXIT_BAD_INPUT: u8 = 2;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,7 +44,10 @@ pub enum Command {
     /// Run a local two-workload mesh on loopback and show it working.
     Demo(DemoArgs),
     /// Print the CustomResourceDefinitions (YAML) for `kubectl apply -f -`.
-    Crds,
+    Crds(CrdsArgs),
+    /// Work with authorization policies offline.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +165,69 @@ pub enum CaCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct CrdsArgs {
+    /// Write one file per CRD into this directory instead of printing
+    /// (how `manifests/crds/` is generated).
+    #[arg(long)]
+    pub write: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Explain whether a request would be allowed: prints ALLOW or DENY,
+    /// the deciding policy and rule, and every AUDIT match. Exits 0 on
+    /// allow, 1 on deny, 2 on bad input.
+    Check(Box<PolicyCheckArgs>),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("caller").required(true).args(["source", "unauthenticated"])))]
+pub struct PolicyCheckArgs {
+    /// Policy YAML files or directories (multi-document, as for kubectl);
+    /// repeatable.
+    #[arg(long = "policies", short = 'f', required = true)]
+    pub policies: Vec<PathBuf>,
+    /// The target workload's namespace (also the namespace of objects that
+    /// name none).
+    #[arg(long)]
+    pub namespace: String,
+    /// The target workload's labels, `key=value,key=value`.
+    #[arg(long, default_value = "")]
+    pub labels: String,
+    /// The target workload port.
+    #[arg(long)]
+    pub port: u16,
+    /// The caller's SPIFFE ID (an mTLS peer).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// The caller has no mesh identity (plaintext).
+    #[arg(long)]
+    pub unauthenticated: bool,
+    /// The caller's IP address (matched by ipBlocks).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub ip: std::net::IpAddr,
+    /// An HTTP method; with --path, the request is HTTP (else opaque TCP).
+    #[arg(long, requires = "path")]
+    pub method: Option<String>,
+    #[arg(long, requires = "method")]
+    pub path: Option<String>,
+    /// The mesh default: allow-all, allow-authenticated,
+    /// allow-same-namespace or deny.
+    #[arg(long, default_value = "allow-all")]
+    pub default: String,
+    /// The mesh mTLS mode: strict or permissive.
+    #[arg(long, default_value = "permissive")]
+    pub mtls_mode: String,
+    /// A kubelet probe exemption, `PORT` or `PORT/path`; repeatable.
+    #[arg(long)]
+    pub probe: Vec<String>,
+    /// Treat an invalid policy object as bad input (exit 2) instead of
+    /// explaining with its fail-safe form.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Leave the mesh running after the steps, until Ctrl-C.
     #[arg(long)]
@@ -171,13 +240,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Proxy(args) => run_proxy(*args),
         Command::Ca(command) => run_ca(command),
         Command::Demo(args) => crate::demo::main(args.keep_running),
-        Command::Crds => {
-            print!(
-                "{}",
-                crate::policy::crd::crds_yaml().context("rendering the CRDs")?
-            );
+        Command::Crds(args) => {
+            use crate::policy::crd;
+            match args.write {
+                None => print!("{}", crd::crds_yaml().context("rendering the CRDs")?),
+                Some(dir) => {
+                    for (name, yaml) in crd::crd_files().context("rendering the CRDs")? {
+                        let path = dir.join(name);
+                        std::fs::write(&path, yaml)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                        println!("wrote {}", path.display());
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Policy(PolicyCommand::Check(args)) => Ok(run_policy_check(&args)),
     }
 }
 
@@ -400,4 +478,83 @@ fn run_ca(command: CaCommand) -> anyhow::Result<ExitCode> {
 
 fn fmt_time(t: time::OffsetDateTime) -> String {
     format_utc(t.unix_timestamp())
+}
+
+// === policy ===
+
+fn run_policy_check(args: &PolicyCheckArgs) -> ExitCode {
+    use crate::policy::check;
+    let question = match policy_question(args) {
+        Ok(question) => question,
+        Err(error) => {
+            eprintln!("outrider: {error}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let objects = match check::load(&args.policies, &args.namespace) {
+        Ok(objects) => objects,
+        Err(error) => {
+            eprintln!("outrider: {error}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let answer = check::check(&objects, &question);
+    if args.strict && !answer.warnings.is_empty() {
+        for warning in &answer.warnings {
+            eprintln!("outrider: {warning}");
+        }
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
+    print!("{answer}");
+    if answer.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The flags of `policy check` as a question, or what is wrong with them.
+fn policy_question(args: &PolicyCheckArgs) -> Result<crate::policy::check::Question, String> {
+    use crate::policy::{DefaultPolicy, MtlsMode, Probe, Settings, Workload};
+    fn keyword<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result<T, String> {
+        serde_yaml::from_value(serde_yaml::Value::String(value.to_string()))
+            .map_err(|_| format!("{flag}: {value:?} is not one of the documented values"))
+    }
+    let default: DefaultPolicy = keyword("--default", &args.default)?;
+    let mtls: MtlsMode = keyword("--mtls-mode", &args.mtls_mode)?;
+    let labels = crate::config::parse_labels(&args.labels)
+        .map_err(|reason| format!("--labels: {reason}"))?;
+    let peer = match &args.source {
+        Some(id) => Some(SpiffeId::parse(id).map_err(|e| format!("--source: {e}"))?),
+        None => None,
+    };
+    let probes = args
+        .probe
+        .iter()
+        .map(|text| {
+            let (port, path) = match text.split_once('/') {
+                Some((port, path)) => (port, Some(format!("/{path}"))),
+                None => (text.as_str(), None),
+            };
+            let port = port
+                .parse()
+                .map_err(|_| format!("--probe: {text:?} is not PORT or PORT/path"))?;
+            Ok(Probe { port, path })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(crate::policy::check::Question {
+        workload: Workload {
+            namespace: args.namespace.clone(),
+            labels,
+        },
+        settings: Settings {
+            default,
+            mtls,
+            probes,
+        },
+        peer,
+        source: args.ip,
+        port: args.port,
+        http: args.method.clone().zip(args.path.clone()),
+    })
 }

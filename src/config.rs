@@ -702,7 +702,7 @@ impl FileConfig {
 }
 
 /// `app=payments,tier=backend` into a map.
-fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+pub(crate) fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
     text.split(',')
         .filter(|pair| !pair.trim().is_empty())
         .map(|pair| {

@@ -4,13 +4,17 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use outrider::cli::{self, Cli, EXIT_USAGE};
+use outrider::cli::{self, Cli, EXIT_BAD_INPUT};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
-            let code = if error.use_stderr() { EXIT_USAGE } else { 0 };
+            let code = if error.use_stderr() {
+                EXIT_BAD_INPUT
+            } else {
+                0
+            };
             let _ = error.print();
             return ExitCode::from(code);
         }

@@ -7,6 +7,7 @@
 //! it on a `watch` channel. Only `crd` and `source` know about kube.
 
 pub mod authz;
+pub mod check;
 pub mod crd;
 pub mod index;
 pub mod model;

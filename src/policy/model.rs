@@ -400,14 +400,41 @@ fn parse_path(s: &str) -> Result<Pattern, String> {
     Pattern::parse(s)
 }
 
+/// Deserialises a spec, naming the field that does not fit
+/// (`rules[0].to[0].ports[0]: invalid type ...`). A field this version
+/// does not know is an error too: `principal:` for `principals:` would
+/// otherwise be dropped silently and an ALLOW rule would open to everyone.
+/// (The API server prunes unknown fields, so this bites in file mode and
+/// with a newer CRD than the proxy, where a constraint we cannot see must
+/// not be ignored either.)
+fn read_spec<T: serde::de::DeserializeOwned>(spec: &Value) -> Result<T, String> {
+    let mut unknown = Vec::new();
+    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let parsed =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(spec, &mut note_unknown))
+            .map_err(|error| {
+                let path = error.path().to_string();
+                if path == "." {
+                    error.into_inner().to_string()
+                } else {
+                    format!("{path}: {}", error.into_inner())
+                }
+            })?;
+    if unknown.is_empty() {
+        Ok(parsed)
+    } else {
+        Err(format!("unknown field {}", unknown.join(", ")))
+    }
+}
+
 impl Policy {
     /// Judges an AuthorizationPolicy object. Never fails: what cannot be
     /// read takes its fail-safe form (see the module docs).
     pub fn from_object(object: &Object) -> Self {
         let id: Arc<str> = format!("{}/{}", object.namespace, object.name).into();
-        match serde_json::from_value::<crd::AuthorizationPolicySpec>(object.spec.clone()) {
+        match read_spec::<crd::AuthorizationPolicySpec>(&object.spec) {
             Ok(spec) => Self::from_spec(id, &spec),
-            Err(error) => Self::unreadable(id, &object.spec, error.to_string()),
+            Err(error) => Self::unreadable(id, &object.spec, error),
         }
     }
 
@@ -534,7 +561,7 @@ impl PeerAuth {
             crd::PeerAuthMode::Strict => MtlsMode::Strict,
             crd::PeerAuthMode::Permissive => MtlsMode::Permissive,
         };
-        match serde_json::from_value::<crd::PeerAuthenticationSpec>(object.spec.clone()) {
+        match read_spec::<crd::PeerAuthenticationSpec>(&object.spec) {
             Ok(spec) => {
                 let mut problems = Vec::new();
                 let mut ports = BTreeMap::new();

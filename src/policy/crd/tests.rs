@@ -1,6 +1,7 @@
 //! The CRDs' CEL rules, run by the same CEL library the API server uses.
 
 use kube::CustomResourceExt;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::*;
@@ -117,4 +118,70 @@ fn the_yaml_round_trips_through_serde() {
     assert_eq!(docs.len(), 2);
     assert_eq!(docs[0]["spec"]["group"], "security.outrider.dev");
     assert_eq!(docs[1]["spec"]["names"]["kind"], "PeerAuthentication");
+}
+
+#[test]
+fn committed_crds_match_the_generated_ones() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/crds");
+    let generated = crd_files().unwrap();
+    let mut committed: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    committed.sort();
+    let mut names: Vec<String> = generated.iter().map(|(n, _)| n.clone()).collect();
+    names.sort();
+    assert_eq!(
+        committed, names,
+        "manifests/crds holds other files than the CRDs"
+    );
+    for (name, yaml) in &generated {
+        let on_disk = std::fs::read_to_string(dir.join(name)).unwrap();
+        assert!(
+            on_disk == *yaml,
+            "manifests/crds/{name} drifted from the Rust types; regenerate it with \
+             `cargo run -- crds --write manifests/crds`"
+        );
+    }
+}
+
+#[test]
+fn every_example_passes_the_schema_and_its_cel_rules() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/examples");
+    let mut checked = 0;
+    let mut stack = vec![dir];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for document in serde_yaml::Deserializer::from_str(&text) {
+                let value: Value =
+                    serde_json::to_value(serde_yaml::Value::deserialize(document).unwrap())
+                        .unwrap();
+                let (schema, spec_ok) = match value["kind"].as_str() {
+                    Some("AuthorizationPolicy") => (
+                        schema::<AuthorizationPolicy>(),
+                        serde_json::from_value::<AuthorizationPolicySpec>(value["spec"].clone())
+                            .map(|_| ()),
+                    ),
+                    Some("PeerAuthentication") => (
+                        schema::<PeerAuthentication>(),
+                        serde_json::from_value::<PeerAuthenticationSpec>(value["spec"].clone())
+                            .map(|_| ()),
+                    ),
+                    other => panic!("{}: unexpected kind {other:?}", path.display()),
+                };
+                spec_ok.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                kube::core::cel::Validator::new()
+                    .validate(&schema, &value, None)
+                    .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 8, "only {checked} example objects found");
 }

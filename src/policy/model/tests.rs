@@ -162,3 +162,38 @@ fn an_unreadable_peer_authentication_is_strict() {
         "an unreadable port key makes the workload strict"
     );
 }
+
+#[test]
+fn a_misspelt_field_makes_the_policy_unreadable_instead_of_dropping_the_constraint() {
+    // `principal` for `principals`: ignoring it would open the ALLOW rule
+    // to every caller.
+    let p = policy(
+        "action: ALLOW\nrules:\n- from: [{principal: [\"cluster.local/ns/shop/sa/orders\"]}]\n",
+    );
+    assert_eq!((p.action, p.rules.len()), (Action::Allow, 0));
+    assert!(
+        p.problems.iter().any(|m| m.contains("principal")),
+        "{:?}",
+        p.problems
+    );
+    let p = policy("action: DENY\nrules:\n- to: [{path: [\"/admin/*\"]}]\n");
+    assert_eq!(p.rules, vec![Rule::default()], "the DENY covers everything");
+    let pa = PeerAuth::from_object(&object(
+        Kind::PeerAuthentication,
+        "pa",
+        "mtls: {mode: PERMISSIVE}\nportLevelMtl: {\"8080\": {mode: PERMISSIVE}}\n",
+    ));
+    assert_eq!(pa.mode, Some(MtlsMode::Strict));
+}
+
+#[test]
+fn a_type_error_names_the_field() {
+    let p = policy("action: ALLOW\nrules:\n- to: [{ports: [\"8080\"]}]\n");
+    assert!(
+        p.problems
+            .iter()
+            .any(|m| m.contains("rules[0].to[0].ports[0]")),
+        "{:?}",
+        p.problems
+    );
+}
