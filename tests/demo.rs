@@ -28,6 +28,9 @@ fn the_demo_passes_every_step_well_under_a_minute() {
         "with a certificate from another CA: refused",
         "rotation 3: new handshakes get serial",
         ", 0 failed",
+        "GET /api/orders      -> 200 OK",
+        "DELETE /api/orders/7 -> 403 Forbidden",
+        "outrider_authz_decisions_total{decision=\"deny\",direction=\"inbound\",kind=\"http\"",
         "/metrics",
         "All steps passed",
     ] {

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -66,8 +66,18 @@ impl HttpClient {
     }
 
     pub async fn get(&mut self, path: &str) -> Result<(StatusCode, String), ClientError> {
+        self.request(Method::GET, path).await
+    }
+
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+    ) -> Result<(StatusCode, String), ClientError> {
         self.sender.ready().await?;
-        let req = Request::get(path)
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
             .header("host", "backend")
             .body(Empty::new())?;
         let response = self.sender.send_request(req).await?;

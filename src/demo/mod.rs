@@ -4,8 +4,9 @@
 //! sidecars and small built-in HTTP apps in this process, and walks through
 //! what the mesh guarantees: mutual TLS with the caller's identity handed
 //! to the app, refusal of foreign and plaintext clients, identity rotation
-//! under load without a failed request, and the metrics endpoint. Each
-//! step checks its own outcome; the exit code is 0 only if all pass.
+//! under load without a failed request, an authorization policy applied
+//! live, and the metrics endpoint. Each step checks its own outcome; the
+//! exit code is 0 only if all pass.
 
 mod app;
 mod probe;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use http::{Method, StatusCode};
 use rustls_pki_types::UnixTime;
 
 use crate::app::Sidecar;
@@ -32,6 +34,27 @@ use crate::tls::{KxGroup, TlsSettings};
 
 const ROTATIONS: usize = 3;
 const LOAD_CLIENTS: usize = 4;
+const STEPS: usize = 8;
+
+/// The policy of the authorization step, as an operator would apply it.
+const BACKEND_POLICY: &str = "\
+apiVersion: security.outrider.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: backend-api-readers
+  namespace: demo
+spec:
+  selector:
+    matchLabels:
+      app: backend
+  action: ALLOW
+  rules:
+    - from:
+        - principals: [\"spiffe://cluster.local/ns/demo/sa/frontend\"]
+      to:
+        - methods: [\"GET\"]
+          paths: [\"/api/*\"]
+";
 
 /// A step that did not do what it promised.
 #[derive(Debug)]
@@ -106,17 +129,28 @@ fn issue(ca: &CaDir, id: &SpiffeId, out: &Path, extra_bundle: &str) -> anyhow::R
     Ok(svid.serial)
 }
 
+/// Where a sidecar takes its authorization policy from.
+struct PolicyFiles<'a> {
+    dir: &'a Path,
+    labels: &'a str,
+}
+
 fn sidecar_config(
     dir: &Path,
     id: &SpiffeId,
     app: Option<SocketAddr>,
     peer: Option<(SocketAddr, &SpiffeId)>,
+    policy: Option<PolicyFiles<'_>>,
 ) -> Result<Config, crate::config::ConfigError> {
     let mut file = FileConfig::default();
     file.identity.reload_debounce = Duration::from_millis(50);
     file.identity.reload_poll_interval = Duration::from_secs(2);
+    file.policy.reload_debounce = Duration::from_millis(50);
     file.shutdown_grace_period = Duration::from_secs(5);
     file.apply(&Overrides {
+        policy_source: policy.as_ref().map(|_| "files".into()),
+        policy_dir: policy.as_ref().map(|p| p.dir.to_path_buf()),
+        workload_labels: policy.as_ref().map(|p| p.labels.to_string()),
         identity_dir: Some(dir.to_path_buf()),
         identity_id: Some(id.to_string()),
         mtls_mode: Some("strict".into()),
@@ -137,7 +171,7 @@ fn current(sidecar: &Sidecar) -> Option<Arc<Credentials>> {
 
 async fn run(keep_running: bool) -> StepResult {
     const S1: &str = "create a CA and issue identities";
-    println!("[1/7] {S1}");
+    println!("[1/{STEPS}] {S1}");
     let workdir = tempfile::tempdir().or_fail(S1)?;
     let ca = CaDir::new(workdir.path().join("ca"));
     let td = TrustDomain::parse("cluster.local").or_fail(S1)?;
@@ -160,10 +194,25 @@ async fn run(keep_running: bool) -> StepResult {
     println!("      {backend_id} (serial {backend_serial})");
 
     const S2: &str = "start the apps and their sidecars";
-    println!("[2/7] {S2}");
+    println!("[2/{STEPS}] {S2}");
     let backend_app = spawn_identity_app("backend").await.or_fail(S2)?;
+    // The backend's sidecar watches a policy directory, empty for now: the
+    // mesh default (allow-all) applies until step 6.
+    let policy_dir = workdir.path().join("policies");
+    std::fs::create_dir(&policy_dir).or_fail(S2)?;
+    let backend_policy = PolicyFiles {
+        dir: &policy_dir,
+        labels: "app=backend",
+    };
     let backend = Sidecar::start(
-        &sidecar_config(&backend_dir, &backend_id, Some(backend_app), None).or_fail(S2)?,
+        &sidecar_config(
+            &backend_dir,
+            &backend_id,
+            Some(backend_app),
+            None,
+            Some(backend_policy),
+        )
+        .or_fail(S2)?,
     )
     .await
     .or_fail(S2)?;
@@ -174,6 +223,7 @@ async fn run(keep_running: bool) -> StepResult {
             &frontend_id,
             None,
             Some((backend_inbound, &backend_id)),
+            None,
         )
         .or_fail(S2)?,
     )
@@ -194,7 +244,7 @@ async fn run(keep_running: bool) -> StepResult {
     println!("      frontend app -> frontend sidecar outbound {frontend_outbound} -> backend");
 
     const S3: &str = "frontend calls backend through the mesh";
-    println!("[3/7] {S3}");
+    println!("[3/{STEPS}] {S3}");
     let mut client = HttpClient::connect(frontend_outbound).await.or_fail(S3)?;
     for _ in 0..3 {
         let (status, body) = client.get("/hello").await.or_fail(S3)?;
@@ -207,7 +257,7 @@ async fn run(keep_running: bool) -> StepResult {
     println!("      3 requests, each answered: \"backend saw caller {frontend_id}\"");
 
     const S4: &str = "strangers are refused";
-    println!("[4/7] {S4}");
+    println!("[4/{STEPS}] {S4}");
     let foreign = CaDir::new(workdir.path().join("foreign-ca"));
     foreign
         .init(
@@ -253,7 +303,7 @@ async fn run(keep_running: bool) -> StepResult {
     );
 
     const S5: &str = "rotate the backend's identity under load";
-    println!("[5/7] {S5} ({ROTATIONS} rotations, {LOAD_CLIENTS} clients)");
+    println!("[5/{STEPS}] {S5} ({ROTATIONS} rotations, {LOAD_CLIENTS} clients)");
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut load = Vec::new();
@@ -313,11 +363,61 @@ async fn run(keep_running: bool) -> StepResult {
     })?;
     println!("      {ok} requests during the rotations, 0 failed");
 
-    const S6: &str = "metrics";
-    println!("[6/7] {S6}");
+    const S6: &str = "an authorization policy, applied live";
+    println!("[6/{STEPS}] {S6}");
+    let policy_file = policy_dir.join("backend.yaml");
+    std::fs::write(&policy_file, BACKEND_POLICY).or_fail(S6)?;
+    println!(
+        "      wrote {}: frontend may call backend only with GET /api/*",
+        policy_file.display()
+    );
+    let mut client = HttpClient::connect(frontend_outbound).await.or_fail(S6)?;
+    let started = Instant::now();
+    // The sidecar picks the file up after its debounce; until then the
+    // mesh default still allows everything.
+    let (status, body) = loop {
+        let (status, body) = client
+            .request(Method::DELETE, "/api/orders/7")
+            .await
+            .or_fail(S6)?;
+        if status != StatusCode::OK {
+            break (status, body);
+        }
+        check(started.elapsed() < Duration::from_secs(5), S6, || {
+            "the policy was not in force 5s after it was written".into()
+        })?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let in_force_after = started.elapsed();
+    check(status == StatusCode::FORBIDDEN, S6, || {
+        format!("DELETE /api/orders/7 answered {status}")
+    })?;
+    let (allowed_status, allowed_body) = client.get("/api/orders").await.or_fail(S6)?;
+    check(allowed_status == StatusCode::OK, S6, || {
+        format!("GET /api/orders answered {allowed_status}")
+    })?;
+    println!("      in force after {} ms", in_force_after.as_millis());
+    println!(
+        "      GET /api/orders      -> {allowed_status}: {}",
+        allowed_body.trim_end()
+    );
+    println!(
+        "      DELETE /api/orders/7 -> {status}: {}",
+        body.trim_end()
+    );
     let mut admin = HttpClient::connect(backend.admin).await.or_fail(S6)?;
-    let (status, metrics) = admin.get("/metrics").await.or_fail(S6)?;
-    check(status == 200, S6, || format!("/metrics answered {status}"))?;
+    let (_, metrics) = admin.get("/metrics").await.or_fail(S6)?;
+    let denials = metrics.lines().find(|l| {
+        l.starts_with("outrider_authz_decisions_total{") && l.contains("decision=\"deny\"")
+    });
+    check(denials.is_some(), S6, || "no deny counted".into())?;
+    println!("      {}", denials.unwrap_or_default());
+
+    const S7: &str = "metrics";
+    println!("[7/{STEPS}] {S7}");
+    let mut admin = HttpClient::connect(backend.admin).await.or_fail(S7)?;
+    let (status, metrics) = admin.get("/metrics").await.or_fail(S7)?;
+    check(status == 200, S7, || format!("/metrics answered {status}"))?;
     let interesting = [
         "outrider_http_requests_total{",
         "outrider_tls_handshake_failures_total{",
@@ -326,16 +426,17 @@ async fn run(keep_running: bool) -> StepResult {
     ];
     for prefix in interesting {
         let line = metrics.lines().find(|l| l.starts_with(prefix));
-        check(line.is_some(), S6, || format!("no {prefix} series"))?;
+        check(line.is_some(), S7, || format!("no {prefix} series"))?;
         println!("      {}", line.unwrap_or_default());
     }
     println!("      backend metrics:  http://{}/metrics", backend.admin);
     println!("      frontend metrics: http://{}/metrics", frontend.admin);
 
-    const S7: &str = "shut down";
+    const S8: &str = "shut down";
     if keep_running {
         println!("\nThe mesh keeps running. Try:");
-        println!("  curl http://{frontend_outbound}/hello");
+        println!("  curl http://{frontend_outbound}/api/hello        (allowed)");
+        println!("  curl -X POST http://{frontend_outbound}/api/hello (403)");
         println!("  curl http://{}/metrics", backend.admin);
         println!(
             "Identities live in {}; Ctrl-C to stop.",
@@ -343,11 +444,11 @@ async fn run(keep_running: bool) -> StepResult {
         );
         let _ = tokio::signal::ctrl_c().await;
     }
-    println!("[7/7] {S7}");
+    println!("[8/{STEPS}] {S8}");
     let (a, b) = tokio::join!(frontend.shutdown(), backend.shutdown());
     check(
         a == crate::lifecycle::Drained::Clean && b == crate::lifecycle::Drained::Clean,
-        S7,
+        S8,
         || "connections were still open at the end of the grace period".into(),
     )?;
     println!("      both sidecars drained cleanly");
