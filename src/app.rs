@@ -53,7 +53,12 @@ async fn start_policy(
             Vec::new(),
         ));
     }
-    let (publisher, rx) = Publisher::new(workload.clone(), settings, metrics.clone());
+    let (publisher, rx) = Publisher::new(
+        workload.clone(),
+        settings,
+        config.labels_file.is_some(),
+        metrics.clone(),
+    );
     let (tx, updates) = mpsc::channel(16);
     let mut tasks = vec![tokio::spawn(publisher.run(updates))];
     match &config.source {

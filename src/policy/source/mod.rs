@@ -191,6 +191,10 @@ pub struct Publisher {
     workload: Workload,
     settings: Settings,
     objects: Option<ObjectSet>,
+    /// False while the labels are still to come from a downward-API file:
+    /// until then selectors cannot be evaluated, and a DENY that selects
+    /// this workload by label would be missed.
+    labels_known: bool,
     judged: (Vec<Arc<Policy>>, Vec<PeerAuth>),
     /// Invalid object versions already logged and counted.
     reported: HashSet<(Kind, String, String, String)>,
@@ -199,14 +203,21 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Starts unsynced: only probes pass until a source delivers.
-    pub fn new(workload: Workload, settings: Settings, metrics: Metrics) -> (Self, PolicyRx) {
+    /// Starts unsynced: only probes pass until a source delivers (and,
+    /// with `labels_from_file`, until the labels have been read).
+    pub fn new(
+        workload: Workload,
+        settings: Settings,
+        labels_from_file: bool,
+        metrics: Metrics,
+    ) -> (Self, PolicyRx) {
         let (tx, rx) = watch::channel(Arc::new(WorkloadPolicy::unsynced(&workload, &settings)));
         (
             Self {
                 workload,
                 settings,
                 objects: None,
+                labels_known: !labels_from_file,
                 judged: (Vec::new(), Vec::new()),
                 reported: HashSet::new(),
                 metrics,
@@ -219,7 +230,7 @@ impl Publisher {
     /// A publisher that is synced from the start with no objects: for a
     /// proxy configured without a policy source.
     pub fn without_source(workload: Workload, settings: Settings, metrics: Metrics) -> PolicyRx {
-        let (mut publisher, rx) = Self::new(workload, settings, metrics);
+        let (mut publisher, rx) = Self::new(workload, settings, false, metrics);
         publisher.apply(Update::Objects(ObjectSet::new()));
         rx
     }
@@ -238,14 +249,15 @@ impl Publisher {
                 self.objects = Some(objects);
             }
             Update::Labels(labels) => {
-                if labels == self.workload.labels {
+                if self.labels_known && labels == self.workload.labels {
                     return;
                 }
-                tracing::info!(?labels, "Workload labels changed");
+                tracing::info!(?labels, "Workload labels read");
                 self.workload.labels = labels;
+                self.labels_known = true;
             }
         }
-        let synced = self.objects.is_some();
+        let synced = self.objects.is_some() && self.labels_known;
         let compiled = compile(
             &self.workload,
             &self.settings,

@@ -30,7 +30,7 @@ fn publisher(labels: &[(&str, &str)]) -> (Publisher, PolicyRx) {
         mtls: MtlsMode::Permissive,
         probes: Vec::new(),
     };
-    Publisher::new(workload, settings, metrics())
+    Publisher::new(workload, settings, false, metrics())
 }
 
 fn set(objects: Vec<Object>) -> ObjectSet {
@@ -84,6 +84,32 @@ fn nothing_is_synced_until_a_source_delivers() {
 }
 
 #[test]
+fn with_a_labels_file_nothing_is_synced_until_the_labels_are_read() {
+    // Objects first: a DENY selecting `app: web` must not be missed because
+    // the labels are not known yet.
+    let only_web = "apiVersion: security.outrider.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web}\nspec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{}]}\n";
+    let workload = Workload {
+        namespace: "shop".into(),
+        labels: Default::default(),
+    };
+    let settings = Settings {
+        default: DefaultPolicy::AllowAll,
+        mtls: MtlsMode::Permissive,
+        probes: Vec::new(),
+    };
+    let (mut publisher, rx) = Publisher::new(workload, settings, true, metrics());
+    publisher.apply(Update::Objects(set(
+        parse_documents(only_web, "shop").unwrap()
+    )));
+    assert!(!rx.borrow().synced);
+    publisher.apply(Update::Labels(
+        [("app".to_string(), "web".to_string())].into(),
+    ));
+    assert!(rx.borrow().synced);
+    assert_eq!(rx.borrow().deny.len(), 1);
+}
+
+#[test]
 fn a_label_change_reselects_the_policies() {
     let only_web = "apiVersion: security.outrider.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web}\nspec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{}]}\n";
     let (mut publisher, rx) = publisher(&[("app", "payments")]);
@@ -119,7 +145,7 @@ fn an_invalid_object_is_counted_once_per_version() {
         mtls: MtlsMode::Permissive,
         probes: Vec::new(),
     };
-    let (mut publisher, _rx) = Publisher::new(workload, settings, metrics);
+    let (mut publisher, _rx) = Publisher::new(workload, settings, false, metrics);
     let broken = "apiVersion: security.outrider.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: b}\nspec: {action: ALLOW, rules: [{from: [{ipBlocks: [nope]}]}]}\n";
     let objects = set(parse_documents(broken, "shop").unwrap());
     publisher.apply(Update::Objects(objects.clone()));
