@@ -117,7 +117,7 @@ impl Default for PolicySection {
 }
 
 /// Where policies come from, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySource {
     None,
     Files(PathBuf),

@@ -216,6 +216,56 @@ async fn an_opaque_connection_is_cut_when_a_new_deny_covers_it() {
 }
 
 #[tokio::test]
+async fn http_rules_never_allow_an_opaque_connection_and_say_so() {
+    let s = setup();
+    std::fs::write(
+        s.dir.join("api.yaml"),
+        policy_yaml(
+            "api-only",
+            "ALLOW",
+            &format!("  - from: [{{principals: [\"{ORDERS}\"]}}]\n    to: [{{paths: [\"/api/*\"]}}]\n"),
+        ),
+    )
+    .unwrap();
+    let echo = apps::tcp_echo().await;
+    let server = ProxyProcess::start(&server_config(&s.server_w, echo, &s.dir, "strict", "")).await;
+    let client = ProxyProcess::start(&config(
+        &s.client_w,
+        &sections(None, Some((server.inbound(), &s.server_w.id)), "strict", "").replace(
+            "outbound:\n  listen: 127.0.0.1:0\n",
+            "outbound:\n  listen: 127.0.0.1:0\n  protocol: opaque\n",
+        ),
+    ))
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(client.outbound())
+        .await
+        .unwrap();
+    let _ = stream.write_all(b"\x00hello").await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf))
+        .await
+        .expect("neither echoed nor closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "the ALLOW matched: {read:?}");
+    let counted = common::eventually(Duration::from_secs(5), async || {
+        (server
+            .metric(
+                "outrider_authz_http_rules_on_opaque_total",
+                &[("policy", "shop/api-only")],
+            )
+            .await
+            >= 1.0)
+            .then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "not counted");
+    assert!(
+        server.logs().contains("Policy has HTTP conditions"),
+        "{}",
+        server.logs()
+    );
+}
+
+#[tokio::test]
 async fn an_invalid_policy_file_never_widens_access() {
     let s = setup();
     let app = apps::http1_app(Duration::ZERO).await;

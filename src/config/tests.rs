@@ -108,3 +108,87 @@ fn human_units_parse_in_the_file() {
     assert_eq!(config.proxy.limits.max_header_bytes, 16384);
     assert_eq!(config.proxy.limits.idle_timeout, Duration::from_secs(5400));
 }
+
+#[test]
+fn policy_settings_default_to_no_source_and_the_identity_namespace() {
+    let config = FileConfig::from_yaml(ID).unwrap().validate().unwrap();
+    assert_eq!(config.policy.source, PolicySource::None);
+    assert_eq!(config.policy.workload.namespace, "shop");
+    assert_eq!(config.policy.settings.default, DefaultPolicy::AllowAll);
+    assert_eq!(config.policy.settings.mtls, MtlsMode::Permissive);
+}
+
+#[test]
+fn policy_settings_parse_from_the_file_and_the_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "{ID}workload:\n  namespace: payments\npolicy:\n  source: files\n  dir: {}\n  default: allow-same-namespace\n  probes: [{{port: 8080, path: /healthz}}, {{port: 5432}}]\n",
+        dir.path().display()
+    );
+    let mut file = FileConfig::from_yaml(&yaml).unwrap();
+    file.apply(&Overrides {
+        workload_labels: Some("app=payments, tier=backend".into()),
+        policy_default: Some("deny".into()),
+        ..Overrides::default()
+    })
+    .unwrap();
+    let config = file.validate().unwrap();
+    assert_eq!(
+        config.policy.source,
+        PolicySource::Files(dir.path().to_path_buf())
+    );
+    assert_eq!(config.policy.workload.namespace, "payments");
+    assert_eq!(
+        config.policy.workload.labels,
+        BTreeMap::from([
+            ("app".to_string(), "payments".to_string()),
+            ("tier".to_string(), "backend".to_string())
+        ])
+    );
+    assert_eq!(config.policy.settings.default, DefaultPolicy::Deny);
+    assert_eq!(config.policy.settings.probes.len(), 2);
+}
+
+#[test]
+fn policy_mistakes_name_the_field() {
+    let cases = [
+        ("policy:\n  source: files\n", "policy.dir"),
+        (
+            "policy:\n  source: files\n  dir: /nonexistent/outrider/policies\n",
+            "policy.dir",
+        ),
+        ("policy:\n  probes: [{port: 0}]\n", "policy.probes[0].port"),
+        (
+            "policy:\n  probes: [{port: 80, path: healthz}]\n",
+            "policy.probes[0].path",
+        ),
+        ("policy:\n  reload_debounce: 0s\n", "policy.reload_debounce"),
+        (
+            "workload:\n  labels: {app: a}\n  labels_file: /etc/podinfo/labels\n",
+            "workload.labels",
+        ),
+        ("workload:\n  namespace: \"\"\n", "workload.namespace"),
+    ];
+    for (yaml, field) in cases {
+        let err = FileConfig::from_yaml(&format!("{ID}{yaml}"))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, field, "{yaml}: {err}");
+    }
+    for (yaml, field) in [
+        ("policy:\n  default: maybe\n", "policy.default"),
+        ("policy:\n  source: etcd\n", "policy.source"),
+    ] {
+        let err = FileConfig::from_yaml(&format!("{ID}{yaml}")).unwrap_err();
+        assert_eq!(err.field, field, "{yaml}: {err}");
+    }
+    let mut file = FileConfig::from_yaml(ID).unwrap();
+    let err = file
+        .apply(&Overrides {
+            workload_labels: Some("app".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+    assert_eq!(err.field, "workload.labels");
+}

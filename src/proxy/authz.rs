@@ -15,8 +15,8 @@ use crate::identity::SpiffeId;
 use crate::policy::source::PolicyRx;
 use crate::policy::{Denied, Http, Permit, Request, authorize};
 
-/// A denial for a given (policy, caller, port, kind) is logged at most
-/// this often; the metric counts every one.
+/// A denial, audit match or ignored HTTP rule for a given (policy, caller,
+/// port, kind) is logged at most this often; the metrics count every one.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Who is calling which port.
@@ -27,13 +27,13 @@ pub struct Caller {
     pub port: u16,
 }
 
-/// (deciding policy, caller, port, kind): one log line per key per minute.
-type DenialKey = (String, String, u16, &'static str);
+/// (policy, caller, port, kind): one log line per key per minute.
+type LogKey = (String, String, u16, &'static str);
 
 pub struct Enforcer {
     policy: PolicyRx,
     metrics: Metrics,
-    logged: Mutex<HashMap<DenialKey, Instant>>,
+    logged: Mutex<HashMap<LogKey, Instant>>,
 }
 
 impl Enforcer {
@@ -55,6 +55,10 @@ impl Enforcer {
         let outcome = authorize(&policy, &request(caller, None));
         for id in &policy.http_only_rules {
             self.metrics.authz_http_rules_on_opaque(id);
+            if self.first_in_window((id.to_string(), String::new(), caller.port, "http-on-opaque"))
+            {
+                tracing::info!(policy = %id, port = caller.port, "Policy has HTTP conditions, which an opaque connection cannot meet: they never match in an ALLOW policy and always match in a DENY policy");
+            }
         }
         self.record("tcp", caller, &outcome, None);
         outcome
@@ -114,7 +118,10 @@ impl Enforcer {
             Err(d) => &d.audits,
         };
         for audit in audits {
-            tracing::info!(peer, port = caller.port, kind, policy = %audit.id, rule = audit.rule, allowed = outcome.is_ok(), "Audit policy matched");
+            if self.first_in_window((audit.id.to_string(), peer.to_string(), caller.port, "audit"))
+            {
+                tracing::info!(peer, source = %caller.source, port = caller.port, kind, method, policy = %audit.id, rule = audit.rule, allowed = outcome.is_ok(), "Audit policy matched");
+            }
         }
         let Err(denied) = outcome else { return };
         let key = (
@@ -123,29 +130,37 @@ impl Enforcer {
             caller.port,
             kind,
         );
+        if self.first_in_window(key) {
+            tracing::info!(
+                peer,
+                source = %caller.source,
+                port = caller.port,
+                kind,
+                method,
+                policy = denied.by.label(),
+                "Denied by policy"
+            );
+        }
+    }
+
+    /// Whether a log line keyed so was not written in the last
+    /// [`LOG_EVERY`] (and notes that it is being written now).
+    fn first_in_window(&self, key: LogKey) -> bool {
         let now = Instant::now();
         let Ok(mut logged) = self.logged.lock() else {
-            return;
+            return false;
         };
         if logged
             .get(&key)
             .is_some_and(|at| now.duration_since(*at) < LOG_EVERY)
         {
-            return;
+            return false;
         }
         if logged.len() >= 1024 {
             logged.clear();
         }
         logged.insert(key, now);
-        tracing::info!(
-            peer,
-            source = %caller.source,
-            port = caller.port,
-            kind,
-            method,
-            policy = denied.by.label(),
-            "Denied by policy"
-        );
+        true
     }
 }
 
