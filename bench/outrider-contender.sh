@@ -10,7 +10,8 @@
 # The harness hands over separate cert/key/CA files; outrider reads a
 # Secret-style directory, so this links them into one. One worker thread
 # (outrider's default), strict mTLS, the harness's key-exchange group and
-# resumption setting.
+# resumption setting. With OUTRIDER_BENCH_POLICY_DIR set, the inbound proxy
+# enforces the policies in that directory (bench/policy-cost.sh).
 set -euo pipefail
 role=$1 mode=$2 listen=$3 upstream=$4 cert=$5 key=$6 ca=$7 self_id=$8 peer_id=$9
 admin=${10} workdir=${11} resumption=${12} group=${13}
@@ -54,6 +55,13 @@ group=$(echo "$group" | tr '[:upper:]' '[:lower:]')
     echo "  listen: $listen"
     echo "  app: $upstream"
     echo "  protocol: $protocol"
+    if [ -n "${OUTRIDER_BENCH_POLICY_DIR:-}" ]; then
+      echo "workload:"
+      echo "  labels: {app: server}"
+      echo "policy:"
+      echo "  source: files"
+      echo "  dir: $OUTRIDER_BENCH_POLICY_DIR"
+    fi
   fi
 } > "$workdir/outrider.yaml"
 exec "$bin" proxy --config "$workdir/outrider.yaml"

@@ -223,7 +223,9 @@ async fn http_rules_never_allow_an_opaque_connection_and_say_so() {
         policy_yaml(
             "api-only",
             "ALLOW",
-            &format!("  - from: [{{principals: [\"{ORDERS}\"]}}]\n    to: [{{paths: [\"/api/*\"]}}]\n"),
+            &format!(
+                "  - from: [{{principals: [\"{ORDERS}\"]}}]\n    to: [{{paths: [\"/api/*\"]}}]\n"
+            ),
         ),
     )
     .unwrap();
@@ -245,7 +247,10 @@ async fn http_rules_never_allow_an_opaque_connection_and_say_so() {
     let read = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf))
         .await
         .expect("neither echoed nor closed");
-    assert!(matches!(read, Ok(0) | Err(_)), "the ALLOW matched: {read:?}");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the ALLOW matched: {read:?}"
+    );
     let counted = common::eventually(Duration::from_secs(5), async || {
         (server
             .metric(

@@ -9,6 +9,7 @@
 //! request must match one; otherwise the mesh default applies. AUDIT
 //! policies never decide; their matches are reported with the outcome.
 
+use std::cell::OnceCell;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -88,12 +89,14 @@ pub struct Denied {
 
 /// Decides one connection or request.
 pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, Denied> {
+    let facts = Facts::of(req);
+    let facts = &facts;
     let audits = || -> Vec<AuditMatch> {
         policy
             .audit
             .iter()
             .filter_map(|p| {
-                matching_rule(p, req).map(|rule| AuditMatch {
+                first_match(p, facts).map(|rule| AuditMatch {
                     id: p.id.clone(),
                     rule,
                 })
@@ -113,7 +116,7 @@ pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, D
         });
     }
     for deny in &policy.deny {
-        if let Some(rule) = matching_rule(deny, req) {
+        if let Some(rule) = first_match(deny, facts) {
             return Err(Denied {
                 by: Decider::Policy {
                     id: deny.id.clone(),
@@ -125,7 +128,7 @@ pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, D
     }
     if !policy.allow.is_empty() {
         for allow in &policy.allow {
-            if let Some(rule) = matching_rule(allow, req) {
+            if let Some(rule) = first_match(allow, facts) {
                 return Ok(Permit {
                     by: Decider::Policy {
                         id: allow.id.clone(),
@@ -164,28 +167,66 @@ pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, D
 
 /// The first rule of `policy` that matches, if any.
 pub fn matching_rule(policy: &Policy, req: &Request<'_>) -> Option<usize> {
+    first_match(policy, &Facts::of(req))
+}
+
+/// A request with what rules look at worked out at most once: the caller's
+/// namespace is parsed out of its SPIFFE ID when a rule first needs it,
+/// not once per rule.
+struct Facts<'a> {
+    authenticated: bool,
+    /// Empty without an identity (no pattern matches an empty value).
+    principal: &'a str,
+    namespace: OnceCell<&'a str>,
+    req: &'a Request<'a>,
+}
+
+impl<'a> Facts<'a> {
+    fn of(req: &'a Request<'a>) -> Self {
+        Self {
+            authenticated: req.peer.is_some(),
+            principal: req.peer.map_or("", SpiffeId::as_str),
+            namespace: OnceCell::new(),
+            req,
+        }
+    }
+
+    /// Empty without an identity or outside the `/ns/<ns>/sa/<sa>` form.
+    fn namespace(&self) -> &'a str {
+        self.namespace
+            .get_or_init(|| self.req.peer.and_then(namespace_of).unwrap_or(""))
+    }
+}
+
+fn first_match(policy: &Policy, facts: &Facts<'_>) -> Option<usize> {
     policy
         .rules
         .iter()
-        .position(|rule| rule_matches(rule, policy.action, req))
+        .position(|rule| rule_matches(rule, policy.action, facts))
 }
 
-fn rule_matches(rule: &Rule, action: Action, req: &Request<'_>) -> bool {
-    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, req)))
-        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, action, req)))
+fn rule_matches(rule: &Rule, action: Action, facts: &Facts<'_>) -> bool {
+    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, facts)))
+        && (rule.to.is_empty()
+            || rule
+                .to
+                .iter()
+                .any(|o| operation_matches(o, action, facts.req)))
 }
 
-fn source_matches(source: &Source, req: &Request<'_>) -> bool {
-    let principal = req.peer.map_or("", SpiffeId::as_str);
-    let namespace = req.peer.and_then(namespace_of).unwrap_or("");
+fn source_matches(source: &Source, facts: &Facts<'_>) -> bool {
     source
         .authenticated
-        .is_none_or(|want| want == req.peer.is_some())
-        && source.principals.check(|p: &Pattern| p.matches(principal))
+        .is_none_or(|want| want == facts.authenticated)
+        && source
+            .principals
+            .check(|p: &Pattern| p.matches(facts.principal))
         && source
             .namespaces
-            .check(|ns| !namespace.is_empty() && ns == namespace)
-        && source.ip_blocks.check(|net| net.contains(&req.source))
+            .check(|ns| !facts.namespace().is_empty() && ns == facts.namespace())
+        && source
+            .ip_blocks
+            .check(|net| net.contains(&facts.req.source))
 }
 
 fn operation_matches(op: &Operation, action: Action, req: &Request<'_>) -> bool {

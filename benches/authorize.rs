@@ -1,0 +1,107 @@
+//! What one authorization decision costs: `authorize` over the 50-rule
+//! policy of `bench/policy-cost.sh` (every request checked against all
+//! rules, allowed by the last) and over an empty policy, in nanoseconds.
+//!
+//!     cargo bench --bench authorize
+//!
+//! A plain harness (no criterion, to keep the build lean): 31 batches of
+//! 200,000 decisions each; prints the median and the spread per decision.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use outrider::identity::SpiffeId;
+use outrider::policy::model::{Kind, PeerAuth, Policy};
+use outrider::policy::source::parse_documents;
+use outrider::policy::{
+    DefaultPolicy, Http, MtlsMode, Request, Settings, Workload, WorkloadPolicy, authorize,
+};
+
+const BATCHES: usize = 31;
+const PER_BATCH: u32 = 200_000;
+
+fn bench_policy_yaml() -> String {
+    let mut yaml = String::from(
+        "apiVersion: security.outrider.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: bench-deny}\nspec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n  rules:\n",
+    );
+    for i in 1..=10 {
+        yaml += &format!(
+            "  - from: [{{principals: [\"spiffe://cluster.local/ns/attackers/sa/a{i}\"], notNamespaces: [default]}}]\n    to: [{{ports: [18000], methods: [DELETE, PUT], paths: [\"/admin/{i}/*\"]}}]\n"
+        );
+    }
+    yaml += "---\napiVersion: security.outrider.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: bench-allow}\nspec:\n  selector: {matchLabels: {app: server}}\n  action: ALLOW\n  rules:\n";
+    for i in 1..=39 {
+        yaml += &format!(
+            "  - from: [{{principals: [\"spiffe://cluster.local/ns/default/sa/svc-{i}\", \"spiffe://cluster.local/ns/other/*\"], ipBlocks: [\"10.{i}.0.0/16\"]}}]\n    to: [{{ports: [18000], methods: [GET, POST], paths: [\"/api/v{i}/*\", \"*.json\"]}}]\n"
+        );
+    }
+    yaml += "  - from: [{principals: [\"spiffe://cluster.local/ns/default/sa/client\"], ipBlocks: [\"127.0.0.0/8\"]}]\n    to: [{ports: [18000], methods: [GET], paths: [\"/\", \"/api/*\"]}]\n";
+    yaml
+}
+
+fn compiled(yaml: &str) -> WorkloadPolicy {
+    let mut policies = Vec::new();
+    let mut peer_auths: Vec<PeerAuth> = Vec::new();
+    for object in parse_documents(yaml, "default").unwrap() {
+        match object.kind {
+            Kind::AuthorizationPolicy => {
+                let policy = Policy::from_object(&object);
+                assert!(policy.is_valid(), "{:?}", policy.problems);
+                policies.push(Arc::new(policy));
+            }
+            Kind::PeerAuthentication => peer_auths.push(PeerAuth::from_object(&object)),
+        }
+    }
+    let workload = Workload {
+        namespace: "default".into(),
+        labels: [("app".to_string(), "server".to_string())].into(),
+    };
+    let settings = Settings {
+        default: DefaultPolicy::AllowAll,
+        mtls: MtlsMode::Strict,
+        probes: Vec::new(),
+    };
+    outrider::policy::index::compile(&workload, &settings, &policies, &peer_auths, true)
+}
+
+fn measure(name: &str, policy: &WorkloadPolicy, request: &Request<'_>) {
+    assert!(authorize(policy, request).is_ok(), "{name}: not allowed");
+    let mut per_decision: Vec<f64> = (0..BATCHES)
+        .map(|_| {
+            let started = Instant::now();
+            for _ in 0..PER_BATCH {
+                black_box(authorize(black_box(policy), black_box(request)).is_ok());
+            }
+            started.elapsed().as_nanos() as f64 / f64::from(PER_BATCH)
+        })
+        .collect();
+    per_decision.sort_by(f64::total_cmp);
+    println!(
+        "{name:<28} median {:>7.1} ns/decision   (min {:.1}, max {:.1}; {BATCHES} batches of {PER_BATCH})",
+        per_decision[BATCHES / 2],
+        per_decision[0],
+        per_decision[BATCHES - 1],
+    );
+}
+
+fn main() {
+    let client = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/client").unwrap();
+    let request = Request {
+        peer: Some(&client),
+        source: "127.0.0.1".parse().unwrap(),
+        port: 18000,
+        http: Some(Http {
+            method: "GET",
+            path: "/",
+        }),
+    };
+    measure("no policy (mesh default)", &compiled(""), &request);
+    measure(
+        "50 rules, last one allows",
+        &compiled(&bench_policy_yaml()),
+        &request,
+    );
+}
