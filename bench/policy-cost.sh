@@ -58,6 +58,22 @@ YAML
   --method GET --path / | tee "$work/check.txt"
 grep -q "policy default/bench-allow, rules\[39\]" "$work/check.txt"
 
+# Control: with the client's rule pointed at another identity the same
+# setup must answer 403, or the benchmark is not enforcing the policy.
+mkdir -p "$work/control"
+sed 's#ns/default/sa/client"#ns/default/sa/nobody"#' "$work/policies/bench.yaml" > "$work/control/bench.yaml"
+echo "== control: a policy that denies the bench client" >&2
+OUTRIDER_BENCH_POLICY_DIR="$work/control" READY_TIMEOUT=3 "$here/run.sh" --contenders nginx --tests tput \
+  --reps 1 --workdir "/tmp/outrider-policy-cost-run" --json "$work/control.json" \
+  --markdown "$work/control.md" > /dev/null || true
+python3 - "$work/control.json" <<'PY'
+import json, sys
+failures = json.load(open(sys.argv[1]))["failures"]
+if not any(f["contender"] == "outrider" and "403" in f["error"] for f in failures):
+    sys.exit("control: the denying policy was not enforced: %s" % failures)
+print("control: the denying policy answers 403, so the policy runs enforce theirs")
+PY
+
 run() {
   local variant=$1 rep=$2
   echo "== $variant, repetition $rep" >&2

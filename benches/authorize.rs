@@ -1,6 +1,7 @@
-//! What one authorization decision costs: `authorize` over the 50-rule
-//! policy of `bench/policy-cost.sh` (every request checked against all
-//! rules, allowed by the last) and over an empty policy, in nanoseconds.
+//! What one authorization decision costs, in nanoseconds: `authorize` (a
+//! connection's first decision) and `CallerPolicy::decide` (each HTTP
+//! request on an established connection), over the 50-rule policy of
+//! `bench/policy-cost.sh` (allowed by its last rule) and over no policy.
 //!
 //!     cargo bench --bench authorize
 //!
@@ -16,6 +17,7 @@ use std::time::Instant;
 use outrider::identity::SpiffeId;
 use outrider::policy::model::{Kind, PeerAuth, Policy};
 use outrider::policy::source::parse_documents;
+use outrider::policy::authz::{CallerFacts, CallerPolicy};
 use outrider::policy::{
     DefaultPolicy, Http, MtlsMode, Request, Settings, Workload, WorkloadPolicy, authorize,
 };
@@ -67,20 +69,20 @@ fn compiled(yaml: &str) -> WorkloadPolicy {
     outrider::policy::index::compile(&workload, &settings, &policies, &peer_auths, true)
 }
 
-fn measure(name: &str, policy: &WorkloadPolicy, request: &Request<'_>) {
-    assert!(authorize(policy, request).is_ok(), "{name}: not allowed");
+fn measure(name: &str, decide: impl Fn() -> bool) {
+    assert!(decide(), "{name}: not allowed");
     let mut per_decision: Vec<f64> = (0..BATCHES)
         .map(|_| {
             let started = Instant::now();
             for _ in 0..PER_BATCH {
-                black_box(authorize(black_box(policy), black_box(request)).is_ok());
+                black_box(decide());
             }
             started.elapsed().as_nanos() as f64 / f64::from(PER_BATCH)
         })
         .collect();
     per_decision.sort_by(f64::total_cmp);
     println!(
-        "{name:<28} median {:>7.1} ns/decision   (min {:.1}, max {:.1}; {BATCHES} batches of {PER_BATCH})",
+        "{name:<44} median {:>7.1} ns   (min {:.1}, max {:.1}; {BATCHES} batches of {PER_BATCH})",
         per_decision[BATCHES / 2],
         per_decision[0],
         per_decision[BATCHES - 1],
@@ -89,19 +91,37 @@ fn measure(name: &str, policy: &WorkloadPolicy, request: &Request<'_>) {
 
 fn main() {
     let client = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/client").unwrap();
+    let http = Http {
+        method: "GET",
+        path: "/",
+    };
     let request = Request {
         peer: Some(&client),
         source: "127.0.0.1".parse().unwrap(),
         port: 18000,
-        http: Some(Http {
-            method: "GET",
-            path: "/",
-        }),
+        http: Some(http),
     };
-    measure("no policy (mesh default)", &compiled(""), &request);
-    measure(
-        "50 rules, last one allows",
-        &compiled(&bench_policy_yaml()),
-        &request,
-    );
+    let caller = CallerFacts {
+        peer: Some(&client),
+        source: request.source,
+        port: request.port,
+    };
+    for (name, yaml) in [
+        ("no policy", String::new()),
+        ("50 rules", bench_policy_yaml()),
+    ] {
+        let policy = Arc::new(compiled(&yaml));
+        measure(&format!("{name}: authorize"), || {
+            authorize(black_box(&policy), black_box(&request)).is_ok()
+        });
+        let view = CallerPolicy::new(policy.clone(), caller);
+        measure(&format!("{name}: CallerPolicy::decide"), || {
+            black_box(&view).decide(black_box(Some(http))).is_ok()
+        });
+        measure(&format!("{name}: CallerPolicy::new"), || {
+            CallerPolicy::new(black_box(policy.clone()), caller)
+                .policy()
+                .synced
+        });
+    }
 }

@@ -13,7 +13,7 @@ use std::cell::OnceCell;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::index::WorkloadPolicy;
+use super::index::{Probe, WorkloadPolicy};
 use super::model::{Action, DefaultPolicy, Operation, Pattern, Policy, Rule, Source};
 use crate::identity::SpiffeId;
 
@@ -90,20 +90,56 @@ pub struct Denied {
 /// Decides one connection or request.
 pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, Denied> {
     let facts = Facts::of(req);
-    let facts = &facts;
+    let probe = req.peer.is_none() && policy.probes.iter().any(|probe| probe.matches(req));
+    decide(
+        policy,
+        probe,
+        |list, i| first_match(&policy.list(list)[i], &facts),
+        || default_allows(policy, req.peer),
+    )
+}
+
+/// Which of a workload's policy lists.
+#[derive(Debug, Clone, Copy)]
+enum List {
+    Deny,
+    Allow,
+    Audit,
+}
+
+impl WorkloadPolicy {
+    fn list(&self, list: List) -> &[Arc<Policy>] {
+        match list {
+            List::Deny => &self.deny,
+            List::Allow => &self.allow,
+            List::Audit => &self.audit,
+        }
+    }
+}
+
+/// The decision order, over a matcher that names the first matching rule
+/// of the `i`th policy of a list: shared by [`authorize`] and
+/// [`CallerPolicy`], so both decide alike by construction.
+fn decide(
+    policy: &WorkloadPolicy,
+    probe: bool,
+    first_match: impl Fn(List, usize) -> Option<usize>,
+    default_allows: impl FnOnce() -> bool,
+) -> Result<Permit, Denied> {
     let audits = || -> Vec<AuditMatch> {
         policy
             .audit
             .iter()
-            .filter_map(|p| {
-                first_match(p, facts).map(|rule| AuditMatch {
+            .enumerate()
+            .filter_map(|(i, p)| {
+                first_match(List::Audit, i).map(|rule| AuditMatch {
                     id: p.id.clone(),
                     rule,
                 })
             })
             .collect()
     };
-    if req.peer.is_none() && policy.probes.iter().any(|probe| probe.matches(req)) {
+    if probe {
         return Ok(Permit {
             by: Decider::Probe,
             audits: Vec::new(),
@@ -115,8 +151,8 @@ pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, D
             audits: Vec::new(),
         });
     }
-    for deny in &policy.deny {
-        if let Some(rule) = first_match(deny, facts) {
+    for (i, deny) in policy.deny.iter().enumerate() {
+        if let Some(rule) = first_match(List::Deny, i) {
             return Err(Denied {
                 by: Decider::Policy {
                     id: deny.id.clone(),
@@ -127,8 +163,8 @@ pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, D
         }
     }
     if !policy.allow.is_empty() {
-        for allow in &policy.allow {
-            if let Some(rule) = first_match(allow, facts) {
+        for (i, allow) in policy.allow.iter().enumerate() {
+            if let Some(rule) = first_match(List::Allow, i) {
                 return Ok(Permit {
                     by: Decider::Policy {
                         id: allow.id.clone(),
@@ -144,15 +180,7 @@ pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, D
         });
     }
     let by = Decider::Default(policy.default);
-    let allowed = match policy.default {
-        DefaultPolicy::AllowAll => true,
-        DefaultPolicy::AllowAuthenticated => req.peer.is_some(),
-        DefaultPolicy::AllowSameNamespace => {
-            req.peer.and_then(namespace_of) == Some(policy.namespace.as_str())
-        }
-        DefaultPolicy::Deny => false,
-    };
-    if allowed {
+    if default_allows() {
         Ok(Permit {
             by,
             audits: audits(),
@@ -162,6 +190,136 @@ pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, D
             by,
             audits: audits(),
         })
+    }
+}
+
+fn default_allows(policy: &WorkloadPolicy, peer: Option<&SpiffeId>) -> bool {
+    match policy.default {
+        DefaultPolicy::AllowAll => true,
+        DefaultPolicy::AllowAuthenticated => peer.is_some(),
+        DefaultPolicy::AllowSameNamespace => {
+            peer.and_then(namespace_of) == Some(policy.namespace.as_str())
+        }
+        DefaultPolicy::Deny => false,
+    }
+}
+
+/// One caller's view of a workload's policy: every rule whose source and
+/// port conditions the caller meets, reduced to its method and path
+/// conditions. Built once per connection (and again when the policy
+/// changes), it decides each request on that connection without looking
+/// at rules that could never match it again: with HTTP keep-alive or
+/// HTTP/2 the cost of a large policy is paid per connection, not per
+/// request. [`CallerPolicy::decide`] equals [`authorize`] for the same
+/// caller; a property test holds it to that.
+#[derive(Debug)]
+pub struct CallerPolicy {
+    policy: Arc<WorkloadPolicy>,
+    /// The probes an unauthenticated caller on this port may reach.
+    probes: Vec<Probe>,
+    default_allows: bool,
+    /// Parallel to `policy.deny`, `.allow` and `.audit`: for each policy,
+    /// the rules still possible, as (rule index, operations still
+    /// possible); `None` operations: the rule has no `to` and matches any
+    /// request.
+    deny: Vec<Vec<(usize, Option<Vec<usize>>)>>,
+    allow: Vec<Vec<(usize, Option<Vec<usize>>)>>,
+    audit: Vec<Vec<(usize, Option<Vec<usize>>)>>,
+}
+
+/// Who is calling which port: the connection-level facts of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct CallerFacts<'a> {
+    pub peer: Option<&'a SpiffeId>,
+    pub source: IpAddr,
+    pub port: u16,
+}
+
+impl CallerPolicy {
+    pub fn new(policy: Arc<WorkloadPolicy>, caller: CallerFacts<'_>) -> Self {
+        let req = Request {
+            peer: caller.peer,
+            source: caller.source,
+            port: caller.port,
+            http: None,
+        };
+        let facts = Facts::of(&req);
+        let residuals = |list: &[Arc<Policy>]| -> Vec<Vec<(usize, Option<Vec<usize>>)>> {
+            list.iter()
+                .map(|p| {
+                    p.rules
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, rule)| {
+                            rule.from.is_empty()
+                                || rule.from.iter().any(|s| source_matches(s, &facts))
+                        })
+                        .filter_map(|(i, rule)| {
+                            if rule.to.is_empty() {
+                                return Some((i, None));
+                            }
+                            let ops: Vec<usize> = rule
+                                .to
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, op)| op.ports.check(|p| *p == caller.port))
+                                .map(|(j, _)| j)
+                                .collect();
+                            (!ops.is_empty()).then_some((i, Some(ops)))
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        Self {
+            probes: if caller.peer.is_none() {
+                policy
+                    .probes
+                    .iter()
+                    .filter(|p| p.port == caller.port)
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            default_allows: default_allows(&policy, caller.peer),
+            deny: residuals(&policy.deny),
+            allow: residuals(&policy.allow),
+            audit: residuals(&policy.audit),
+            policy,
+        }
+    }
+
+    /// The policy this view was built from.
+    pub fn policy(&self) -> &Arc<WorkloadPolicy> {
+        &self.policy
+    }
+
+    /// Decides one request (`None`: the connection is opaque).
+    pub fn decide(&self, http: Option<Http<'_>>) -> Result<Permit, Denied> {
+        let probe = self.probes.iter().any(|probe| probe.matches_request(http));
+        decide(
+            &self.policy,
+            probe,
+            |list, i| {
+                let (policies, residuals) = match list {
+                    List::Deny => (&self.policy.deny, &self.deny),
+                    List::Allow => (&self.policy.allow, &self.allow),
+                    List::Audit => (&self.policy.audit, &self.audit),
+                };
+                let policy = &policies[i];
+                residuals[i].iter().find_map(|(rule, ops)| {
+                    let hit = match ops {
+                        None => true,
+                        Some(ops) => ops.iter().any(|&j| {
+                            request_matches(&policy.rules[*rule].to[j], policy.action, http)
+                        }),
+                    };
+                    hit.then_some(*rule)
+                })
+            },
+            || self.default_allows,
+        )
     }
 }
 
@@ -230,10 +388,12 @@ fn source_matches(source: &Source, facts: &Facts<'_>) -> bool {
 }
 
 fn operation_matches(op: &Operation, action: Action, req: &Request<'_>) -> bool {
-    if !op.ports.check(|p| *p == req.port) {
-        return false;
-    }
-    match req.http {
+    op.ports.check(|p| *p == req.port) && request_matches(op, action, req.http)
+}
+
+/// The method and path conditions of an operation.
+fn request_matches(op: &Operation, action: Action, http: Option<Http<'_>>) -> bool {
+    match http {
         Some(http) => {
             op.methods.check(|m| m == http.method)
                 && op.paths.check(|p: &Pattern| p.matches(http.path))

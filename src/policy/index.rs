@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::authz::Request;
+use super::authz::{Http, Request};
 use super::model::{Action, DefaultPolicy, MtlsMode, PeerAuth, Policy, Selector};
 
 /// A kubelet probe that is always allowed from unauthenticated callers.
@@ -23,10 +23,12 @@ pub struct Probe {
 
 impl Probe {
     pub fn matches(&self, req: &Request<'_>) -> bool {
-        if req.port != self.port {
-            return false;
-        }
-        match (&self.path, req.http) {
+        req.port == self.port && self.matches_request(req.http)
+    }
+
+    /// The path and method part of [`Probe::matches`].
+    pub fn matches_request(&self, http: Option<Http<'_>>) -> bool {
+        match (&self.path, http) {
             (None, _) => true,
             (Some(path), Some(http)) => {
                 (http.method == "GET" || http.method == "HEAD")

@@ -3,15 +3,16 @@
 //!
 //! Opaque connections are judged once when they start and again whenever
 //! the policy changes (a newly denied connection is closed); HTTP requests
-//! are judged one by one.
+//! are judged one by one, through a per-connection view of the policy.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::metrics::{Direction, Metrics};
 use crate::identity::SpiffeId;
+use crate::policy::authz::{CallerFacts, CallerPolicy};
 use crate::policy::source::PolicyRx;
 use crate::policy::{Denied, Http, Permit, Request, authorize};
 
@@ -61,14 +62,6 @@ impl Enforcer {
             }
         }
         self.record("tcp", caller, &outcome, None);
-        outcome
-    }
-
-    /// Judges one HTTP request.
-    pub fn check_http(&self, caller: &Caller, method: &str, path: &str) -> Result<Permit, Denied> {
-        let policy = self.policy.borrow().clone();
-        let outcome = authorize(&policy, &request(caller, Some(Http { method, path })));
-        self.record("http", caller, &outcome, Some(method));
         outcome
     }
 
@@ -161,6 +154,59 @@ impl Enforcer {
         }
         logged.insert(key, now);
         true
+    }
+}
+
+/// Judges the HTTP requests of one connection. The caller is fixed for the
+/// connection, so its view of the policy ([`CallerPolicy`]) is built once
+/// and rebuilt only when the policy changes.
+pub struct ConnectionAuthz {
+    enforcer: Arc<Enforcer>,
+    caller: Caller,
+    view: Mutex<Option<Arc<CallerPolicy>>>,
+}
+
+impl ConnectionAuthz {
+    pub fn new(enforcer: Arc<Enforcer>, caller: Caller) -> Self {
+        Self {
+            enforcer,
+            caller,
+            view: Mutex::new(None),
+        }
+    }
+
+    /// Judges one request.
+    pub fn check_http(&self, method: &str, path: &str) -> Result<Permit, Denied> {
+        let outcome = self.view().decide(Some(Http { method, path }));
+        self.enforcer
+            .record("http", &self.caller, &outcome, Some(method));
+        outcome
+    }
+
+    /// The view of the policy in force now.
+    fn view(&self) -> Arc<CallerPolicy> {
+        let current = self.enforcer.policy.borrow().clone();
+        // Only this connection's requests share the lock, for the time of
+        // a pointer comparison.
+        let mut cached = self
+            .view
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*cached {
+            Some(view) if Arc::ptr_eq(view.policy(), &current) => view.clone(),
+            _ => {
+                let view = Arc::new(CallerPolicy::new(
+                    current,
+                    CallerFacts {
+                        peer: self.caller.peer.as_ref(),
+                        source: self.caller.source,
+                        port: self.caller.port,
+                    },
+                ));
+                *cached = Some(view.clone());
+                view
+            }
+        }
     }
 }
 

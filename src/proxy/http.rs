@@ -24,7 +24,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::authz::{Caller, Enforcer};
+use super::authz::{Caller, ConnectionAuthz, Enforcer};
 use super::io::Activity;
 use super::metrics::{Direction, HttpMetrics, Metrics};
 use super::pool::{ForwardError, Pool, Release, Route, Sent, Version};
@@ -75,7 +75,10 @@ impl HttpServer {
                 let header = tls
                     .peer_id()
                     .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
-                (Some((tls, header)), Some((enforcer, caller)))
+                (
+                    Some((tls, header)),
+                    Some(ConnectionAuthz::new(enforcer, caller)),
+                )
             }
             None => (None, None),
         };
@@ -115,7 +118,7 @@ pub struct HttpForward {
     /// caller-identity header value it implies (computed once).
     downstream: Option<(TlsStatus, Option<HeaderValue>)>,
     /// Inbound only: who is calling, and what judges each request.
-    authz: Option<(Arc<Enforcer>, Caller)>,
+    authz: Option<ConnectionAuthz>,
     activity: Arc<Activity>,
     idle_timeout: Duration,
     drain: Watch,
@@ -389,9 +392,9 @@ pub fn synthetic_response(
 impl HttpForward {
     async fn forward(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
-        if let Some((enforcer, caller)) = &self.authz {
-            if enforcer
-                .check_http(caller, req.method().as_str(), req.uri().path())
+        if let Some(authz) = &self.authz {
+            if authz
+                .check_http(req.method().as_str(), req.uri().path())
                 .is_err()
             {
                 // The body names nothing: which policy denied goes to the

@@ -171,6 +171,33 @@ fn compiled(default: DefaultPolicy, policies: &[Arc<Policy>]) -> WorkloadPolicy 
     compile(&workload, &settings, policies, &[], true)
 }
 
+/// Like [`compiled`], with kubelet probes and possibly not yet synced.
+fn compiled_with_probes(
+    default: DefaultPolicy,
+    policies: &[Arc<Policy>],
+    synced: bool,
+) -> WorkloadPolicy {
+    let workload = Workload {
+        namespace: "shop".into(),
+        labels: BTreeMap::new(),
+    };
+    let settings = Settings {
+        default,
+        mtls: MtlsMode::Permissive,
+        probes: vec![
+            crate::policy::Probe {
+                port: 8080,
+                path: Some("/healthz".into()),
+            },
+            crate::policy::Probe {
+                port: 9090,
+                path: None,
+            },
+        ],
+    };
+    compile(&workload, &settings, policies, &[], synced)
+}
+
 fn default_policy() -> impl Strategy<Value = DefaultPolicy> {
     select(&[
         DefaultPolicy::AllowAll,
@@ -252,5 +279,29 @@ proptest! {
             matching_rule(&policy, &as_request(&req)).is_some()
         };
         prop_assert_ne!(matches(false), matches(true));
+    }
+
+    #[test]
+    fn a_callers_view_decides_exactly_like_authorize(
+        specs in proptest::collection::vec(any_spec(), 0..5),
+        default in default_policy(),
+        synced in prop_oneof![9 => Just(true), 1 => Just(false)],
+        req in request(),
+        more in proptest::collection::vec(
+            prop_oneof![Just(None), (select(METHODS), select(REQUEST_PATHS)).prop_map(Some)],
+            0..4,
+        ),
+    ) {
+        let policy = Arc::new(compiled_with_probes(default, &policies(&specs), synced));
+        let view = CallerPolicy::new(
+            policy.clone(),
+            CallerFacts { peer: req.peer.as_ref(), source: req.source, port: req.port },
+        );
+        // Several requests on one connection, as keep-alive would send them.
+        for http in std::iter::once(req.http).chain(more) {
+            let one = Req { http, ..req.clone() };
+            let http = http.map(|(method, path)| Http { method, path });
+            prop_assert_eq!(view.decide(http), authorize(&policy, &as_request(&one)));
+        }
     }
 }
