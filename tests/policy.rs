@@ -453,6 +453,50 @@ async fn kubelet_probes_pass_a_deny_default() {
     );
 }
 
+#[tokio::test]
+async fn strict_mtls_lets_kubelet_probes_through_and_nothing_else() {
+    let s = setup();
+    let app = apps::http1_app(Duration::ZERO).await;
+    let extra = format!("  probes:\n  - port: {}\n    path: /healthz\n", app.port());
+    let server =
+        ProxyProcess::start(&server_config(&s.server_w, app, &s.dir, "strict", &extra)).await;
+    assert_eq!(status(server.inbound(), "/healthz").await, 200, "the probe");
+    assert_eq!(
+        status(server.inbound(), "/api/orders").await,
+        403,
+        "plaintext that is not the probe"
+    );
+    assert_eq!(
+        server
+            .metric(
+                "outrider_authz_decisions_total",
+                &[("decision", "deny"), ("policy", "mtls-strict")]
+            )
+            .await,
+        1.0
+    );
+    let client = client_for(&s, &server, "").await;
+    assert_eq!(
+        status(client.outbound(), "/api/orders").await,
+        200,
+        "mesh traffic"
+    );
+
+    // A strict port without a probe refuses plaintext outright.
+    let other_app = apps::http1_app(Duration::ZERO).await;
+    let other_dir = s.dir.join("other");
+    std::fs::create_dir(&other_dir).unwrap();
+    let other = ProxyProcess::start(&server_config(
+        &s.server_w,
+        other_app,
+        &other_dir,
+        "strict",
+        "",
+    ))
+    .await;
+    assert_eq!(status(other.inbound(), "/healthz").await, 0);
+}
+
 fn k8s_policy(name: &str, action: &str, rules: serde_json::Value) -> serde_json::Value {
     json!({"apiVersion": "security.outrider.dev/v1alpha1", "kind": "AuthorizationPolicy",
            "metadata": {"name": name, "namespace": "shop", "creationTimestamp": "2026-11-29T00:00:00Z"},

@@ -3,18 +3,20 @@
 //! types; the proxy calls it per connection (opaque TCP) or per request
 //! (HTTP).
 //!
-//! Order (Istio's): kubelet probes from unauthenticated sources are
-//! allowed; before the first policy sync everything else is denied; any
-//! matching DENY denies; if any ALLOW policy selects the workload, the
-//! request must match one; otherwise the mesh default applies. AUDIT
-//! policies never decide; their matches are reported with the outcome.
+//! Order (Istio's, plus probes and mTLS): kubelet probes from
+//! unauthenticated sources are allowed; before the first policy sync
+//! everything else is denied; an unauthenticated caller on a STRICT port
+//! is denied; any matching DENY denies; if any ALLOW policy selects the
+//! workload, the request must match one; otherwise the mesh default
+//! applies. AUDIT policies never decide; their matches are reported with
+//! the outcome.
 
 use std::cell::OnceCell;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::index::{Probe, WorkloadPolicy};
-use super::model::{Action, DefaultPolicy, Operation, Pattern, Policy, Rule, Source};
+use super::model::{Action, DefaultPolicy, MtlsMode, Operation, Pattern, Policy, Rule, Source};
 use crate::identity::SpiffeId;
 
 /// The facts a decision looks at.
@@ -50,6 +52,8 @@ pub enum Decider {
     Probe,
     /// No policy has been received yet.
     NotSynced,
+    /// The caller is unauthenticated and the port's mTLS mode is STRICT.
+    StrictMtls,
 }
 
 impl Decider {
@@ -64,6 +68,7 @@ impl Decider {
             Self::Default(DefaultPolicy::Deny) => "default:deny",
             Self::Probe => "probe",
             Self::NotSynced => "not-synced",
+            Self::StrictMtls => "mtls-strict",
         }
     }
 }
@@ -91,9 +96,11 @@ pub struct Denied {
 pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, Denied> {
     let facts = Facts::of(req);
     let probe = req.peer.is_none() && policy.probes.iter().any(|probe| probe.matches(req));
+    let plaintext_refused = req.peer.is_none() && policy.mtls_mode(req.port) == MtlsMode::Strict;
     decide(
         policy,
         probe,
+        plaintext_refused,
         |list, i| first_match(&policy.list(list)[i], &facts),
         || default_allows(policy, req.peer),
     )
@@ -123,6 +130,7 @@ impl WorkloadPolicy {
 fn decide(
     policy: &WorkloadPolicy,
     probe: bool,
+    plaintext_refused: bool,
     first_match: impl Fn(List, usize) -> Option<usize>,
     default_allows: impl FnOnce() -> bool,
 ) -> Result<Permit, Denied> {
@@ -148,6 +156,12 @@ fn decide(
     if !policy.synced {
         return Err(Denied {
             by: Decider::NotSynced,
+            audits: Vec::new(),
+        });
+    }
+    if plaintext_refused {
+        return Err(Denied {
+            by: Decider::StrictMtls,
             audits: Vec::new(),
         });
     }
@@ -217,6 +231,8 @@ pub struct CallerPolicy {
     policy: Arc<WorkloadPolicy>,
     /// The probes an unauthenticated caller on this port may reach.
     probes: Vec<Probe>,
+    /// Unauthenticated, on a STRICT port.
+    plaintext_refused: bool,
     default_allows: bool,
     /// Parallel to `policy.deny`, `.allow` and `.audit`: for each policy,
     /// the rules still possible, as (rule index, operations still
@@ -282,6 +298,8 @@ impl CallerPolicy {
             } else {
                 Vec::new()
             },
+            plaintext_refused: caller.peer.is_none()
+                && policy.mtls_mode(caller.port) == MtlsMode::Strict,
             default_allows: default_allows(&policy, caller.peer),
             deny: residuals(&policy.deny),
             allow: residuals(&policy.allow),
@@ -301,6 +319,7 @@ impl CallerPolicy {
         decide(
             &self.policy,
             probe,
+            self.plaintext_refused,
             |list, i| {
                 let (policies, residuals) = match list {
                     List::Deny => (&self.policy.deny, &self.deny),

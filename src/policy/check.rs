@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::authz::{AuditMatch, Decider, Http, Request, authorize};
 use super::index::{Settings, Workload, compile};
-use super::model::{Kind, MtlsMode, PeerAuth, Policy};
+use super::model::{Kind, PeerAuth, Policy};
 use super::source::{ObjectSet, parse_documents};
 use crate::identity::SpiffeId;
 
@@ -36,20 +36,11 @@ pub struct Question {
     pub http: Option<(String, String)>,
 }
 
-/// What decided the answer.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Authz(Decider),
-    /// The port's mTLS mode is STRICT and the caller is unauthenticated:
-    /// the proxy refuses the connection before any policy is consulted.
-    PlaintextRefused,
-}
-
 /// The answer, with its reasons.
 #[derive(Debug)]
 pub struct Answer {
     pub allowed: bool,
-    pub by: Verdict,
+    pub by: Decider,
     /// The request was judged as an opaque TCP connection (no method and
     /// path given), where HTTP conditions never allow and always deny.
     pub opaque: bool,
@@ -147,23 +138,13 @@ pub fn check(objects: &ObjectSet, question: &Question) -> Answer {
     };
     let policies_in_force = compiled.deny.len() + compiled.allow.len() + compiled.audit.len();
     let opaque = request.http.is_none();
-    if request.peer.is_none() && compiled.mtls_mode(request.port) == MtlsMode::Strict {
-        return Answer {
-            allowed: false,
-            by: Verdict::PlaintextRefused,
-            opaque,
-            audits: Vec::new(),
-            warnings,
-            policies_in_force,
-        };
-    }
     let (allowed, by, audits) = match authorize(&compiled, &request) {
         Ok(permit) => (true, permit.by, permit.audits),
         Err(denied) => (false, denied.by, denied.audits),
     };
     Answer {
         allowed,
-        by: Verdict::Authz(by),
+        by,
         opaque,
         audits,
         warnings,
@@ -175,18 +156,18 @@ impl fmt::Display for Answer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "{}", if self.allowed { "ALLOW" } else { "DENY" })?;
         let reason = match &self.by {
-            Verdict::PlaintextRefused => {
+            Decider::StrictMtls => {
                 "mTLS is STRICT on this port and the caller is unauthenticated".to_string()
             }
-            Verdict::Authz(Decider::Policy { id, rule }) => format!("policy {id}, rules[{rule}]"),
-            Verdict::Authz(Decider::NoAllowMatched) => {
+            Decider::Policy { id, rule } => format!("policy {id}, rules[{rule}]"),
+            Decider::NoAllowMatched => {
                 "ALLOW policies select the workload and none matched".to_string()
             }
-            Verdict::Authz(Decider::Default(d)) => {
+            Decider::Default(d) => {
                 format!("the mesh default ({d}); no ALLOW policy selects the workload")
             }
-            Verdict::Authz(Decider::Probe) => "a kubelet probe exemption".to_string(),
-            Verdict::Authz(Decider::NotSynced) => "no policy received yet".to_string(),
+            Decider::Probe => "a kubelet probe exemption".to_string(),
+            Decider::NotSynced => "no policy received yet".to_string(),
         };
         writeln!(f, "  decided by: {reason}")?;
         if self.opaque {
@@ -219,7 +200,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::policy::DefaultPolicy;
+    use crate::policy::{DefaultPolicy, MtlsMode};
 
     const PAYMENTS: &str = "
 apiVersion: security.outrider.dev/v1alpha1
@@ -278,10 +259,10 @@ spec:
         assert!(answer.allowed);
         assert_eq!(
             answer.by,
-            Verdict::Authz(Decider::Policy {
+            Decider::Policy {
                 id: "shop/payments".into(),
                 rule: 0
-            })
+            }
         );
         assert!(!answer.opaque);
     }
@@ -303,17 +284,14 @@ spec:
             &objects(PAYMENTS),
             &question(None, 9090, Some(("POST", "/"))),
         );
-        assert_eq!(
-            (answer.allowed, answer.by),
-            (false, Verdict::PlaintextRefused)
-        );
+        assert_eq!((answer.allowed, answer.by), (false, Decider::StrictMtls));
         let answer = check(
             &objects(PAYMENTS),
             &question(None, 8080, Some(("POST", "/"))),
         );
         assert_eq!(
             answer.by,
-            Verdict::Authz(Decider::NoAllowMatched),
+            Decider::NoAllowMatched,
             "port 8080 stays permissive, so the ALLOW policy decides"
         );
     }

@@ -153,8 +153,18 @@ impl Shared {
         if detected == Detection::Closed {
             return;
         }
-        // Not mesh TLS: the client has no proxy (or is the kubelet).
-        if strict {
+        // Not mesh TLS: the client has no proxy (or is the kubelet). On a
+        // strict port only the kubelet's probes may get further, and the
+        // authorization decision lets nothing else through.
+        let probe_port = || {
+            self.enforcer
+                .policy()
+                .borrow()
+                .probes
+                .iter()
+                .any(|probe| probe.port == app_addr.port())
+        };
+        if strict && !probe_port() {
             self.metrics
                 .connection_error(DIRECTION, "plaintext_refused");
             tracing::debug!(%client, "Refused a connection without mesh TLS (strict mode)");

@@ -171,10 +171,12 @@ fn compiled(default: DefaultPolicy, policies: &[Arc<Policy>]) -> WorkloadPolicy 
     compile(&workload, &settings, policies, &[], true)
 }
 
-/// Like [`compiled`], with kubelet probes and possibly not yet synced.
+/// Like [`compiled`], with kubelet probes, a mesh mTLS mode, and possibly
+/// not yet synced.
 fn compiled_with_probes(
     default: DefaultPolicy,
     policies: &[Arc<Policy>],
+    mtls: MtlsMode,
     synced: bool,
 ) -> WorkloadPolicy {
     let workload = Workload {
@@ -183,7 +185,7 @@ fn compiled_with_probes(
     };
     let settings = Settings {
         default,
-        mtls: MtlsMode::Permissive,
+        mtls,
         probes: vec![
             crate::policy::Probe {
                 port: 8080,
@@ -286,13 +288,14 @@ proptest! {
         specs in proptest::collection::vec(any_spec(), 0..5),
         default in default_policy(),
         synced in prop_oneof![9 => Just(true), 1 => Just(false)],
+        mtls in select(&[MtlsMode::Permissive, MtlsMode::Strict]),
         req in request(),
         more in proptest::collection::vec(
             prop_oneof![Just(None), (select(METHODS), select(REQUEST_PATHS)).prop_map(Some)],
             0..4,
         ),
     ) {
-        let policy = Arc::new(compiled_with_probes(default, &policies(&specs), synced));
+        let policy = Arc::new(compiled_with_probes(default, &policies(&specs), mtls, synced));
         let view = CallerPolicy::new(
             policy.clone(),
             CallerFacts { peer: req.peer.as_ref(), source: req.source, port: req.port },

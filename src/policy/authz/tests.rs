@@ -578,6 +578,51 @@ fn probes_are_allowed_from_unauthenticated_callers_even_under_deny() {
 }
 
 #[test]
+fn under_strict_mtls_an_unauthenticated_caller_reaches_only_probes() {
+    let allow_anyone = policy("anyone", "action: ALLOW\nrules: [{}]\n");
+    let mut strict_settings = settings(DefaultPolicy::AllowAll);
+    strict_settings.mtls = MtlsMode::Strict;
+    let p = compile(&workload(), &strict_settings, &[allow_anyone], &[], true);
+    run(
+        &p,
+        &[
+            Case {
+                peer: None,
+                source: "10.0.0.1",
+                port: 8080,
+                http: Some(("GET", "/healthz")),
+                allowed: true,
+                by: "probe",
+            },
+            Case {
+                peer: None,
+                source: "10.0.0.1",
+                port: 8080,
+                http: Some(("GET", "/api/orders")),
+                allowed: false,
+                by: "mtls-strict",
+            },
+            Case {
+                peer: None,
+                source: "10.0.0.1",
+                port: 9000,
+                http: None,
+                allowed: true,
+                by: "probe",
+            },
+            Case {
+                peer: ORDERS,
+                source: "10.0.0.1",
+                port: 8080,
+                http: Some(("GET", "/api/orders")),
+                allowed: true,
+                by: "shop/anyone",
+            },
+        ],
+    );
+}
+
+#[test]
 fn before_the_first_sync_only_probes_pass() {
     let p = WorkloadPolicy::unsynced(&workload(), &settings(DefaultPolicy::AllowAll));
     run(
