@@ -168,10 +168,12 @@ async fn an_opaque_connection_is_cut_when_a_new_deny_covers_it() {
     let server = ProxyProcess::start(&server_config(&s.server_w, echo, &s.dir, "strict", "")).await;
     let client = ProxyProcess::start(&config(
         &s.client_w,
-        &sections(None, Some((server.inbound(), &s.server_w.id)), "strict", "").replace(
-            "outbound:\n  listen: 127.0.0.1:0\n",
-            "outbound:\n  listen: 127.0.0.1:0\n  protocol: opaque\n",
-        ),
+        &common::opaque_outbound(&sections(
+            None,
+            Some((server.inbound(), &s.server_w.id)),
+            "strict",
+            "",
+        )),
     ))
     .await;
     let mut stream = tokio::net::TcpStream::connect(client.outbound())
@@ -233,10 +235,12 @@ async fn http_rules_never_allow_an_opaque_connection_and_say_so() {
     let server = ProxyProcess::start(&server_config(&s.server_w, echo, &s.dir, "strict", "")).await;
     let client = ProxyProcess::start(&config(
         &s.client_w,
-        &sections(None, Some((server.inbound(), &s.server_w.id)), "strict", "").replace(
-            "outbound:\n  listen: 127.0.0.1:0\n",
-            "outbound:\n  listen: 127.0.0.1:0\n  protocol: opaque\n",
-        ),
+        &common::opaque_outbound(&sections(
+            None,
+            Some((server.inbound(), &s.server_w.id)),
+            "strict",
+            "",
+        )),
     ))
     .await;
     let mut stream = tokio::net::TcpStream::connect(client.outbound())

@@ -124,10 +124,7 @@ async fn mesh(ca: &TestCa) -> Mesh {
     let pooled = ProxyProcess::start(&config(&client_w, &sections(None, peer, "strict", ""))).await;
     let opaque = ProxyProcess::start(&config(
         &client_w,
-        &sections(None, peer, "strict", "").replace(
-            "outbound:\n  listen: 127.0.0.1:0\n",
-            "outbound:\n  listen: 127.0.0.1:0\n  protocol: opaque\n",
-        ),
+        &common::opaque_outbound(&sections(None, peer, "strict", "")),
     ))
     .await;
     Mesh {
@@ -376,10 +373,12 @@ async fn established_connections_outlive_rotations_of_both_identities() {
     .await;
     let client = ProxyProcess::start(&config(
         &client_w,
-        &sections(None, Some((server.inbound(), &server_w.id)), "strict", "").replace(
-            "outbound:\n  listen: 127.0.0.1:0\n",
-            "outbound:\n  listen: 127.0.0.1:0\n  protocol: opaque\n",
-        ),
+        &common::opaque_outbound(&sections(
+            None,
+            Some((server.inbound(), &server_w.id)),
+            "strict",
+            "",
+        )),
     ))
     .await;
     let mut stream = tokio::net::TcpStream::connect(client.outbound())

@@ -43,6 +43,15 @@ pub fn config(w: &Workload, sections: &str) -> String {
     )
 }
 
+/// [`sections`] with an outbound listener that never detects protocols:
+/// every connection gets its own mTLS connection and is relayed as bytes.
+pub fn opaque_outbound(sections: &str) -> String {
+    sections.replace(
+        "outbound:\n  listen: 127.0.0.1:0\n",
+        "outbound:\n  listen: 127.0.0.1:0\n  protocol: opaque\n",
+    )
+}
+
 /// Inbound to a fixed app, outbound to a fixed peer.
 pub fn sections(
     app: Option<SocketAddr>,

@@ -18,6 +18,16 @@ fn metrics() -> Metrics {
 }
 
 fn publisher(labels: &[(&str, &str)]) -> (Publisher, PolicyRx) {
+    publisher_with(labels, false, metrics())
+}
+
+/// A publisher for workload `shop` with these labels (or waiting for them
+/// from a file), the mesh default allow-all, permissive mTLS.
+fn publisher_with(
+    labels: &[(&str, &str)],
+    labels_from_file: bool,
+    metrics: Metrics,
+) -> (Publisher, PolicyRx) {
     let workload = Workload {
         namespace: "shop".into(),
         labels: labels
@@ -30,7 +40,7 @@ fn publisher(labels: &[(&str, &str)]) -> (Publisher, PolicyRx) {
         mtls: MtlsMode::Permissive,
         probes: Vec::new(),
     };
-    Publisher::new(workload, settings, false, metrics())
+    Publisher::new(workload, settings, labels_from_file, metrics)
 }
 
 fn set(objects: Vec<Object>) -> ObjectSet {
@@ -88,16 +98,7 @@ fn with_a_labels_file_nothing_is_synced_until_the_labels_are_read() {
     // Objects first: a DENY selecting `app: web` must not be missed because
     // the labels are not known yet.
     let only_web = "apiVersion: security.outrider.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web}\nspec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{}]}\n";
-    let workload = Workload {
-        namespace: "shop".into(),
-        labels: Default::default(),
-    };
-    let settings = Settings {
-        default: DefaultPolicy::AllowAll,
-        mtls: MtlsMode::Permissive,
-        probes: Vec::new(),
-    };
-    let (mut publisher, rx) = Publisher::new(workload, settings, true, metrics());
+    let (mut publisher, rx) = publisher_with(&[], true, metrics());
     publisher.apply(Update::Objects(set(
         parse_documents(only_web, "shop").unwrap()
     )));
@@ -136,16 +137,7 @@ fn objects_of_other_namespaces_are_ignored() {
 fn an_invalid_object_is_counted_once_per_version() {
     let registry = Registry::new();
     let metrics = Metrics::new(&registry).unwrap();
-    let workload = Workload {
-        namespace: "shop".into(),
-        labels: Default::default(),
-    };
-    let settings = Settings {
-        default: DefaultPolicy::AllowAll,
-        mtls: MtlsMode::Permissive,
-        probes: Vec::new(),
-    };
-    let (mut publisher, _rx) = Publisher::new(workload, settings, false, metrics);
+    let (mut publisher, _rx) = publisher_with(&[], false, metrics);
     let broken = "apiVersion: security.outrider.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: b}\nspec: {action: ALLOW, rules: [{from: [{ipBlocks: [nope]}]}]}\n";
     let objects = set(parse_documents(broken, "shop").unwrap());
     publisher.apply(Update::Objects(objects.clone()));
