@@ -185,3 +185,115 @@ fn every_example_passes_the_schema_and_its_cel_rules() {
     }
     assert!(checked >= 8, "only {checked} example objects found");
 }
+
+/// The rules the API server applies to a structural schema (the ones a
+/// generated schema could break): every node has a type, `properties` and
+/// `additionalProperties` exclude each other, no references, and value
+/// validations (`anyOf`, `allOf`, `oneOf`, `not`) carry no types, defaults
+/// or descriptions of their own.
+fn structural_violations(node: &Value, path: &str, out: &mut Vec<String>) {
+    let Some(map) = node.as_object() else {
+        out.push(format!("{path}: not an object"));
+        return;
+    };
+    for forbidden in ["$ref", "definitions", "$schema", "$defs"] {
+        if map.contains_key(forbidden) {
+            out.push(format!("{path}: {forbidden}"));
+        }
+    }
+    let open = map.get("x-kubernetes-int-or-string") == Some(&json!(true))
+        || map.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true));
+    if !open
+        && map
+            .get("type")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+    {
+        out.push(format!("{path}: no type"));
+    }
+    if map.contains_key("properties") && map.contains_key("additionalProperties") {
+        out.push(format!("{path}: properties and additionalProperties"));
+    }
+    for (name, child) in map
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        structural_violations(child, &format!("{path}.{name}"), out);
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(child) = map.get(key).filter(|c| c.is_object()) {
+            structural_violations(child, &format!("{path}.{key}"), out);
+        }
+    }
+    for key in ["anyOf", "allOf", "oneOf", "not"] {
+        let branches = match map.get(key) {
+            Some(Value::Array(branches)) => branches.clone(),
+            Some(branch) => vec![branch.clone()],
+            None => continue,
+        };
+        for branch in branches {
+            for forbidden in [
+                "type",
+                "default",
+                "description",
+                "nullable",
+                "additionalProperties",
+            ] {
+                if branch.get(forbidden).is_some() {
+                    out.push(format!(
+                        "{path}.{key}: {forbidden} inside a value validation"
+                    ));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn both_schemas_are_structural() {
+    for (name, schema) in [
+        ("AuthorizationPolicy", schema::<AuthorizationPolicy>()),
+        ("PeerAuthentication", schema::<PeerAuthentication>()),
+    ] {
+        let mut violations = Vec::new();
+        structural_violations(&schema, name, &mut violations);
+        assert!(violations.is_empty(), "{violations:#?}");
+        // The checker itself finds what it is meant to find.
+        let mut broken = schema.clone();
+        broken["properties"]["spec"]["properties"]["selector"]
+            .as_object_mut()
+            .unwrap()
+            .remove("type");
+        let mut found = Vec::new();
+        structural_violations(&broken, name, &mut found);
+        assert_eq!(found, vec![format!("{name}.spec.selector: no type")]);
+    }
+}
+
+#[test]
+fn every_field_is_documented_for_kubectl_explain() {
+    fn undocumented(node: &Value, path: &str, out: &mut Vec<String>) {
+        for (name, child) in node["properties"].as_object().into_iter().flatten() {
+            let here = format!("{path}.{name}");
+            if child["description"].as_str().is_none_or(str::is_empty) {
+                out.push(here.clone());
+            }
+            undocumented(child, &here, out);
+            undocumented(&child["items"], &here, out);
+            undocumented(&child["additionalProperties"], &here, out);
+        }
+    }
+    for (name, schema) in [
+        ("AuthorizationPolicy", schema::<AuthorizationPolicy>()),
+        ("PeerAuthentication", schema::<PeerAuthentication>()),
+    ] {
+        let mut missing = Vec::new();
+        undocumented(&schema["properties"]["spec"], name, &mut missing);
+        assert!(
+            missing.is_empty(),
+            "fields without a description: {missing:?}"
+        );
+    }
+}
