@@ -65,16 +65,13 @@ impl Enforcer {
         outcome
     }
 
-    /// Resolves when a policy update denies this (allowed) opaque
-    /// connection; pending forever otherwise.
+    /// Resolves when the policy denies this (allowed) opaque connection;
+    /// pending forever otherwise. The policy in force when this starts is
+    /// judged too: an update may have come while the connection to the
+    /// application was being made.
     pub async fn denied_later(&self, caller: &Caller) -> Denied {
         let mut rx = self.policy.clone();
-        rx.mark_unchanged();
         loop {
-            if rx.changed().await.is_err() {
-                // No more updates can come: the last decision stands.
-                return std::future::pending().await;
-            }
             let policy = rx.borrow_and_update().clone();
             if let Err(denied) = authorize(&policy, &request(caller, None)) {
                 self.metrics
@@ -90,6 +87,10 @@ impl Enforcer {
                     "Closing a connection a policy update denies"
                 );
                 return denied;
+            }
+            if rx.changed().await.is_err() {
+                // No more updates can come: the last decision stands.
+                return std::future::pending().await;
             }
         }
     }

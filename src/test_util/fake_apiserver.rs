@@ -249,10 +249,24 @@ fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
     state.lists += 1;
     let version = state.version.to_string();
     let kind = kind_of(plural);
+    // Like the API server for built-in kinds, list items carry no
+    // apiVersion and kind: a client must not depend on them.
     let items: Vec<Value> = state
         .resources
         .get(plural)
-        .map(|r| r.objects.values().cloned().collect())
+        .map(|r| {
+            r.objects
+                .values()
+                .cloned()
+                .map(|mut item| {
+                    if let Some(fields) = item.as_object_mut() {
+                        fields.remove("apiVersion");
+                        fields.remove("kind");
+                    }
+                    item
+                })
+                .collect()
+        })
         .unwrap_or_default();
     json_response(
         StatusCode::OK,

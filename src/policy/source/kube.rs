@@ -98,7 +98,7 @@ pub async fn run(
                     tracing::info!("Kubernetes API reachable again");
                     failing = false;
                 }
-                apply(watched, event, &namespace)
+                apply(watched, kind, event, &namespace)
             }
             Err(error) => {
                 metrics.source_error("kubernetes", "watch_failed");
@@ -129,9 +129,19 @@ pub async fn run(
 }
 
 /// Applies one watch event; true when the complete state changed.
-fn apply(watched: &mut Watched, event: Event<DynamicObject>, namespace: &str) -> bool {
+fn apply(watched: &mut Watched, kind: Kind, event: Event<DynamicObject>, namespace: &str) -> bool {
     let convert = |o: DynamicObject| -> Option<Object> {
-        let value = serde_json::to_value(&o).ok()?;
+        let mut value = serde_json::to_value(&o).ok()?;
+        // Items of a list may come without apiVersion and kind; the
+        // watcher knows what it watches, and an object dropped here would
+        // be a policy silently not enforced.
+        value["apiVersion"] = format!(
+            "{}/{}",
+            crate::policy::crd::GROUP,
+            crate::policy::crd::VERSION
+        )
+        .into();
+        value["kind"] = kind.as_str().into();
         object_from_value(value, namespace)?.ok()
     };
     match event {
