@@ -48,6 +48,43 @@ pub enum Command {
     /// Work with authorization policies offline.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Install the iptables rules that send the pod's TCP through its
+    /// proxy (run as the pod's init container, with NET_ADMIN).
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The proxy's inbound listener port.
+    #[arg(long, env = "OUTRIDER_INIT_INBOUND_PORT", default_value_t = 4143)]
+    pub inbound_port: u16,
+    /// The proxy's outbound listener port.
+    #[arg(long, env = "OUTRIDER_INIT_OUTBOUND_PORT", default_value_t = 4140)]
+    pub outbound_port: u16,
+    /// The proxy's admin port: reached directly, never redirected.
+    #[arg(long, env = "OUTRIDER_INIT_ADMIN_PORT", default_value_t = 4191)]
+    pub admin_port: u16,
+    /// The UID the proxy runs as; its traffic is never captured.
+    #[arg(long, env = "OUTRIDER_INIT_PROXY_UID", default_value_t = 2102)]
+    pub proxy_uid: u32,
+    /// Inbound ports that bypass the proxy, e.g. `22,9000-9010`.
+    #[arg(long, env = "OUTRIDER_INIT_SKIP_INBOUND_PORTS", default_value = "")]
+    pub skip_inbound_ports: String,
+    /// Outbound destination ports that bypass the proxy.
+    #[arg(long, env = "OUTRIDER_INIT_SKIP_OUTBOUND_PORTS", default_value = "")]
+    pub skip_outbound_ports: String,
+    /// Outbound destination CIDRs that bypass the proxy.
+    #[arg(long, env = "OUTRIDER_INIT_SKIP_OUTBOUND_CIDRS", default_value = "")]
+    pub skip_outbound_cidrs: String,
+    /// auto (follow the flavor already in use, nft on a tie), nft or legacy.
+    #[arg(long, env = "OUTRIDER_INIT_IPTABLES_MODE", default_value = "auto")]
+    pub iptables_mode: String,
+    /// Print the iptables-restore documents instead of applying them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Remove the rules instead of installing them.
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 #[derive(Debug, Args)]
@@ -256,7 +293,52 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(PolicyCommand::Check(args)) => Ok(run_policy_check(&args)),
+        Command::Init(args) => run_init(&args),
     }
+}
+
+// === init ===
+
+fn run_init(args: &InitArgs) -> anyhow::Result<ExitCode> {
+    use crate::init::{InitRequest, rules};
+    let request = (|| -> Result<InitRequest, String> {
+        let mut skip_inbound_ports = vec![rules::PortRange {
+            first: args.admin_port,
+            last: args.admin_port,
+        }];
+        skip_inbound_ports.extend(
+            rules::parse_ports(&args.skip_inbound_ports)
+                .map_err(|e| format!("--skip-inbound-ports: {e}"))?,
+        );
+        Ok(InitRequest {
+            capture: rules::CaptureConfig {
+                inbound_port: args.inbound_port,
+                outbound_port: args.outbound_port,
+                proxy_uid: args.proxy_uid,
+                skip_inbound_ports,
+                skip_outbound_ports: rules::parse_ports(&args.skip_outbound_ports)
+                    .map_err(|e| format!("--skip-outbound-ports: {e}"))?,
+                skip_outbound_cidrs: rules::parse_cidrs(&args.skip_outbound_cidrs)
+                    .map_err(|e| format!("--skip-outbound-cidrs: {e}"))?,
+            },
+            mode: args
+                .iptables_mode
+                .parse()
+                .map_err(|e| format!("--iptables-mode: {e}"))?,
+            dry_run: args.dry_run,
+            cleanup: args.cleanup,
+        })
+    })();
+    let request = match request {
+        Ok(request) => request,
+        Err(message) => {
+            eprintln!("outrider init: {message}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    let report = crate::init::run(&request).context("outrider init")?;
+    print!("{report}");
+    Ok(ExitCode::SUCCESS)
 }
 
 // === proxy ===

@@ -7,6 +7,7 @@ pub mod config;
 pub mod crypto;
 pub mod demo;
 pub mod identity;
+pub mod init;
 pub mod lifecycle;
 pub mod policy;
 pub mod proxy;

@@ -1,6 +1,6 @@
 //! Shared test fixtures, compiled only for tests and the `test-util`
 //! feature: certificate authorities that can also mint deliberately broken
-//! certificates, identity directories, and bounded polling.
+//! certificates, identity directories, bounded polling, golden files.
 //!
 //! Fixtures panic on setup failure, like the tests that use them.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -8,6 +8,7 @@
 pub mod apps;
 pub mod certs;
 pub mod fake_apiserver;
+pub mod golden;
 pub mod tls;
 
 use std::time::Duration;
