@@ -17,7 +17,7 @@ use rules::{CaptureConfig, Family};
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     #[error(
-        "CAP_NET_ADMIN is missing: the init container needs the NET_ADMIN and NET_RAW capabilities (securityContext.capabilities.add) and must not run with allowPrivilegeEscalation: false under a non-root user without them"
+        "CAP_NET_ADMIN is missing: run the init container as root with securityContext.capabilities.add: [NET_ADMIN, NET_RAW] (the injector does this)"
     )]
     NoNetAdmin,
     #[error("{}", no_iptables_message(*.0))]

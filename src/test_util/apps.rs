@@ -40,7 +40,14 @@ async fn bind() -> (TcpListener, SocketAddr) {
 /// HTTP/1.1 app answering `<version> <method> <path> caller=<id>`, after
 /// `delay` (for in-flight tests). Paths starting `/status/NNN` answer NNN.
 pub async fn http1_app(delay: Duration) -> SocketAddr {
-    let (listener, addr) = bind().await;
+    http1_app_at("127.0.0.1:0".parse().expect("addr"), delay).await
+}
+
+/// [`http1_app`] on a given address (an app inside a network namespace
+/// listens on all addresses, like a pod's).
+pub async fn http1_app_at(at: SocketAddr, delay: Duration) -> SocketAddr {
+    let listener = TcpListener::bind(at).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {

@@ -1,0 +1,591 @@
+//! The real interception path: "pods" as network namespaces on a bridge,
+//! `outrider init` installing real iptables rules, the proxy running as
+//! UID 2102, apps that know nothing about the mesh.
+//!
+//! Needs root (network namespaces, iptables); CI runs as root. Without
+//! root these tests fail with a message saying so rather than pretending
+//! to pass. Each test builds its own topology with unique names and its
+//! own /24 under 10.222.0.0/16, inside namespaces it created.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use common::BIN;
+use nix::sched::{CloneFlags, setns};
+use outrider::test_util::apps::{http1_app_at, http1_get, metric};
+use outrider::test_util::certs::{TestCa, write_identity};
+
+const PROXY_UID: u32 = 2102;
+const APP_PORT: u16 = 8080;
+/// A string that must never cross the bridge in clear when both ends are
+/// meshed.
+const MARKER: &str = "cleartext-marker-7f3a9c";
+
+static NEXT_SUBNET: AtomicU8 = AtomicU8::new(1);
+
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the interception tests need root (network namespaces, iptables): run them as root, as CI does"
+    );
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn output(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter(ns);
+                f()
+            })
+            .join()
+            .expect("netns thread")
+    })
+}
+
+fn enter(ns: &str) {
+    let file = File::open(format!("/var/run/netns/{ns}")).expect("netns file");
+    setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+/// One HTTP/1 GET from inside `ns`, as a plain application would send it.
+fn get_from(ns: &str, to: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    in_netns(ns, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            match tokio::time::timeout(Duration::from_secs(5), http1_get(to, path)).await {
+                Ok(result) => result.map(|(status, body)| (status.as_u16(), body)),
+                Err(_) => Err("timed out".to_string()),
+            }
+        })
+    })
+}
+
+struct Pod {
+    ns: String,
+    ip: Ipv4Addr,
+}
+
+/// A bridge in its own namespace and one namespace per pod, torn down on
+/// drop together with every process started in them.
+struct Net {
+    switch: String,
+    pods: Vec<Pod>,
+    children: Vec<(String, Child)>,
+    app_stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    dir: tempfile::TempDir,
+    ca: TestCa,
+}
+
+impl Net {
+    fn new(pod_names: &[&str]) -> Self {
+        require_root();
+        let subnet = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{subnet}", std::process::id() % 100_000);
+        let switch = format!("or{tag}-sw");
+        sh(&["ip", "netns", "add", &switch]);
+        sh(&["ip", "-n", &switch, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &switch, "link", "set", "br0", "up"]);
+        let mut pods = Vec::new();
+        for (i, name) in pod_names.iter().enumerate() {
+            let ns = format!("or{tag}-{name}");
+            let ip = Ipv4Addr::new(10, 222, subnet, i as u8 + 1);
+            let port = format!("p{i}");
+            sh(&["ip", "netns", "add", &ns]);
+            sh(&[
+                "ip", "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port,
+                "netns", &switch,
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            sh(&["ip", "-n", &switch, "link", "set", &port, "master", "br0"]);
+            sh(&["ip", "-n", &switch, "link", "set", &port, "up"]);
+            pods.push(Pod { ns, ip });
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The proxy runs as UID 2102 and must reach its files.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        Self {
+            switch,
+            pods,
+            children: Vec::new(),
+            app_stops: Vec::new(),
+            dir,
+            ca: TestCa::new("cluster.local"),
+        }
+    }
+
+    fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.ns.ends_with(&format!("-{name}")))
+            .expect("pod")
+    }
+
+    fn addr(&self, name: &str) -> SocketAddr {
+        SocketAddr::from((self.pod(name).ip, APP_PORT))
+    }
+
+    /// `outrider init` inside the pod, as its init container would.
+    fn init(&self, name: &str, extra: &[&str]) -> String {
+        let mut args = vec!["ip", "netns", "exec", &self.pod(name).ns, BIN, "init"];
+        args.extend_from_slice(extra);
+        output(&args)
+    }
+
+    fn nat_table(&self, name: &str) -> String {
+        let dump = output(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.pod(name).ns,
+            "iptables-save",
+            "-t",
+            "nat",
+        ]);
+        // Drop the comment lines carrying timestamps.
+        dump.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// An HTTP app on 0.0.0.0:8080 inside the pod, answering with the
+    /// caller identity the proxy passed on.
+    fn start_app(&mut self, name: &str) {
+        let ns = self.pod(name).ns.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready, is_ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            enter(&ns);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                http1_app_at(SocketAddr::from(([0, 0, 0, 0], APP_PORT)), Duration::ZERO).await;
+                let _ = ready.send(());
+                let _ = stopped.await;
+            });
+        });
+        is_ready
+            .recv_timeout(Duration::from_secs(5))
+            .expect("app ready");
+        self.app_stops.push(stop);
+    }
+
+    /// The pod's identity directory, readable by the proxy's UID.
+    fn identity(&self, name: &str) -> (PathBuf, String) {
+        let dir = self.dir.path().join(format!("identity-{name}"));
+        let svid = self.ca.issue("shop", name);
+        write_identity(&dir, &svid.chain_pem, &svid.key_pem, &self.ca.root_pem);
+        chown_tree(&dir);
+        (dir, svid.id.to_string())
+    }
+
+    fn policy_dir(&self, name: &str) -> PathBuf {
+        let dir = self.dir.path().join(format!("policies-{name}"));
+        std::fs::create_dir_all(&dir).expect("policy dir");
+        chown_tree(&dir);
+        dir
+    }
+
+    /// Starts the proxy in the pod as UID 2102 with the listeners an
+    /// injected pod has, and waits until it is ready.
+    fn start_proxy(&mut self, name: &str, mtls_mode: &str) {
+        let (identity, id) = self.identity(name);
+        let policies = self.policy_dir(name);
+        let config = self.dir.path().join(format!("proxy-{name}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "identity:\n  dir: {}\n  id: {id}\n\
+                 mtls_mode: {mtls_mode}\n\
+                 workload:\n  labels: {{app: {name}}}\n\
+                 policy:\n  source: files\n  dir: {}\n  reload_debounce: 50ms\n  poll_interval: 500ms\n\
+                 log:\n  level: info\n",
+                identity.display(),
+                policies.display()
+            ),
+        )
+        .expect("config");
+        chown_tree(&config);
+        let log = File::create(self.dir.path().join(format!("proxy-{name}.log"))).expect("log");
+        let ns = self.pod(name).ns.clone();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "setpriv"])
+            .arg(format!("--reuid={PROXY_UID}"))
+            .arg(format!("--regid={PROXY_UID}"))
+            .args(["--clear-groups", BIN, "proxy", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn proxy");
+        self.children.push((name.to_string(), child));
+        let admin = SocketAddr::from((self.pod(name).ip, 4191));
+        let ready = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            matches!(get_from(&ns, admin, "/ready"), Ok((200, _)))
+        });
+        assert!(ready, "proxy in {name} never ready:\n{}", self.logs(name));
+    }
+
+    fn logs(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("proxy-{name}.log")))
+            .unwrap_or_default()
+    }
+
+    fn metrics(&self, name: &str) -> String {
+        let admin = SocketAddr::from((self.pod(name).ip, 4191));
+        get_from(&self.pod(name).ns, admin, "/metrics")
+            .expect("metrics")
+            .1
+    }
+
+    /// Captures what crosses the bridge while `traffic` runs. The capture
+    /// listens on the bridge's ports: the bridge device itself only sees
+    /// frames addressed to it, not those it forwards.
+    fn capture(&self, traffic: impl FnOnce()) -> Vec<u8> {
+        let file = self.dir.path().join("bridge.pcap");
+        let mut tcpdump = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.switch,
+                "tcpdump",
+                "-i",
+                "any",
+                "--immediate-mode",
+                "-U",
+                "-s",
+                "0",
+                "-w",
+            ])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (apt-get install tcpdump)");
+        // tcpdump says "listening on" once the capture runs.
+        let mut stderr = tcpdump.stderr.take().expect("stderr");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("listening on") {
+            let n = std::io::Read::read(&mut stderr, &mut buf).expect("tcpdump stderr");
+            assert!(n > 0, "tcpdump exited: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        traffic();
+        std::thread::sleep(Duration::from_millis(300));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .expect("stop tcpdump");
+        let _ = tcpdump.wait();
+        std::fs::read(&file).expect("pcap")
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for stop in self.app_stops.drain(..) {
+            let _ = stop.send(());
+        }
+        for pod in &self.pods {
+            let _ = Command::new("ip").args(["netns", "del", &pod.ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.switch])
+            .status();
+    }
+}
+
+fn chown_tree(path: &Path) {
+    std::os::unix::fs::chown(path, Some(PROXY_UID), Some(PROXY_UID)).expect("chown");
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).expect("read_dir") {
+            let entry = entry.expect("entry");
+            if entry.file_type().expect("type").is_symlink() {
+                continue;
+            }
+            chown_tree(&entry.path());
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+/// A meshed pod with its app, init rules and proxy.
+fn meshed(net: &mut Net, name: &str, mode: &str) {
+    net.start_app(name);
+    net.init(name, &[]);
+    net.start_proxy(name, mode);
+}
+
+#[test]
+fn a_plain_connection_between_meshed_pods_crosses_the_wire_as_mtls_and_arrives_with_the_callers_identity()
+ {
+    let mut net = Net::new(&["a", "b", "c"]);
+    meshed(&mut net, "a", "permissive");
+    meshed(&mut net, "b", "permissive");
+    let b = net.addr("b");
+    let path = format!("/{MARKER}");
+
+    let mut answer = None;
+    let wire = net.capture(|| answer = Some(get_from(&net.pod("a").ns, b, &path)));
+    let (status, body) = answer.expect("ran").expect("a -> b");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("caller=spiffe://cluster.local/ns/shop/sa/a"),
+        "b's app must see a's identity: {body}"
+    );
+    assert!(!wire.is_empty());
+    assert!(
+        !contains(&wire, MARKER),
+        "the request crossed the bridge in clear text"
+    );
+    // The bytes on the wire are TLS: a handshake record and the mesh ALPN.
+    assert!(contains(&wire, "outrider/1"), "no mesh ALPN on the wire");
+
+    // Control: the capture does see clear text when the caller is not
+    // meshed, so the assertion above can fail.
+    let wire = net.capture(|| {
+        let (status, body) = get_from(&net.pod("c").ns, b, &path).expect("c -> b");
+        assert_eq!(status, 200);
+        assert!(body.contains("caller=unauthenticated"), "{body}");
+    });
+    assert!(
+        contains(&wire, MARKER),
+        "control: plaintext must be visible"
+    );
+
+    // The proxies' own connections were not captured again (no loop).
+    for pod in ["a", "b"] {
+        let metrics = net.metrics(pod);
+        assert_eq!(
+            metric(
+                &metrics,
+                "outrider_connection_errors_total",
+                &[("reason", "loop_detected")]
+            ),
+            0.0,
+            "{pod}: {metrics}"
+        );
+    }
+    let b_metrics = net.metrics("b");
+    assert!(
+        metric(
+            &b_metrics,
+            "outrider_tcp_open_total",
+            &[
+                ("direction", "inbound"),
+                ("tls", "true"),
+                ("peer_id", "spiffe://cluster.local/ns/shop/sa/a")
+            ]
+        ) >= 1.0,
+        "{b_metrics}"
+    );
+}
+
+#[test]
+fn a_policy_file_denying_the_caller_is_enforced_on_the_intercepted_path() {
+    let mut net = Net::new(&["a", "b"]);
+    meshed(&mut net, "a", "permissive");
+    meshed(&mut net, "b", "permissive");
+    let b = net.addr("b");
+    assert_eq!(
+        get_from(&net.pod("a").ns, b, "/api").expect("allowed").0,
+        200
+    );
+
+    let policy = net.policy_dir("b").join("deny-a.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: security.outrider.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {name: deny-a, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: b}}\n  action: DENY\n\
+         \x20 rules:\n  - from: [{principals: [spiffe://cluster.local/ns/shop/sa/a]}]\n",
+    )
+    .expect("write policy");
+    let denied = (0..40).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        matches!(get_from(&net.pod("a").ns, b, "/api"), Ok((403, _)))
+    });
+    assert!(denied, "the DENY never applied:\n{}", net.logs("b"));
+    let metrics = net.metrics("b");
+    assert!(
+        metric(
+            &metrics,
+            "outrider_authz_decisions_total",
+            &[("decision", "deny"), ("policy", "shop/deny-a")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn an_unmeshed_caller_is_served_in_permissive_mode_and_refused_in_strict() {
+    let mut net = Net::new(&["a", "b", "c"]);
+    meshed(&mut net, "a", "permissive");
+    meshed(&mut net, "b", "permissive");
+    let b = net.addr("b");
+    let (status, body) = get_from(&net.pod("c").ns, b, "/").expect("permissive");
+    assert_eq!(
+        (status, body.contains("caller=unauthenticated")),
+        (200, true),
+        "{body}"
+    );
+
+    std::fs::write(
+        net.policy_dir("b").join("strict.yaml"),
+        "apiVersion: security.outrider.dev/v1alpha1\nkind: PeerAuthentication\n\
+         metadata: {name: strict, namespace: shop}\nspec:\n  mtls: {mode: STRICT}\n",
+    )
+    .expect("write policy");
+    let refused = (0..40).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        get_from(&net.pod("c").ns, b, "/").is_err()
+    });
+    assert!(
+        refused,
+        "c was still served under STRICT:\n{}",
+        net.logs("b")
+    );
+    // The meshed caller is unaffected.
+    let (status, body) = get_from(&net.pod("a").ns, b, "/").expect("a under strict");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("caller=spiffe://cluster.local/ns/shop/sa/a"));
+}
+
+#[test]
+fn a_meshed_caller_reaches_an_unmeshed_pod_through_the_plaintext_fallback() {
+    let mut net = Net::new(&["a", "c"]);
+    meshed(&mut net, "a", "permissive");
+    net.start_app("c");
+    let c = net.addr("c");
+    let (status, body) = get_from(&net.pod("a").ns, c, "/").expect("a -> c");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("caller=unauthenticated"), "{body}");
+    let metrics = net.metrics("a");
+    assert!(
+        metric(&metrics, "outrider_outbound_plaintext_fallbacks_total", &[]) >= 1.0,
+        "{metrics}"
+    );
+
+    // In strict mode the same call is refused rather than sent in clear.
+    let mut strict = Net::new(&["a", "c"]);
+    meshed(&mut strict, "a", "strict");
+    strict.start_app("c");
+    let c = strict.addr("c");
+    let result = get_from(&strict.pod("a").ns, c, "/");
+    assert!(
+        !matches!(result, Ok((200, _))),
+        "strict must not fall back to plaintext: {result:?}"
+    );
+}
+
+#[test]
+fn init_is_idempotent_and_cleanup_leaves_the_namespace_as_it_found_it() {
+    let net = Net::new(&["a"]);
+    let before = net.nat_table("a");
+    net.init("a", &["--skip-outbound-cidrs", "10.96.0.0/12"]);
+    let once = net.nat_table("a");
+    net.init("a", &["--skip-outbound-cidrs", "10.96.0.0/12"]);
+    let twice = net.nat_table("a");
+    assert_eq!(once, twice, "a second run must not add rules");
+    assert_eq!(once.matches("-A PREROUTING -j OUTRIDER_INBOUND").count(), 1);
+    assert!(
+        once.contains("-A OUTRIDER_OUTBOUND -d 10.96.0.0/12 -j RETURN"),
+        "{once}"
+    );
+    assert!(
+        once.contains("-A OUTRIDER_OUTBOUND -m owner --uid-owner 2102 -j RETURN"),
+        "{once}"
+    );
+
+    let removed = net.init("a", &["--cleanup"]);
+    assert!(removed.contains("removed"), "{removed}");
+    assert_eq!(net.nat_table("a"), before);
+    assert!(net.init("a", &["--cleanup"]).contains("nothing to remove"));
+}
+
+#[test]
+fn init_without_net_admin_fails_with_a_clear_error_and_changes_nothing() {
+    let net = Net::new(&["a"]);
+    let before = net.nat_table("a");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.pod("a").ns,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+        ])
+        .args(["--clear-groups", "--inh-caps=-all", BIN, "init"])
+        .output()
+        .expect("run init");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CAP_NET_ADMIN is missing"), "{stderr}");
+    assert_eq!(net.nat_table("a"), before);
+}
