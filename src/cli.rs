@@ -51,6 +51,24 @@ pub enum Command {
     /// Install the iptables rules that send the pod's TCP through its
     /// proxy (run as the pod's init container, with NET_ADMIN).
     Init(InitArgs),
+    /// Add the sidecar to Kubernetes manifests offline (the webhook's
+    /// transformation): Pods and the pod templates of workloads; other
+    /// documents pass through unchanged.
+    Inject(InjectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// The manifest file, or `-` for standard input.
+    #[arg(short = 'f', long = "filename", default_value = "-")]
+    pub file: String,
+    /// Injection values (YAML, the `inject` section the chart renders for
+    /// the controller); defaults otherwise.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The proxy image (overrides the config's `image`).
+    #[arg(long)]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -157,6 +175,14 @@ pub struct ProxyArgs {
     /// allow-all, allow-authenticated, allow-same-namespace or deny.
     #[arg(long, env = "OUTRIDER_POLICY_DEFAULT")]
     pub policy_default: Option<String>,
+    /// Kubelet probes always allowed, `PORT` or `PORT/path`, comma-separated
+    /// (the injector fills it from the pod's probes).
+    #[arg(long, env = "OUTRIDER_POLICY_PROBES")]
+    pub policy_probes: Option<String>,
+    /// Ports that skip protocol detection, comma-separated (replaces the
+    /// default list).
+    #[arg(long, env = "OUTRIDER_OPAQUE_PORTS")]
+    pub opaque_ports: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -294,6 +320,83 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Policy(PolicyCommand::Check(args)) => Ok(run_policy_check(&args)),
         Command::Init(args) => run_init(&args),
+        Command::Inject(args) => Ok(run_inject(&args)),
+    }
+}
+
+// === inject ===
+
+fn run_inject(args: &InjectArgs) -> ExitCode {
+    use crate::inject::{InjectConfig, Outcome, manifest};
+    use std::io::Read;
+    let fail = |message: String, code: u8| {
+        eprintln!("outrider inject: {message}");
+        ExitCode::from(code)
+    };
+    let mut config = match &args.config {
+        None => InjectConfig::default(),
+        Some(path) => {
+            let parsed = std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    let de = serde_yaml::Deserializer::from_str(&text);
+                    serde_path_to_error::deserialize::<_, InjectConfig>(de)
+                        .map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(config) => config,
+                Err(e) => return fail(format!("{}: {e}", path.display()), EXIT_USAGE),
+            }
+        }
+    };
+    if let Some(image) = &args.image {
+        config.image = image.clone();
+    }
+    if let Err(e) = config.validate() {
+        return fail(format!("invalid values: {e}"), EXIT_USAGE);
+    }
+    let input = if args.file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map(|_| text)
+            .map_err(|e| format!("stdin: {e}"))
+    } else {
+        std::fs::read_to_string(&args.file).map_err(|e| format!("{}: {e}", args.file))
+    };
+    let input = match input {
+        Ok(input) => input,
+        Err(e) => return fail(e, EXIT_BAD_INPUT),
+    };
+    match manifest::inject_manifests(&input, &config) {
+        Ok((output, reports)) => {
+            print!("{output}");
+            for report in reports {
+                let what = match report.outcome {
+                    None => continue,
+                    Some(Outcome::Injected { probes }) if probes.is_empty() => {
+                        "injected".to_string()
+                    }
+                    Some(Outcome::Injected { probes }) => {
+                        let list: Vec<String> = probes
+                            .iter()
+                            .map(|p| match &p.path {
+                                Some(path) => format!("{}{path}", p.port),
+                                None => format!("{} (whole port)", p.port),
+                            })
+                            .collect();
+                        format!("injected; probes allowed: {}", list.join(", "))
+                    }
+                    Some(Outcome::AlreadyInjected) => "already injected".to_string(),
+                    Some(Outcome::Disabled) => {
+                        "skipped (outrider.dev/inject: disabled)".to_string()
+                    }
+                };
+                eprintln!("{}: {what}", report.object);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.to_string(), EXIT_BAD_INPUT),
     }
 }
 
@@ -370,6 +473,8 @@ fn load_config(args: &ProxyArgs) -> Result<Config, ConfigError> {
         policy_source: args.policy_source.clone(),
         policy_dir: args.policy_dir.clone(),
         policy_default: args.policy_default.clone(),
+        policy_probes: args.policy_probes.clone(),
+        opaque_ports: args.opaque_ports.clone(),
     })?;
     file.validate()
 }
@@ -613,16 +718,7 @@ fn policy_question(args: &PolicyCheckArgs) -> Result<crate::policy::check::Quest
     let probes = args
         .probe
         .iter()
-        .map(|text| {
-            let (port, path) = match text.split_once('/') {
-                Some((port, path)) => (port, Some(format!("/{path}"))),
-                None => (text.as_str(), None),
-            };
-            let port = port
-                .parse()
-                .map_err(|_| format!("--probe: {text:?} is not PORT or PORT/path"))?;
-            Ok(Probe { port, path })
-        })
+        .map(|text| text.parse::<Probe>().map_err(|e| format!("--probe: {e}")))
         .collect::<Result<Vec<_>, String>>()?;
     Ok(crate::policy::check::Question {
         workload: Workload {

@@ -352,6 +352,10 @@ pub struct Overrides {
     pub policy_source: Option<String>,
     pub policy_dir: Option<PathBuf>,
     pub policy_default: Option<String>,
+    /// `PORT` or `PORT/path`, comma-separated.
+    pub policy_probes: Option<String>,
+    /// Comma-separated ports.
+    pub opaque_ports: Option<String>,
 }
 
 /// Everything the `proxy` subcommand runs with, validated.
@@ -469,6 +473,25 @@ impl FileConfig {
         }
         if let Some(v) = &o.policy_default {
             self.policy.default = parse("policy.default", v)?;
+        }
+        if let Some(v) = &o.policy_probes {
+            self.policy.probes = v
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| p.parse().map_err(|e| invalid("policy.probes", e)))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = &o.opaque_ports {
+            self.opaque_ports = v
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| match p.parse::<u16>() {
+                    Ok(port) if port > 0 => Ok(port),
+                    _ => Err(invalid("opaque_ports", format!("{p:?} is not a port"))),
+                })
+                .collect::<Result<_, _>>()?;
         }
         Ok(())
     }

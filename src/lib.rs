@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod demo;
 pub mod identity;
 pub mod init;
+pub mod inject;
 pub mod lifecycle;
 pub mod policy;
 pub mod proxy;

@@ -192,3 +192,41 @@ fn policy_mistakes_name_the_field() {
         .unwrap_err();
     assert_eq!(err.field, "workload.labels");
 }
+
+#[test]
+fn probes_and_opaque_ports_from_the_environment_replace_the_files_lists() {
+    let mut file = FileConfig::from_yaml(ID).unwrap();
+    file.apply(&Overrides {
+        policy_probes: Some("8080/healthz, 5432,".into()),
+        opaque_ports: Some("3306,9042".into()),
+        ..Overrides::default()
+    })
+    .unwrap();
+    let config = file.validate().unwrap();
+    assert_eq!(
+        config.policy.settings.probes,
+        vec![
+            crate::policy::index::Probe {
+                port: 8080,
+                path: Some("/healthz".into())
+            },
+            crate::policy::index::Probe {
+                port: 5432,
+                path: None
+            },
+        ]
+    );
+    assert_eq!(
+        config.proxy.opaque_ports,
+        std::collections::BTreeSet::from([3306, 9042])
+    );
+
+    let mut file = FileConfig::from_yaml(ID).unwrap();
+    let err = file
+        .apply(&Overrides {
+            policy_probes: Some("healthz".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+    assert_eq!(err.field, "policy.probes");
+}

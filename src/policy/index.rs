@@ -21,6 +21,23 @@ pub struct Probe {
     pub path: Option<String>,
 }
 
+impl std::str::FromStr for Probe {
+    type Err = String;
+
+    /// `PORT` (any connection) or `PORT/path` (that HTTP path), the form
+    /// of `--probe` and `OUTRIDER_POLICY_PROBES`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (port, path) = match text.split_once('/') {
+            Some((port, path)) => (port, Some(format!("/{path}"))),
+            None => (text, None),
+        };
+        match port.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(Probe { port, path }),
+            _ => Err(format!("{text:?} is not PORT or PORT/path")),
+        }
+    }
+}
+
 impl Probe {
     pub fn matches(&self, req: &Request<'_>) -> bool {
         req.port == self.port && self.matches_request(req.http)

@@ -1,0 +1,372 @@
+//! What the injector adds, as mesh-wide values (the Helm chart's `proxy`
+//! and `init` values, rendered into the controller's ConfigMap) refined by
+//! per-pod annotations.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::TrustDomain;
+use crate::init::rules::{parse_cidrs, parse_ports};
+use crate::policy::index::Probe;
+use crate::policy::model::{DefaultPolicy, MtlsMode};
+
+/// The annotation prefix; every key below lives under it.
+pub const PREFIX: &str = "outrider.dev/";
+/// `enabled` or `disabled` on a pod (wins over its namespace's label).
+pub const INJECT: &str = "outrider.dev/inject";
+/// Set on injected pods, with the proxy version.
+pub const INJECTED: &str = "outrider.dev/proxy-version";
+
+/// Where the proxy runs in the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SidecarMode {
+    /// An init container with `restartPolicy: Always` (Kubernetes 1.29+):
+    /// starts, and is ready, before the app and other init containers, and
+    /// stops after them, so Jobs complete.
+    Native,
+    /// The first regular container: for clusters without native sidecars.
+    Classic,
+}
+
+/// Container resources as Kubernetes quantities.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxyResources {
+    pub cpu_request: Option<String>,
+    pub memory_request: Option<String>,
+    pub cpu_limit: Option<String>,
+    pub memory_limit: Option<String>,
+}
+
+impl Default for ProxyResources {
+    fn default() -> Self {
+        // Measured: ~11 MiB RSS per proxy under load (docs/performance.md).
+        Self {
+            cpu_request: Some("10m".into()),
+            memory_request: Some("20Mi".into()),
+            cpu_limit: None,
+            memory_limit: Some("128Mi".into()),
+        }
+    }
+}
+
+/// Mesh-wide injection values.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct InjectConfig {
+    pub image: String,
+    pub image_pull_policy: String,
+    pub trust_domain: String,
+    pub sidecar_mode: SidecarMode,
+    pub mtls_mode: String,
+    pub default_policy: String,
+    pub log_level: String,
+    pub log_format: String,
+    pub proxy_uid: i64,
+    pub resources: ProxyResources,
+    pub skip_inbound_ports: String,
+    pub skip_outbound_ports: String,
+    pub skip_outbound_cidrs: String,
+    /// Unset: the proxy's built-in list.
+    pub opaque_ports: Option<String>,
+    pub iptables_mode: String,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        Self {
+            image: format!(
+                "ghcr.io/outrider-mesh/outrider:{}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            image_pull_policy: "IfNotPresent".into(),
+            trust_domain: "cluster.local".into(),
+            sidecar_mode: SidecarMode::Native,
+            mtls_mode: "permissive".into(),
+            default_policy: "allow-all".into(),
+            log_level: "info".into(),
+            log_format: "plain".into(),
+            proxy_uid: 2102,
+            resources: ProxyResources::default(),
+            skip_inbound_ports: String::new(),
+            skip_outbound_ports: String::new(),
+            skip_outbound_cidrs: String::new(),
+            opaque_ports: None,
+            iptables_mode: "auto".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ValueError {
+    /// The value or annotation at fault, e.g. `outrider.dev/opaque-ports`.
+    pub field: String,
+    pub reason: String,
+}
+
+fn bad(field: &str, reason: impl ToString) -> ValueError {
+    ValueError {
+        field: field.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+impl InjectConfig {
+    /// Checks every value the way the proxy and `init` will parse it, so a
+    /// bad value fails at install, not in every pod.
+    pub fn validate(&self) -> Result<(), ValueError> {
+        TrustDomain::parse(&self.trust_domain).map_err(|e| bad("trustDomain", e))?;
+        if self.image.trim().is_empty() {
+            return Err(bad("image", "must not be empty"));
+        }
+        if !matches!(
+            self.image_pull_policy.as_str(),
+            "Always" | "IfNotPresent" | "Never"
+        ) {
+            return Err(bad(
+                "imagePullPolicy",
+                "expected Always, IfNotPresent or Never",
+            ));
+        }
+        keyword::<MtlsMode>("mtlsMode", &self.mtls_mode)?;
+        keyword::<DefaultPolicy>("defaultPolicy", &self.default_policy)?;
+        if !matches!(self.log_format.as_str(), "plain" | "json") {
+            return Err(bad("logFormat", "expected plain or json"));
+        }
+        if !(1..=i64::from(u32::MAX)).contains(&self.proxy_uid) {
+            return Err(bad("proxyUid", "must be a non-root UID"));
+        }
+        parse_ports(&self.skip_inbound_ports).map_err(|e| bad("skipInboundPorts", e))?;
+        parse_ports(&self.skip_outbound_ports).map_err(|e| bad("skipOutboundPorts", e))?;
+        parse_cidrs(&self.skip_outbound_cidrs).map_err(|e| bad("skipOutboundCidrs", e))?;
+        if let Some(ports) = &self.opaque_ports {
+            port_list("opaquePorts", ports)?;
+        }
+        if !matches!(self.iptables_mode.as_str(), "auto" | "nft" | "legacy") {
+            return Err(bad("iptablesMode", "expected auto, nft or legacy"));
+        }
+        Ok(())
+    }
+}
+
+fn keyword<T: serde::de::DeserializeOwned>(field: &str, value: &str) -> Result<T, ValueError> {
+    serde_yaml::from_value(serde_yaml::Value::String(value.to_string()))
+        .map_err(|e| bad(field, format!("{value:?}: {e}")))
+}
+
+fn port_list(field: &str, list: &str) -> Result<(), ValueError> {
+    for port in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return Err(bad(field, format!("{port:?} is not a port"))),
+        }
+    }
+    Ok(())
+}
+
+/// The values for one pod: the mesh's, with its annotations applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSettings {
+    pub mesh: InjectConfig,
+    /// Extra probe exemptions the pod asks for (`outrider.dev/probes`).
+    pub extra_probes: Vec<Probe>,
+}
+
+/// Applies the pod's `outrider.dev/*` annotations. An unknown key under
+/// our prefix or a bad value is an error: silently ignoring a mistyped
+/// `skip-inbound-ports` would leave a port captured that the operator
+/// meant to bypass (or the reverse).
+pub fn pod_settings(
+    mesh: &InjectConfig,
+    annotations: &BTreeMap<String, String>,
+) -> Result<PodSettings, ValueError> {
+    let mut settings = PodSettings {
+        mesh: mesh.clone(),
+        extra_probes: Vec::new(),
+    };
+    let m = &mut settings.mesh;
+    for (key, value) in annotations {
+        let Some(name) = key.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let value = value.trim().to_string();
+        match name {
+            "inject" => {
+                if !matches!(value.as_str(), "enabled" | "disabled") {
+                    return Err(bad(key, "expected enabled or disabled"));
+                }
+            }
+            "proxy-version" => {}
+            "sidecar-mode" => m.sidecar_mode = keyword(key, &value)?,
+            "skip-inbound-ports" => m.skip_inbound_ports = value,
+            "skip-outbound-ports" => m.skip_outbound_ports = value,
+            "skip-outbound-cidrs" => m.skip_outbound_cidrs = value,
+            "opaque-ports" => m.opaque_ports = Some(value),
+            "log-level" => m.log_level = value,
+            "default-policy" => m.default_policy = value,
+            "proxy-cpu-request" => m.resources.cpu_request = Some(value),
+            "proxy-memory-request" => m.resources.memory_request = Some(value),
+            "proxy-cpu-limit" => m.resources.cpu_limit = Some(value),
+            "proxy-memory-limit" => m.resources.memory_limit = Some(value),
+            "probes" => {
+                settings.extra_probes = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(|p| p.parse::<Probe>().map_err(|e| bad(key, e)))
+                    .collect::<Result<_, _>>()?;
+            }
+            _ => return Err(bad(key, "unknown outrider annotation")),
+        }
+    }
+    // Re-check with the annotations' names in the error.
+    let m = &settings.mesh;
+    parse_ports(&m.skip_inbound_ports).map_err(|e| bad("outrider.dev/skip-inbound-ports", e))?;
+    parse_ports(&m.skip_outbound_ports).map_err(|e| bad("outrider.dev/skip-outbound-ports", e))?;
+    parse_cidrs(&m.skip_outbound_cidrs).map_err(|e| bad("outrider.dev/skip-outbound-cidrs", e))?;
+    if let Some(ports) = &m.opaque_ports {
+        port_list("outrider.dev/opaque-ports", ports)?;
+    }
+    keyword::<DefaultPolicy>("outrider.dev/default-policy", &m.default_policy)?;
+    if m.log_level.is_empty() || m.log_level.contains(char::is_whitespace) {
+        return Err(bad(
+            "outrider.dev/log-level",
+            "expected a level such as info",
+        ));
+    }
+    for (field, quantity) in [
+        ("outrider.dev/proxy-cpu-request", &m.resources.cpu_request),
+        (
+            "outrider.dev/proxy-memory-request",
+            &m.resources.memory_request,
+        ),
+        ("outrider.dev/proxy-cpu-limit", &m.resources.cpu_limit),
+        ("outrider.dev/proxy-memory-limit", &m.resources.memory_limit),
+    ] {
+        if let Some(q) = quantity
+            && !is_quantity(q)
+        {
+            return Err(bad(field, format!("{q:?} is not a Kubernetes quantity")));
+        }
+    }
+    Ok(settings)
+}
+
+/// A Kubernetes resource quantity: a decimal number with an optional
+/// suffix (`100m`, `0.5`, `64Mi`, `1G`, `1e3`).
+fn is_quantity(q: &str) -> bool {
+    let digits_end = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(digits_end);
+    let number_ok = !number.is_empty() && number != "." && number.matches('.').count() <= 1;
+    let suffix_ok = matches!(
+        suffix,
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
+    ) || suffix.strip_prefix(['e', 'E']).is_some_and(|exp| {
+        !exp.is_empty()
+            && exp
+                .trim_start_matches(['+', '-'])
+                .chars()
+                .all(|c| c.is_ascii_digit())
+    });
+    number_ok && suffix_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(InjectConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn bad_mesh_values_are_named() {
+        let config = InjectConfig {
+            default_policy: "allow-some".into(),
+            ..InjectConfig::default()
+        };
+        assert_eq!(config.validate().unwrap_err().field, "defaultPolicy");
+        let config = InjectConfig {
+            skip_outbound_cidrs: "10.0.0.0/40".into(),
+            ..InjectConfig::default()
+        };
+        assert_eq!(config.validate().unwrap_err().field, "skipOutboundCidrs");
+        let config = InjectConfig {
+            proxy_uid: 0,
+            ..InjectConfig::default()
+        };
+        assert_eq!(config.validate().unwrap_err().field, "proxyUid");
+    }
+
+    #[test]
+    fn annotations_override_the_mesh_values_for_one_pod() {
+        let settings = pod_settings(
+            &InjectConfig::default(),
+            &annotations(&[
+                ("outrider.dev/skip-inbound-ports", "22"),
+                ("outrider.dev/opaque-ports", "3306, 9042"),
+                ("outrider.dev/default-policy", "deny"),
+                ("outrider.dev/proxy-memory-limit", "256Mi"),
+                ("outrider.dev/sidecar-mode", "classic"),
+                ("outrider.dev/probes", "9000/ping"),
+                ("example.com/unrelated", "kept"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.mesh.skip_inbound_ports, "22");
+        assert_eq!(settings.mesh.opaque_ports.as_deref(), Some("3306, 9042"));
+        assert_eq!(settings.mesh.default_policy, "deny");
+        assert_eq!(
+            settings.mesh.resources.memory_limit.as_deref(),
+            Some("256Mi")
+        );
+        assert_eq!(settings.mesh.sidecar_mode, SidecarMode::Classic);
+        assert_eq!(
+            settings.extra_probes,
+            vec![Probe {
+                port: 9000,
+                path: Some("/ping".into())
+            }]
+        );
+    }
+
+    #[test]
+    fn a_mistyped_or_invalid_annotation_is_an_error_not_ignored() {
+        for (key, value) in [
+            ("outrider.dev/skip-inbound-port", "22"),
+            ("outrider.dev/skip-inbound-ports", "ssh"),
+            ("outrider.dev/opaque-ports", "0"),
+            ("outrider.dev/default-policy", "allow"),
+            ("outrider.dev/proxy-cpu-limit", "lots"),
+            ("outrider.dev/inject", "yes"),
+            ("outrider.dev/probes", "/healthz"),
+        ] {
+            let err =
+                pod_settings(&InjectConfig::default(), &annotations(&[(key, value)])).unwrap_err();
+            assert_eq!(err.field, key, "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn quantities_follow_the_kubernetes_grammar() {
+        for ok in ["100m", "0.5", "64Mi", "1G", "1e3", "2"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["", "m", "1.2.3", "64MB", "lots", "-1", "1e"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+}

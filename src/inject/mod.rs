@@ -1,0 +1,91 @@
+//! Sidecar injection: the mesh values and per-pod annotations
+//! ([`config`]), the pure pod transformation ([`pod`]), and its two users'
+//! entry points: [`manifest`] for `outrider inject` and [`pod_patch`] for
+//! the admission webhook. Both go through [`pod::inject_template`], so
+//! offline and in-cluster injection cannot drift apart.
+
+pub mod config;
+pub mod manifest;
+pub mod pod;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+pub use config::{InjectConfig, ValueError};
+pub use pod::Outcome;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("document {document}: not YAML: {reason}")]
+    Yaml { document: usize, reason: String },
+    #[error("{object}: {reason}")]
+    Shape { object: String, reason: String },
+    #[error("{object}: {field} is not a valid pod {field}: {reason}")]
+    Invalid {
+        object: String,
+        field: &'static str,
+        reason: String,
+    },
+    #[error("{object}: {source}")]
+    Value { object: String, source: ValueError },
+    #[error("cannot serialise the injected pod: {0}")]
+    Serialise(#[from] serde_json::Error),
+}
+
+fn from_json<T: DeserializeOwned>(
+    object: &str,
+    field: &'static str,
+    value: Value,
+) -> Result<T, InjectError> {
+    serde_path_to_error::deserialize(value).map_err(|e| InjectError::Invalid {
+        object: object.to_string(),
+        field,
+        reason: e.to_string(),
+    })
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Value, InjectError> {
+    Ok(serde_json::to_value(value)?)
+}
+
+/// The webhook's view: a Pod as JSON in, the outcome and the JSON Patch
+/// that applies it out (none unless injected). The patch is computed
+/// between the pod and the injected pod after the same typed round trip,
+/// so it holds only what injection changed.
+pub fn pod_patch(
+    pod: &Value,
+    mesh: &InjectConfig,
+) -> Result<(Outcome, Option<json_patch::Patch>), InjectError> {
+    let object = format!(
+        "Pod/{}",
+        pod["metadata"]["name"]
+            .as_str()
+            .or_else(|| pod["metadata"]["generateName"].as_str())
+            .unwrap_or("<unnamed>")
+    );
+    let typed: k8s_openapi::api::core::v1::Pod = from_json(&object, "object", pod.clone())?;
+    let before = to_json(&typed)?;
+    let mut metadata = typed.metadata.clone();
+    let mut spec = typed.spec.clone().ok_or_else(|| InjectError::Shape {
+        object: object.clone(),
+        reason: "the pod has no spec".to_string(),
+    })?;
+    let outcome =
+        pod::inject_template(&mut metadata, &mut spec, mesh).map_err(|e| InjectError::Value {
+            object: object.clone(),
+            source: e,
+        })?;
+    if !matches!(outcome, Outcome::Injected { .. }) {
+        return Ok((outcome, None));
+    }
+    let after = to_json(&k8s_openapi::api::core::v1::Pod {
+        metadata,
+        spec: Some(spec),
+        status: typed.status,
+    })?;
+    Ok((outcome, Some(json_patch::diff(&before, &after))))
+}
+
+#[cfg(test)]
+mod tests;
