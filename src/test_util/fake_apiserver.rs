@@ -1,15 +1,19 @@
-//! An in-process fake Kubernetes API server, at the HTTP level, for the
-//! policy CRDs in one namespace: list, watch from a resourceVersion (with
-//! bookmarks), `410 Gone` for expired versions, and a switch to make it
-//! vanish and come back on the same port.
+//! An in-process fake Kubernetes API server, at the HTTP level, for any
+//! resource addressed the usual way (`/api/v1/...`, `/apis/<group>/<v>/...`,
+//! namespaced or cluster-scoped): list (with label selectors and the
+//! metadata-only form), watch from a resourceVersion (with bookmarks and
+//! history), `410 Gone` for expired versions, get, create, replace with
+//! optimistic concurrency, merge / JSON / server-side-apply patches,
+//! delete; injected failures; and a switch to make it vanish and come back
+//! on the same port.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
@@ -20,21 +24,25 @@ use tokio::sync::mpsc;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-#[derive(Default)]
-struct Resource {
-    objects: BTreeMap<String, Value>,
-    /// Every event with its resourceVersion, replayed to a watch that
-    /// starts from an older version (as the API server's watch cache does).
-    history: Vec<(u64, Value)>,
-    /// Watch streams open on this resource.
-    watchers: Vec<mpsc::UnboundedSender<Value>>,
+/// Where an object lives: resource (plural), namespace ("" when
+/// cluster-scoped), name.
+type Key = (String, String, String);
+
+struct Watcher {
+    plural: String,
+    namespace: Option<String>,
+    selector: Vec<(String, String)>,
+    metadata_only: bool,
+    tx: mpsc::UnboundedSender<Value>,
 }
 
-impl Resource {
-    fn record(&mut self, version: u64, event: Value) {
-        self.history.push((version, event.clone()));
-        self.watchers.retain(|w| w.send(event.clone()).is_ok());
-    }
+/// One request as the server saw it, for assertions.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub content_type: String,
 }
 
 #[derive(Default)]
@@ -42,9 +50,54 @@ struct State {
     version: u64,
     /// Versions below this answer `410 Gone` to a watch.
     oldest: u64,
-    resources: BTreeMap<String, Resource>,
+    objects: BTreeMap<Key, Value>,
+    /// Every event with its resourceVersion and key, replayed to a watch
+    /// that starts from an older version (as the watch cache does).
+    history: Vec<(u64, Key, Value)>,
+    watchers: Vec<Watcher>,
     lists: u64,
     watches: u64,
+    seen: Vec<Seen>,
+    /// Answers to give instead of serving: (method, plural, status).
+    failures: VecDeque<(String, String, u16)>,
+}
+
+impl State {
+    fn record(&mut self, key: &Key, kind: &str, object: &Value) {
+        let event = json!({"type": kind, "object": object});
+        self.history
+            .push((self.version, key.clone(), event.clone()));
+        self.watchers.retain(|w| {
+            if !w.matches(key, object) {
+                return true;
+            }
+            let event = if w.metadata_only {
+                json!({"type": kind, "object": strip_to_metadata(object)})
+            } else {
+                event.clone()
+            };
+            w.tx.send(event).is_ok()
+        });
+    }
+}
+
+impl Watcher {
+    fn matches(&self, key: &Key, object: &Value) -> bool {
+        key.0 == self.plural
+            && self.namespace.as_ref().is_none_or(|ns| *ns == key.1)
+            && selects(&self.selector, object)
+    }
+}
+
+fn selects(selector: &[(String, String)], object: &Value) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| object["metadata"]["labels"][k].as_str() == Some(v.as_str()))
+}
+
+fn strip_to_metadata(object: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+           "metadata": object["metadata"].clone()})
 }
 
 /// The fake server. Cloning shares it.
@@ -54,8 +107,6 @@ pub struct FakeApiServer {
     addr: SocketAddr,
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
-
-const PREFIX: &str = "/apis/security.outrider.dev/v1alpha1/namespaces/";
 
 impl FakeApiServer {
     pub async fn start() -> Self {
@@ -90,7 +141,7 @@ impl FakeApiServer {
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(handle(&state, req)) }
+                        async move { Ok::<_, Infallible>(handle(&state, req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -106,10 +157,7 @@ impl FakeApiServer {
         if let Some(task) = self.task.lock().expect("task").take() {
             task.abort();
         }
-        let mut state = self.state.lock().expect("state");
-        for resource in state.resources.values_mut() {
-            resource.watchers.clear();
-        }
+        self.state.lock().expect("state").watchers.clear();
     }
 
     /// Listens again on the same port.
@@ -123,52 +171,65 @@ impl FakeApiServer {
         self.serve(listener);
     }
 
-    /// Creates or replaces an object (`plural` such as
-    /// `authorizationpolicies`), notifying watches.
-    pub fn apply(&self, plural: &str, mut object: Value) {
-        let mut state = self.state.lock().expect("state");
-        state.version += 1;
-        let version = state.version.to_string();
-        object["metadata"]["resourceVersion"] = json!(version);
+    /// Creates or replaces an object (`plural` such as `secrets`) in the
+    /// namespace its metadata names, notifying watches.
+    pub fn apply(&self, plural: &str, object: Value) {
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let name = object["metadata"]["name"]
             .as_str()
             .expect("name")
             .to_string();
-        let at = state.version;
-        let resource = state.resources.entry(plural.to_string()).or_default();
-        let kind = if resource.objects.insert(name, object.clone()).is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        resource.record(at, json!({"type": kind, "object": object}));
+        let mut state = self.state.lock().expect("state");
+        store(&mut state, (plural.to_string(), namespace, name), object);
     }
 
+    /// Deletes every object of `plural` called `name`, in any namespace.
     pub fn delete(&self, plural: &str, name: &str) {
         let mut state = self.state.lock().expect("state");
-        state.version += 1;
-        let version = state.version.to_string();
-        let at = state.version;
-        let resource = state.resources.entry(plural.to_string()).or_default();
-        if let Some(mut object) = resource.objects.remove(name) {
-            object["metadata"]["resourceVersion"] = json!(version);
-            resource.record(at, json!({"type": "DELETED", "object": object}));
+        let keys: Vec<Key> = state
+            .objects
+            .keys()
+            .filter(|(p, _, n)| p == plural && n == name)
+            .cloned()
+            .collect();
+        for key in keys {
+            remove(&mut state, &key);
         }
+    }
+
+    /// The object, if it exists.
+    pub fn get(&self, plural: &str, namespace: &str, name: &str) -> Option<Value> {
+        let state = self.state.lock().expect("state");
+        state
+            .objects
+            .get(&(plural.to_string(), namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Every object of `plural` (in every namespace).
+    pub fn all(&self, plural: &str) -> Vec<Value> {
+        let state = self.state.lock().expect("state");
+        state
+            .objects
+            .iter()
+            .filter(|((p, _, _), _)| p == plural)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Sends a bookmark on every open watch.
     pub fn bookmark(&self) {
         let mut state = self.state.lock().expect("state");
         let version = state.version.to_string();
-        for (plural, resource) in state.resources.iter_mut() {
-            let kind = kind_of(plural);
+        state.watchers.retain(|w| {
             let bookmark = json!({"type": "BOOKMARK", "object": {
-                "apiVersion": "security.outrider.dev/v1alpha1", "kind": kind,
+                "kind": kind_of(&w.plural), "apiVersion": api_version_of(&w.plural),
                 "metadata": {"resourceVersion": version}}});
-            resource
-                .watchers
-                .retain(|w| w.send(bookmark.clone()).is_ok());
-        }
+            w.tx.send(bookmark).is_ok()
+        });
     }
 
     /// Expires every version seen so far: open watches get a `410 Gone`
@@ -177,11 +238,8 @@ impl FakeApiServer {
         let mut state = self.state.lock().expect("state");
         state.version += 1;
         state.oldest = state.version;
-        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-            "message": "too old resource version", "reason": "Expired", "code": 410}});
-        for resource in state.resources.values_mut() {
-            resource.watchers.retain(|w| w.send(gone.clone()).is_ok());
-            resource.watchers.clear();
+        for watcher in state.watchers.drain(..) {
+            let _ = watcher.tx.send(gone());
         }
     }
 
@@ -190,89 +248,426 @@ impl FakeApiServer {
         let state = self.state.lock().expect("state");
         (state.lists, state.watches)
     }
-}
 
-fn kind_of(plural: &str) -> &'static str {
-    match plural {
-        "peerauthentications" => "PeerAuthentication",
-        _ => "AuthorizationPolicy",
+    /// Every request served so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.lock().expect("state").seen.clone()
+    }
+
+    /// The next `method` request on `plural` gets `status` instead of
+    /// being served (409 for a conflict, 500, ...).
+    pub fn fail_next(&self, method: &str, plural: &str, status: u16) {
+        self.state.lock().expect("state").failures.push_back((
+            method.to_string(),
+            plural.to_string(),
+            status,
+        ));
     }
 }
 
-fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
+fn gone() -> Value {
+    json!({"type": "ERROR", "object": status_body(410, "Expired", "too old resource version")})
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn store(state: &mut State, key: Key, mut object: Value) -> Value {
+    state.version += 1;
+    let version = state.version.to_string();
+    object["metadata"]["resourceVersion"] = json!(version);
+    if !key.1.is_empty() {
+        object["metadata"]["namespace"] = json!(key.1);
+    }
+    let existed = state.objects.contains_key(&key);
+    if !existed {
+        object["metadata"]["uid"] = json!(format!("uid-{}-{}", key.2, state.version));
+        if object["metadata"]["creationTimestamp"].is_null() {
+            object["metadata"]["creationTimestamp"] = json!("2026-11-29T00:00:00Z");
+        }
+    } else if let Some(old) = state.objects.get(&key) {
+        object["metadata"]["uid"] = old["metadata"]["uid"].clone();
+        object["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
+    }
+    state.objects.insert(key.clone(), object.clone());
+    state.record(&key, if existed { "MODIFIED" } else { "ADDED" }, &object);
+    object
+}
+
+fn remove(state: &mut State, key: &Key) -> Option<Value> {
+    let mut object = state.objects.remove(key)?;
+    state.version += 1;
+    object["metadata"]["resourceVersion"] = json!(state.version.to_string());
+    state.record(key, "DELETED", &object);
+    Some(object)
+}
+
+fn kind_of(plural: &str) -> String {
+    match plural {
+        "peerauthentications" => "PeerAuthentication".into(),
+        "authorizationpolicies" => "AuthorizationPolicy".into(),
+        "serviceaccounts" => "ServiceAccount".into(),
+        "mutatingwebhookconfigurations" => "MutatingWebhookConfiguration".into(),
+        other => {
+            let singular = other.strip_suffix('s').unwrap_or(other);
+            let mut chars = singular.chars();
+            chars
+                .next()
+                .map(|c| c.to_uppercase().collect::<String>() + chars.as_str())
+                .unwrap_or_default()
+        }
+    }
+}
+
+fn api_version_of(plural: &str) -> &'static str {
+    match plural {
+        "peerauthentications" | "authorizationpolicies" => "security.outrider.dev/v1alpha1",
+        "leases" => "coordination.k8s.io/v1",
+        "mutatingwebhookconfigurations" => "admissionregistration.k8s.io/v1",
+        _ => "v1",
+    }
+}
+
+/// `(plural, namespace, name)` from a request path.
+fn route(path: &str) -> Option<(String, Option<String>, Option<String>)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rest = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => rest,
+        ["apis", _group, _version, rest @ ..] => rest,
+        _ => return None,
+    };
+    let owned = |s: &&str| s.to_string();
+    match rest {
+        [plural] => Some((plural.to_string(), None, None)),
+        ["namespaces", name] => Some(("namespaces".into(), None, Some(name.to_string()))),
+        ["namespaces", ns, plural] => Some((plural.to_string(), Some(owned(ns)), None)),
+        ["namespaces", ns, plural, name] => {
+            Some((plural.to_string(), Some(owned(ns)), Some(owned(name))))
+        }
+        [plural, name] => Some((plural.to_string(), None, Some(name.to_string()))),
+        _ => None,
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    Err(_) => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_selector(selector: Option<&String>) -> Vec<(String, String)> {
+    selector
+        .map(|s| {
+            s.split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.trim_end_matches('=').to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let query: BTreeMap<String, String> = req
-        .uri()
-        .query()
-        .unwrap_or("")
+    let raw_query = req.uri().query().unwrap_or("").to_string();
+    let query: BTreeMap<String, String> = raw_query
         .split('&')
         .filter_map(|kv| {
             kv.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| (k.to_string(), percent_decode(v)))
         })
         .collect();
-    let Some(rest) = path.strip_prefix(PREFIX) else {
-        return json_response(
-            StatusCode::NOT_FOUND,
-            json!({"kind": "Status", "code": 404}),
-        );
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let metadata_only = req
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
     };
-    let Some((_namespace, plural)) = rest.split_once('/') else {
+
+    let Some((plural, namespace, name)) = route(&path) else {
         return json_response(
             StatusCode::NOT_FOUND,
-            json!({"kind": "Status", "code": 404}),
+            status_body(404, "NotFound", "no route"),
         );
     };
     let mut state = state.lock().expect("state");
-    if query.get("watch").map(String::as_str) == Some("true") {
-        state.watches += 1;
-        let from: u64 = query
-            .get("resourceVersion")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        if from < state.oldest {
-            let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": "too old resource version", "reason": "Expired", "code": 410}});
-            return stream_response(vec![gone], None);
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let resource = state.resources.entry(plural.to_string()).or_default();
-        let missed = resource
-            .history
-            .iter()
-            .filter(|(v, _)| *v > from)
-            .map(|(_, e)| e.clone())
-            .collect();
-        resource.watchers.push(tx);
-        return stream_response(missed, Some(rx));
+    state.seen.push(Seen {
+        method: method.to_string(),
+        path: path.clone(),
+        query: raw_query.clone(),
+        content_type: content_type.clone(),
+    });
+    if let Some(i) = state
+        .failures
+        .iter()
+        .position(|(m, p, _)| *m == method.as_str() && *p == plural)
+    {
+        let (_, _, code) = state.failures.remove(i).expect("failure");
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let reason = if code == 409 {
+            "Conflict"
+        } else {
+            "InternalError"
+        };
+        return json_response(status, status_body(code, reason, "injected failure"));
     }
-    state.lists += 1;
-    let version = state.version.to_string();
-    let kind = kind_of(plural);
-    // Like the API server for built-in kinds, list items carry no
-    // apiVersion and kind: a client must not depend on them.
-    let items: Vec<Value> = state
-        .resources
-        .get(plural)
-        .map(|r| {
-            r.objects
-                .values()
-                .cloned()
-                .map(|mut item| {
-                    if let Some(fields) = item.as_object_mut() {
-                        fields.remove("apiVersion");
-                        fields.remove("kind");
-                    }
-                    item
+    let ns = namespace.clone().unwrap_or_default();
+    let not_found = || {
+        json_response(
+            StatusCode::NOT_FOUND,
+            status_body(404, "NotFound", "not found"),
+        )
+    };
+    match (method, name) {
+        (Method::GET, None) => {
+            let selector = parse_selector(query.get("labelSelector"));
+            if query.get("watch").map(String::as_str) == Some("true") {
+                state.watches += 1;
+                let from: u64 = query
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                if from < state.oldest {
+                    return stream_response(vec![gone()], None);
+                }
+                let (tx, rx) = mpsc::unbounded_channel();
+                let watcher = Watcher {
+                    plural: plural.clone(),
+                    namespace: namespace.clone(),
+                    selector,
+                    metadata_only,
+                    tx,
+                };
+                let missed = state
+                    .history
+                    .iter()
+                    .filter(|(v, key, event)| *v > from && watcher.matches(key, &event["object"]))
+                    .map(|(_, _, e)| {
+                        if metadata_only {
+                            json!({"type": e["type"], "object": strip_to_metadata(&e["object"])})
+                        } else {
+                            e.clone()
+                        }
+                    })
+                    .collect();
+                state.watchers.push(watcher);
+                return stream_response(missed, Some(rx));
+            }
+            state.lists += 1;
+            let version = state.version.to_string();
+            // Like the API server, list items carry no apiVersion and
+            // kind: a client must not depend on them.
+            let items: Vec<Value> = state
+                .objects
+                .iter()
+                .filter(|((p, n, _), o)| {
+                    *p == plural
+                        && namespace.as_ref().is_none_or(|ns| ns == n)
+                        && selects(&selector, o)
                 })
-                .collect()
-        })
-        .unwrap_or_default();
-    json_response(
-        StatusCode::OK,
-        json!({"apiVersion": "security.outrider.dev/v1alpha1", "kind": format!("{kind}List"),
-               "metadata": {"resourceVersion": version}, "items": items}),
-    )
+                .map(|(_, o)| {
+                    if metadata_only {
+                        strip_to_metadata(o)
+                    } else {
+                        let mut item = o.clone();
+                        if let Some(fields) = item.as_object_mut() {
+                            fields.remove("apiVersion");
+                            fields.remove("kind");
+                        }
+                        item
+                    }
+                })
+                .collect();
+            let (api_version, kind) = if metadata_only {
+                (
+                    "meta.k8s.io/v1".to_string(),
+                    "PartialObjectMetadataList".to_string(),
+                )
+            } else {
+                (
+                    api_version_of(&plural).to_string(),
+                    format!("{}List", kind_of(&plural)),
+                )
+            };
+            json_response(
+                StatusCode::OK,
+                json!({"apiVersion": api_version, "kind": kind,
+                       "metadata": {"resourceVersion": version}, "items": items}),
+            )
+        }
+        (Method::GET, Some(name)) => match state.objects.get(&(plural, ns, name)) {
+            Some(object) => json_response(StatusCode::OK, object.clone()),
+            None => not_found(),
+        },
+        (Method::POST, None) => {
+            let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    status_body(400, "BadRequest", "not JSON"),
+                );
+            };
+            let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
+                return json_response(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    status_body(422, "Invalid", "metadata.name required"),
+                );
+            };
+            let key = (plural.clone(), ns, name);
+            if state.objects.contains_key(&key) {
+                return json_response(
+                    StatusCode::CONFLICT,
+                    status_body(409, "AlreadyExists", "already exists"),
+                );
+            }
+            object["apiVersion"] = json!(api_version_of(&plural));
+            object["kind"] = json!(kind_of(&plural));
+            let stored = store(&mut state, key, object);
+            json_response(StatusCode::CREATED, stored)
+        }
+        (Method::PUT, Some(name)) => {
+            let Ok(object) = serde_json::from_slice::<Value>(&body) else {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    status_body(400, "BadRequest", "not JSON"),
+                );
+            };
+            let key = (plural, ns, name);
+            let Some(current) = state.objects.get(&key) else {
+                return not_found();
+            };
+            if let Some(expected) = object["metadata"]["resourceVersion"].as_str()
+                && current["metadata"]["resourceVersion"].as_str() != Some(expected)
+            {
+                return json_response(
+                    StatusCode::CONFLICT,
+                    status_body(409, "Conflict", "the object has been modified"),
+                );
+            }
+            let stored = store(&mut state, key, object);
+            json_response(StatusCode::OK, stored)
+        }
+        (Method::PATCH, Some(name)) => {
+            let key = (plural.clone(), ns, name);
+            let current = state.objects.get(&key).cloned();
+            let patched = if content_type.starts_with("application/apply-patch") {
+                let Ok(applied) = serde_json::from_slice::<Value>(&body)
+                    .or_else(|_| serde_yaml::from_slice::<Value>(&body))
+                else {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        status_body(400, "BadRequest", "not YAML"),
+                    );
+                };
+                if !query.contains_key("fieldManager") {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        status_body(400, "BadRequest", "fieldManager is required for apply"),
+                    );
+                }
+                match current {
+                    None => applied,
+                    Some(mut current) => {
+                        deep_merge(&mut current, &applied);
+                        current
+                    }
+                }
+            } else {
+                let Some(mut current) = current else {
+                    return not_found();
+                };
+                let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        status_body(400, "BadRequest", "not JSON"),
+                    );
+                };
+                if content_type.starts_with("application/json-patch") {
+                    let Ok(ops) = serde_json::from_value::<json_patch::Patch>(patch) else {
+                        return json_response(
+                            StatusCode::BAD_REQUEST,
+                            status_body(400, "BadRequest", "not a JSON patch"),
+                        );
+                    };
+                    if json_patch::patch(&mut current, &ops).is_err() {
+                        return json_response(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            status_body(422, "Invalid", "patch does not apply"),
+                        );
+                    }
+                } else {
+                    json_patch::merge(&mut current, &patch);
+                }
+                current
+            };
+            let stored = store(&mut state, key, patched);
+            json_response(StatusCode::OK, stored)
+        }
+        (Method::DELETE, Some(name)) => match remove(&mut state, &(plural, ns, name)) {
+            Some(object) => json_response(StatusCode::OK, object),
+            None => not_found(),
+        },
+        _ => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status_body(405, "MethodNotAllowed", "not supported by the fake"),
+        ),
+    }
+}
+
+/// Server-side apply, as far as one field manager is concerned: maps
+/// merge, everything else is replaced by the applied value.
+fn deep_merge(current: &mut Value, applied: &Value) {
+    match (current, applied) {
+        (Value::Object(current), Value::Object(applied)) => {
+            for (key, value) in applied {
+                match current.get_mut(key) {
+                    Some(existing) if existing.is_object() && value.is_object() => {
+                        deep_merge(existing, value)
+                    }
+                    _ => {
+                        current.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (current, applied) => *current = applied.clone(),
+    }
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response<Body> {
