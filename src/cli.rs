@@ -55,6 +55,71 @@ pub enum Command {
     /// transformation): Pods and the pod templates of workloads; other
     /// documents pass through unchanged.
     Inject(InjectArgs),
+    /// Run the control plane: the mesh CA issuing identity Secrets, and
+    /// the injection webhook (see docs/install.md).
+    Controller(Box<ControllerArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// The control-plane namespace (the CA Secret and the Lease live here).
+    #[arg(
+        long,
+        env = "OUTRIDER_CONTROLLER_NAMESPACE",
+        default_value = "outrider-system"
+    )]
+    pub namespace: String,
+    /// A kubeconfig; default: the usual inference (in-cluster in a pod).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    #[arg(long, env = "OUTRIDER_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Create the CA Secret (anchor and issuer) if it does not exist.
+    #[arg(long, env = "OUTRIDER_BOOTSTRAP_CA", default_value_t = true, action = clap::ArgAction::Set)]
+    pub bootstrap_ca: bool,
+    #[arg(long, default_value = "87600h", value_parser = parse_duration)]
+    pub anchor_lifetime: Duration,
+    #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+    pub issuer_lifetime: Duration,
+    /// Lifetime of workload identities (renewed at a third remaining).
+    #[arg(long, env = "OUTRIDER_IDENTITY_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub identity_lifetime: Duration,
+    /// Warn (logs) this long before the issuer or an anchor expires.
+    #[arg(long, default_value = "720h", value_parser = parse_duration)]
+    pub expiry_warning: Duration,
+    #[arg(long, env = "OUTRIDER_ADMIN_LISTEN", default_value = "0.0.0.0:9990")]
+    pub admin_listen: std::net::SocketAddr,
+    #[arg(long, env = "OUTRIDER_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    pub webhook_listen: std::net::SocketAddr,
+    /// The webhook's Service name (its DNS names go into the certificate).
+    #[arg(long, default_value = "outrider-webhook")]
+    pub webhook_service: String,
+    /// The MutatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, default_value = "outrider-injector")]
+    pub webhook_config: String,
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub webhook_cert_lifetime: Duration,
+    /// Injection values (YAML), as for `outrider inject --config`.
+    #[arg(long, env = "OUTRIDER_INJECT_CONFIG")]
+    pub inject_config: Option<PathBuf>,
+    #[arg(long, default_value = "outrider-controller")]
+    pub lease_name: String,
+    /// This replica's name in the Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub replica_name: Option<String>,
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub lease_renew_deadline: Duration,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub lease_retry: Duration,
+    /// Look at every ServiceAccount and Secret at least this often.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub resync: Duration,
+    #[arg(long, env = "OUTRIDER_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[arg(long, env = "OUTRIDER_LOG_FORMAT", default_value = "plain")]
+    pub log_format: String,
 }
 
 #[derive(Debug, Args)]
@@ -321,40 +386,112 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(PolicyCommand::Check(args)) => Ok(run_policy_check(&args)),
         Command::Init(args) => run_init(&args),
         Command::Inject(args) => Ok(run_inject(&args)),
+        Command::Controller(args) => run_controller(*args),
     }
 }
 
 // === inject ===
 
+/// Injection values from a YAML file, or the defaults.
+fn load_inject_config(
+    path: Option<&std::path::Path>,
+) -> Result<crate::inject::InjectConfig, String> {
+    let Some(path) = path else {
+        return Ok(crate::inject::InjectConfig::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let de = serde_yaml::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+// === controller ===
+
+fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
+    let format = match args.log_format.as_str() {
+        "json" => LogFormat::Json,
+        _ => LogFormat::Plain,
+    };
+    init_tracing(&args.log_level, format);
+    let invalid = |message: String| {
+        eprintln!("outrider controller: {message}");
+        Ok(ExitCode::from(EXIT_USAGE))
+    };
+    let trust_domain = match TrustDomain::parse(&args.trust_domain) {
+        Ok(td) => td,
+        Err(e) => return invalid(format!("--trust-domain: {e}")),
+    };
+    let inject = match load_inject_config(args.inject_config.as_deref()).and_then(|c| {
+        c.validate()
+            .map(|()| c)
+            .map_err(|e| format!("--inject-config: {e}"))
+    }) {
+        Ok(inject) => inject,
+        Err(e) => return invalid(e),
+    };
+    if inject.trust_domain != trust_domain.as_str() {
+        return invalid(format!(
+            "--inject-config: trustDomain {} differs from --trust-domain {trust_domain}",
+            inject.trust_domain
+        ));
+    }
+    if args.lease_renew_deadline >= args.lease_duration {
+        return invalid("--lease-renew-deadline must be shorter than --lease-duration".into());
+    }
+    let replica = args
+        .replica_name
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("outrider-controller-{}", std::process::id()));
+    let config = crate::controller::ControllerConfig {
+        namespace: args.namespace,
+        kubeconfig: args.kubeconfig,
+        trust_domain,
+        bootstrap: args.bootstrap_ca,
+        anchor_lifetime: args.anchor_lifetime,
+        issuer_lifetime: args.issuer_lifetime,
+        identity_lifetime: args.identity_lifetime,
+        expiry_warning: args.expiry_warning,
+        admin_listen: args.admin_listen,
+        webhook_listen: args.webhook_listen,
+        webhook_service: args.webhook_service,
+        webhook_config: args.webhook_config,
+        webhook_cert_lifetime: args.webhook_cert_lifetime,
+        inject,
+        lease_name: args.lease_name,
+        identity: replica,
+        lease: crate::controller::lease::LeaseTiming {
+            lease_duration: args.lease_duration,
+            renew_deadline: args.lease_renew_deadline,
+            retry_period: args.lease_retry,
+        },
+        resync: args.resync,
+    };
+    let runtime = build_runtime(2)?;
+    runtime.block_on(crate::controller::run(config, shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run_inject(args: &InjectArgs) -> ExitCode {
-    use crate::inject::{InjectConfig, Outcome, manifest};
+    use crate::inject::{Outcome, manifest};
     use std::io::Read;
     let fail = |message: String, code: u8| {
         eprintln!("outrider inject: {message}");
         ExitCode::from(code)
     };
-    let mut config = match &args.config {
-        None => InjectConfig::default(),
-        Some(path) => {
-            let parsed = std::fs::read_to_string(path)
-                .map_err(|e| e.to_string())
-                .and_then(|text| {
-                    let de = serde_yaml::Deserializer::from_str(&text);
-                    serde_path_to_error::deserialize::<_, InjectConfig>(de)
-                        .map_err(|e| e.to_string())
-                });
-            match parsed {
-                Ok(config) => config,
-                Err(e) => return fail(format!("{}: {e}", path.display()), EXIT_USAGE),
-            }
+    let config = load_inject_config(args.config.as_deref()).map(|mut config| {
+        if let Some(image) = &args.image {
+            config.image = image.clone();
         }
+        config
+    });
+    let config = match config.and_then(|c| {
+        c.validate()
+            .map(|()| c)
+            .map_err(|e| format!("invalid values: {e}"))
+    }) {
+        Ok(config) => config,
+        Err(e) => return fail(e, EXIT_USAGE),
     };
-    if let Some(image) = &args.image {
-        config.image = image.clone();
-    }
-    if let Err(e) = config.validate() {
-        return fail(format!("invalid values: {e}"), EXIT_USAGE);
-    }
     let input = if args.file == "-" {
         let mut text = String::new();
         std::io::stdin()

@@ -4,6 +4,7 @@ pub mod app;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod crypto;
 pub mod demo;
 pub mod identity;

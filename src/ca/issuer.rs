@@ -173,6 +173,42 @@ impl SigningCa {
     }
 }
 
+impl SigningCa {
+    /// Issues a TLS server certificate for DNS names (the injection
+    /// webhook's: the API server verifies it by Service DNS name against
+    /// the trust anchors in the webhook's `caBundle`). Not an X509-SVID:
+    /// it carries no SPIFFE ID, so no proxy accepts it as a workload.
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[String],
+        lifetime: Duration,
+        now: OffsetDateTime,
+    ) -> Result<SignedPem, IssueError> {
+        let key = generate_key()?;
+        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(IssueError::Sign)?;
+        let mut dn = DistinguishedName::new();
+        if let Some(first) = dns_names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now - BACKDATE;
+        params.not_after = checked_after(now, lifetime)?;
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(IssueError::Sign)?;
+        Ok(SignedPem {
+            cert_pem: format!("{}{}", cert.pem(), ensure_newline(&self.cert_pem)),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().clone(),
+        })
+    }
+}
+
 fn ca_params(
     td: &TrustDomain,
     common_name: &str,

@@ -1,0 +1,430 @@
+//! The injection webhook: AdmissionReview v1 in, AdmissionReview v1 out,
+//! over HTTPS with a serving certificate from the mesh CA.
+//!
+//! [`review`] is pure: a request body and the path it came on to the
+//! response body. Two paths, one per webhook in the chart's
+//! MutatingWebhookConfiguration: `/inject/namespace` for pods in
+//! namespaces labelled `outrider.dev/inject=enabled` (inject unless the pod
+//! says `disabled`), `/inject/pod` for every other namespace (inject only
+//! pods annotated `outrider.dev/inject: enabled`). Anything malformed is
+//! answered with a denial and its reason, never with a 500.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use super::metrics::ControllerMetrics;
+use crate::inject::config::INJECT;
+use crate::inject::{InjectConfig, Outcome, pod_patch};
+
+pub const NAMESPACE_PATH: &str = "/inject/namespace";
+pub const POD_PATH: &str = "/inject/pod";
+/// The API server sends at most a few MiB; anything bigger is not a pod.
+const MAX_BODY: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+struct Review {
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    kind: String,
+    request: Option<ReviewRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReviewRequest {
+    uid: String,
+    kind: Gvk,
+    operation: String,
+    #[serde(default)]
+    object: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Gvk {
+    #[serde(default)]
+    group: String,
+    kind: String,
+}
+
+/// How a review ended, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Injected,
+    Skipped,
+    Denied,
+    Malformed,
+}
+
+impl Verdict {
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Injected => "injected",
+            Verdict::Skipped => "skipped",
+            Verdict::Denied => "denied",
+            Verdict::Malformed => "malformed",
+        }
+    }
+}
+
+fn response(uid: &str, allowed: bool, message: Option<&str>, patch: Option<&[u8]>) -> Value {
+    let mut response = json!({"uid": uid, "allowed": allowed});
+    if let Some(message) = message {
+        response["status"] = json!({"code": if allowed { 200 } else { 400 }, "message": message});
+    }
+    if let Some(patch) = patch {
+        response["patchType"] = json!("JSONPatch");
+        response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
+    }
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+}
+
+/// Answers one AdmissionReview.
+pub fn review(body: &[u8], path: &str, mesh: &InjectConfig) -> (Value, Verdict) {
+    let review: Review = match serde_json::from_slice(body) {
+        Ok(review) => review,
+        Err(e) => {
+            let message = format!("outrider injector: not an AdmissionReview: {e}");
+            return (
+                response("", false, Some(&message), None),
+                Verdict::Malformed,
+            );
+        }
+    };
+    let Some(request) = review.request else {
+        return (
+            response(
+                "",
+                false,
+                Some("outrider injector: the AdmissionReview has no request"),
+                None,
+            ),
+            Verdict::Malformed,
+        );
+    };
+    let uid = request.uid.as_str();
+    if review.api_version != "admission.k8s.io/v1" || review.kind != "AdmissionReview" {
+        let message = format!(
+            "outrider injector: expected admission.k8s.io/v1 AdmissionReview, got {} {}",
+            review.api_version, review.kind
+        );
+        return (
+            response(uid, false, Some(&message), None),
+            Verdict::Malformed,
+        );
+    }
+    // Only pod creation is ours; anything else is let through untouched.
+    if !request.kind.group.is_empty() || request.kind.kind != "Pod" || request.operation != "CREATE"
+    {
+        return (response(uid, true, None, None), Verdict::Skipped);
+    }
+    let Some(pod) = request.object else {
+        return (
+            response(
+                uid,
+                false,
+                Some("outrider injector: the request carries no pod"),
+                None,
+            ),
+            Verdict::Malformed,
+        );
+    };
+    let annotation = pod["metadata"]["annotations"][INJECT].as_str();
+    let wanted = match path {
+        NAMESPACE_PATH => true,
+        POD_PATH => annotation == Some("enabled"),
+        other => {
+            let message = format!("outrider injector: unknown path {other}");
+            return (
+                response(uid, false, Some(&message), None),
+                Verdict::Malformed,
+            );
+        }
+    };
+    if !wanted {
+        return (response(uid, true, None, None), Verdict::Skipped);
+    }
+    match pod_patch(&pod, mesh) {
+        Ok((Outcome::Injected { .. }, Some(patch))) => match serde_json::to_vec(&patch) {
+            Ok(bytes) => (response(uid, true, None, Some(&bytes)), Verdict::Injected),
+            Err(e) => {
+                let message = format!("outrider injector: cannot encode the patch: {e}");
+                (response(uid, false, Some(&message), None), Verdict::Denied)
+            }
+        },
+        Ok(_) => (response(uid, true, None, None), Verdict::Skipped),
+        // A pod we were asked to mesh but cannot (a bad annotation, a
+        // malformed spec) is refused with the reason, rather than started
+        // outside the mesh.
+        Err(e) => {
+            let message = format!("outrider injector: {e}");
+            (response(uid, false, Some(&message), None), Verdict::Denied)
+        }
+    }
+}
+
+/// The serving certificate, swappable while serving (renewal, CA
+/// rotation).
+#[derive(Debug)]
+pub struct ServingCert {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ServingCert {
+    pub fn new(key: Arc<CertifiedKey>) -> Arc<Self> {
+        Arc::new(Self {
+            current: RwLock::new(key),
+        })
+    }
+
+    pub fn replace(&self, key: Arc<CertifiedKey>) {
+        if let Ok(mut current) = self.current.write() {
+            *current = key;
+        }
+    }
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok().map(|k| k.clone())
+    }
+}
+
+/// Builds a rustls key from PEM chain and key.
+pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{e:?}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("{e:?}"))?;
+    let signing = crate::crypto::provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+}
+
+/// Serves the webhook until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    cert: Arc<ServingCert>,
+    mesh: Arc<InjectConfig>,
+    metrics: ControllerMetrics,
+) {
+    let mut config =
+        match rustls::ServerConfig::builder_with_provider(Arc::new(crate::crypto::provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        {
+            Ok(builder) => builder.with_no_client_auth().with_cert_resolver(cert),
+            Err(error) => {
+                tracing::error!(%error, "Cannot configure the webhook's TLS");
+                return;
+            }
+        };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let mesh = mesh.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream))
+                    .await
+            else {
+                return;
+            };
+            let service = service_fn(move |req| {
+                let mesh = mesh.clone();
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(handle(req, &mesh, &metrics, peer).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    mesh: &InjectConfig,
+    metrics: &ControllerMetrics,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let plain = |status: StatusCode, text: &'static str| {
+        let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+        *response.status_mut() = status;
+        response
+    };
+    if req.method() != Method::POST {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
+    }
+    let path = req.uri().path().to_string();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let (answer, verdict) = review(&body, &path, mesh);
+    metrics.webhook(verdict.label());
+    if matches!(verdict, Verdict::Denied | Verdict::Malformed) {
+        let message = answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or("");
+        tracing::warn!(%peer, %path, reason = message, "Refused an admission review");
+    }
+    let mut response = Response::new(Full::new(Bytes::from(answer.to_string())));
+    if let Ok(value) = "application/json".parse() {
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(object: Value) -> Vec<u8> {
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+               "request": {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                           "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                           "resource": {"group": "", "version": "v1", "resource": "pods"},
+                           "namespace": "shop", "operation": "CREATE", "object": object}})
+        .to_string()
+        .into_bytes()
+    }
+
+    fn pod(annotations: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"generateName": "web-", "namespace": "shop", "annotations": annotations},
+               "spec": {"containers": [{"name": "web", "image": "web:1"}]}})
+    }
+
+    fn decode_patch(answer: &Value) -> json_patch::Patch {
+        let b64 = answer["response"]["patch"].as_str().expect("patch");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("base64");
+        serde_json::from_slice(&bytes).expect("patch JSON")
+    }
+
+    #[test]
+    fn a_pod_in_a_meshed_namespace_gets_a_base64_json_patch_with_the_sidecar() {
+        let (answer, verdict) = review(
+            &admission(pod(json!({}))),
+            NAMESPACE_PATH,
+            &InjectConfig::default(),
+        );
+        assert_eq!(verdict, Verdict::Injected);
+        assert_eq!(
+            answer["response"]["uid"],
+            "705ab4f5-6393-11e8-b7cc-42010a800002"
+        );
+        assert_eq!(answer["response"]["allowed"], true);
+        assert_eq!(answer["response"]["patchType"], "JSONPatch");
+        let mut patched = pod(json!({}));
+        json_patch::patch(&mut patched, &decode_patch(&answer)).expect("applies");
+        let names: Vec<&str> = patched["spec"]["initContainers"]
+            .as_array()
+            .expect("init containers")
+            .iter()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        assert_eq!(names, ["outrider-init", "outrider-proxy"]);
+    }
+
+    #[test]
+    fn outside_meshed_namespaces_only_annotated_pods_are_injected() {
+        let mesh = InjectConfig::default();
+        let (_, verdict) = review(&admission(pod(json!({}))), POD_PATH, &mesh);
+        assert_eq!(verdict, Verdict::Skipped);
+        let (answer, verdict) = review(
+            &admission(pod(json!({"outrider.dev/inject": "enabled"}))),
+            POD_PATH,
+            &mesh,
+        );
+        assert_eq!(verdict, Verdict::Injected, "{answer}");
+        let (answer, verdict) = review(
+            &admission(pod(json!({"outrider.dev/inject": "disabled"}))),
+            NAMESPACE_PATH,
+            &mesh,
+        );
+        assert_eq!(verdict, Verdict::Skipped);
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(answer["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn an_injected_pod_is_left_alone() {
+        let mesh = InjectConfig::default();
+        let (answer, _) = review(&admission(pod(json!({}))), NAMESPACE_PATH, &mesh);
+        let mut injected = pod(json!({}));
+        json_patch::patch(&mut injected, &decode_patch(&answer)).expect("applies");
+        let (answer, verdict) = review(&admission(injected), NAMESPACE_PATH, &mesh);
+        assert_eq!(verdict, Verdict::Skipped);
+        assert!(answer["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn garbage_is_denied_with_a_reason_never_an_error() {
+        let mesh = InjectConfig::default();
+        for (body, expect) in [
+            (b"{not json".to_vec(), "not an AdmissionReview"),
+            (
+                b"{\"apiVersion\":\"admission.k8s.io/v1\",\"kind\":\"AdmissionReview\"}".to_vec(),
+                "no request",
+            ),
+            (
+                admission(json!({"metadata": {"name": "x"}, "spec": {"containers": 7}})),
+                "spec.containers",
+            ),
+            (
+                admission(pod(json!({"outrider.dev/opaque-ports": "mysql"}))),
+                "outrider.dev/opaque-ports",
+            ),
+        ] {
+            let (answer, verdict) = review(&body, NAMESPACE_PATH, &mesh);
+            assert!(matches!(verdict, Verdict::Malformed | Verdict::Denied));
+            assert_eq!(answer["response"]["allowed"], false);
+            let message = answer["response"]["status"]["message"]
+                .as_str()
+                .unwrap_or("");
+            assert!(message.contains(expect), "{message}");
+        }
+        let (answer, verdict) = review(&admission(pod(json!({}))), "/elsewhere", &mesh);
+        assert_eq!(
+            (verdict, answer["response"]["allowed"].clone()),
+            (Verdict::Malformed, json!(false))
+        );
+    }
+
+    #[test]
+    fn other_kinds_and_operations_pass_untouched() {
+        let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                        "operation": "UPDATE", "object": pod(json!({}))}})
+        .to_string();
+        let (answer, verdict) = review(body.as_bytes(), NAMESPACE_PATH, &InjectConfig::default());
+        assert_eq!(verdict, Verdict::Skipped);
+        assert_eq!(answer["response"]["allowed"], true);
+    }
+}
