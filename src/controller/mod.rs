@@ -89,6 +89,8 @@ pub enum ControllerError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("cannot issue the webhook's serving certificate (see the log)")]
+    NoServingCert,
 }
 
 /// What the controller shares between its tasks.
@@ -156,9 +158,7 @@ pub async fn run(
 
     // The webhook, with a serving certificate kept fresh.
     let Some(first_key) = shared.serving_key() else {
-        return Err(ControllerError::Metrics(prometheus::Error::Msg(
-            "cannot issue the webhook's serving certificate".into(),
-        )));
+        return Err(ControllerError::NoServingCert);
     };
     let serving = webhook::ServingCert::new(first_key);
     tasks.spawn(webhook::serve(
@@ -219,7 +219,11 @@ impl Shared {
                         ..Default::default()
                     },
                     type_: Some("kubernetes.io/tls".into()),
-                    string_data: Some(data),
+                    data: Some(
+                        data.into_iter()
+                            .map(|(k, v)| (k, ByteString(v.into_bytes())))
+                            .collect(),
+                    ),
                     ..Default::default()
                 };
                 match api.create(&PostParams::default(), &secret).await {
@@ -247,7 +251,11 @@ impl Shared {
         };
         let data = secret.data.clone().unwrap_or_default();
         if self.ca_data.lock().ok().and_then(|d| d.clone()).as_ref() == Some(&data) {
-            return Ok(());
+            // Unchanged: fine if it was good, still refused if it was not.
+            return match self.current_ca() {
+                Some(_) => Ok(()),
+                None => Err(format!("Secret {CA_SECRET} is unusable (unchanged)")),
+            };
         }
         let bytes: BTreeMap<String, Vec<u8>> =
             data.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();

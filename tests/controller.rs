@@ -1,0 +1,701 @@
+//! `outrider controller` against an in-process fake API server (no real
+//! kube-apiserver can run here): identity Secrets issued, renewed,
+//! recreated and removed; the CA bootstrapped, refused when broken, and
+//! rotated through the three-step anchor runbook; the Lease; the webhook
+//! over HTTPS with its caBundle kept current.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::BIN;
+use outrider::ca::inspect::inspect;
+use outrider::test_util::apps::{http1_get, metric};
+use outrider::test_util::eventually;
+use outrider::test_util::fake_apiserver::FakeApiServer;
+use rustls_pki_types::UnixTime;
+use rustls_pki_types::pem::PemObject;
+use serde_json::{Value, json};
+
+struct ControllerProcess {
+    child: Child,
+    admin: SocketAddr,
+    webhook: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl ControllerProcess {
+    fn spawn(kubeconfig: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("controller")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args([
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--webhook-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--log-format", "json", "--resync", "1s"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn controller");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("\"Controller listening\"") {
+                        let _ = tx.send(line.clone());
+                    }
+                    logs.lock().expect("logs").push(line);
+                }
+            });
+        }
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) else {
+            let _ = child.kill();
+            panic!(
+                "controller did not start: {}",
+                logs.lock().unwrap().join("\n")
+            );
+        };
+        let event: Value = serde_json::from_str(&line).expect("json log");
+        let addr = |f: &str| event[f].as_str().unwrap().parse().unwrap();
+        Self {
+            child,
+            admin: addr("admin"),
+            webhook: addr("webhook"),
+            logs,
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    async fn metrics(&self) -> String {
+        http1_get(self.admin, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn namespace(name: &str, meshed: bool) -> Value {
+    let labels = if meshed {
+        json!({"outrider.dev/inject": "enabled"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+fn service_account(ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}})
+}
+
+fn webhook_configuration() -> Value {
+    let hook = |name: &str, path: &str| {
+        json!({"name": name, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+               "clientConfig": {"service": {"name": "outrider-webhook", "namespace": "outrider-system", "path": path}}})
+    };
+    json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+           "metadata": {"name": "outrider-injector"},
+           "webhooks": [hook("namespace.inject.outrider.dev", "/inject/namespace"),
+                        hook("pod.inject.outrider.dev", "/inject/pod")]})
+}
+
+fn decode(secret: &Value, key: &str) -> Vec<u8> {
+    let text = secret["data"][key].as_str().unwrap_or_default();
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap_or_default()
+}
+
+fn now() -> UnixTime {
+    UnixTime::now()
+}
+
+/// The SPIFFE ID and serial of an identity Secret, after checking it as a
+/// proxy would (chain against the Secret's own bundle).
+fn identity_of(secret: &Value) -> (String, String) {
+    let report = inspect(
+        &decode(secret, "tls.crt"),
+        Some(&decode(secret, "ca.crt")),
+        now(),
+    )
+    .expect("a valid X509-SVID");
+    (report.leaf.id.to_string(), report.leaf.serial.clone())
+}
+
+struct Cluster {
+    api: FakeApiServer,
+    _dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+async fn cluster() -> Cluster {
+    let api = FakeApiServer::start().await;
+    api.apply("namespaces", namespace("outrider-system", false));
+    api.apply("namespaces", namespace("shop", true));
+    api.apply("namespaces", namespace("plain", false));
+    api.apply("serviceaccounts", service_account("shop", "orders"));
+    api.apply("serviceaccounts", service_account("shop", "default"));
+    api.apply("serviceaccounts", service_account("plain", "worker"));
+    api.apply("mutatingwebhookconfigurations", webhook_configuration());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    Cluster {
+        api,
+        _dir: dir,
+        kubeconfig,
+    }
+}
+
+async fn secret(api: &FakeApiServer, ns: &str, name: &str, within: Duration) -> Option<Value> {
+    eventually(within, async || api.get("secrets", ns, name)).await
+}
+
+#[tokio::test]
+async fn service_accounts_of_meshed_namespaces_get_identities_kept_in_step_with_the_cluster() {
+    let c = cluster().await;
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    let api = &c.api;
+
+    // The CA was bootstrapped into its Secret.
+    let ca = secret(
+        api,
+        "outrider-system",
+        "outrider-ca",
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("bootstrapped CA Secret");
+    assert_eq!(ca["type"], "kubernetes.io/tls");
+
+    let orders = secret(
+        api,
+        "shop",
+        "outrider-identity-orders",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|| panic!("no identity for shop/orders:\n{}", controller.logs()));
+    assert_eq!(orders["type"], "kubernetes.io/tls");
+    assert_eq!(
+        identity_of(&orders).0,
+        "spiffe://cluster.local/ns/shop/sa/orders"
+    );
+    assert_eq!(decode(&orders, "ca.crt"), decode(&ca, "ca.crt"));
+    assert_eq!(
+        orders["metadata"]["labels"]["outrider.dev/identity"],
+        "true"
+    );
+    assert_eq!(
+        orders["metadata"]["ownerReferences"][0]["kind"],
+        "ServiceAccount"
+    );
+    assert_eq!(
+        orders["metadata"]["ownerReferences"][0]["uid"],
+        api.get("serviceaccounts", "shop", "orders").unwrap()["metadata"]["uid"]
+    );
+    assert!(
+        secret(
+            api,
+            "shop",
+            "outrider-identity-default",
+            Duration::from_secs(5)
+        )
+        .await
+        .is_some()
+    );
+    // Written by server-side apply with our field manager.
+    assert!(api.seen().iter().any(|r| r.method == "PATCH"
+        && r.path.ends_with("/secrets/outrider-identity-orders")
+        && r.content_type.starts_with("application/apply-patch")
+        && r.query.contains("fieldManager=outrider-controller")));
+    // Not meshed: nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        api.get("secrets", "plain", "outrider-identity-worker")
+            .is_none()
+    );
+
+    // A new ServiceAccount.
+    api.apply("serviceaccounts", service_account("shop", "payments"));
+    let payments = secret(
+        api,
+        "shop",
+        "outrider-identity-payments",
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("identity for a new ServiceAccount");
+    assert_eq!(
+        identity_of(&payments).0,
+        "spiffe://cluster.local/ns/shop/sa/payments"
+    );
+
+    // Deleted: recreated, with a new certificate.
+    let serial = identity_of(&orders).1;
+    api.delete("secrets", "outrider-identity-orders");
+    let again = secret(
+        api,
+        "shop",
+        "outrider-identity-orders",
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("recreated");
+    assert_ne!(identity_of(&again).1, serial);
+
+    // The ServiceAccount goes away: so does its identity.
+    api.delete("serviceaccounts", "default");
+    let removed = eventually(Duration::from_secs(5), async || {
+        api.get("secrets", "shop", "outrider-identity-default")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(removed.is_some(), "{}", controller.logs());
+
+    // A pod annotated for injection meshes its namespace.
+    api.apply(
+        "pods",
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "w", "namespace": "plain", "annotations": {"outrider.dev/inject": "enabled"}},
+               "spec": {"serviceAccountName": "worker", "containers": [{"name": "w", "image": "w"}]}}),
+    );
+    assert!(
+        secret(
+            api,
+            "plain",
+            "outrider-identity-worker",
+            Duration::from_secs(5)
+        )
+        .await
+        .is_some(),
+        "{}",
+        controller.logs()
+    );
+
+    // A 410 Gone on every watch: the caches relist and keep working.
+    let (lists_before, _) = api.requests();
+    api.expire_versions();
+    api.apply("serviceaccounts", service_account("shop", "after-gone"));
+    assert!(
+        secret(
+            api,
+            "shop",
+            "outrider-identity-after-gone",
+            Duration::from_secs(10)
+        )
+        .await
+        .is_some()
+    );
+    assert!(api.requests().0 > lists_before, "a relist after 410");
+
+    // The webhook configuration carries the bundle.
+    let hooks = api
+        .get("mutatingwebhookconfigurations", "", "outrider-injector")
+        .unwrap();
+    for hook in hooks["webhooks"].as_array().unwrap() {
+        let bundle = base64::engine::general_purpose::STANDARD
+            .decode(hook["clientConfig"]["caBundle"].as_str().expect("caBundle"))
+            .unwrap();
+        assert_eq!(bundle, decode(&ca, "ca.crt"));
+    }
+
+    let metrics = controller.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "outrider_controller_certificates_issued_total",
+            &[("kind", "identity")]
+        ) >= 5.0
+    );
+    assert_eq!(metric(&metrics, "outrider_controller_leader", &[]), 1.0);
+    assert!(
+        metric(
+            &metrics,
+            "outrider_controller_issuer_expiry_timestamp_seconds",
+            &[]
+        ) > 0.0
+    );
+    assert!(
+        metric(
+            &metrics,
+            "outrider_controller_identity_soonest_expiry_timestamp_seconds",
+            &[]
+        ) > 0.0
+    );
+}
+
+#[tokio::test]
+async fn an_identity_is_renewed_when_a_third_of_its_lifetime_remains_and_write_conflicts_are_retried()
+ {
+    let c = cluster().await;
+    // The first apply of the orders Secret hits a conflict.
+    c.api.fail_next("PATCH", "secrets", 409);
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &["--identity-lifetime", "6s"]);
+    let first = secret(
+        &c.api,
+        "shop",
+        "outrider-identity-orders",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|| panic!("{}", controller.logs()));
+    let (_, first_serial) = identity_of(&first);
+    // 6 s lifetime: renewed after about 4 s.
+    let renewed = eventually(Duration::from_secs(10), async || {
+        let s = c.api.get("secrets", "shop", "outrider-identity-orders")?;
+        let (_, serial) = identity_of(&s);
+        (serial != first_serial).then_some(s)
+    })
+    .await;
+    assert!(renewed.is_some(), "not renewed:\n{}", controller.logs());
+    let metrics = controller.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "outrider_controller_certificates_issued_total",
+            &[("reason", "expiring")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "outrider_controller_renewal_failures_total", &[]) >= 1.0,
+        "{metrics}"
+    );
+}
+
+fn ca_dir(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let status = Command::new(BIN)
+        .args(["ca", "init", "--dir"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    path
+}
+
+fn read(dir: &Path, file: &str) -> String {
+    std::fs::read_to_string(dir.join(file)).unwrap()
+}
+
+fn ca_secret(issuer_dir: &Path, bundle: &str) -> Value {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+           "metadata": {"name": "outrider-ca", "namespace": "outrider-system"},
+           "data": {"tls.crt": b64(&read(issuer_dir, "issuer.crt")),
+                    "tls.key": b64(&read(issuer_dir, "issuer.key")),
+                    "ca.crt": b64(bundle)}})
+}
+
+/// Waits until every identity Secret's bundle is `bundle` and its chain
+/// verifies, and returns their issuers (the second certificate).
+async fn identities_settle(api: &FakeApiServer, bundle: &str, issuer: &str) -> bool {
+    let issuer = issuer.split_whitespace().collect::<String>();
+    let bundle_bytes = bundle.as_bytes().to_vec();
+    eventually(Duration::from_secs(10), async || {
+        let secrets: Vec<Value> = api
+            .all("secrets")
+            .into_iter()
+            .filter(|s| s["metadata"]["labels"]["outrider.dev/identity"] == "true")
+            .collect();
+        let ok = secrets.len() == 2
+            && secrets.iter().all(|s| {
+                let chain = String::from_utf8(decode(s, "tls.crt")).unwrap_or_default();
+                decode(s, "ca.crt") == bundle_bytes
+                    && inspect(chain.as_bytes(), Some(bundle.as_bytes()), now()).is_ok()
+                    && chain
+                        .split_whitespace()
+                        .collect::<String>()
+                        .ends_with(&issuer)
+            });
+        ok.then_some(())
+    })
+    .await
+    .is_some()
+}
+
+#[tokio::test]
+async fn the_trust_anchor_rotates_in_three_steps_and_a_broken_ca_secret_is_refused() {
+    let c = cluster().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let old = ca_dir(tmp.path(), "old");
+    let new = ca_dir(tmp.path(), "new");
+    let old_root = read(&old, "root.crt");
+    let new_root = read(&new, "root.crt");
+    c.api.apply("secrets", ca_secret(&old, &old_root));
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &["--bootstrap-ca", "false"]);
+    assert!(
+        identities_settle(&c.api, &old_root, &read(&old, "issuer.crt")).await,
+        "start: {}",
+        controller.logs()
+    );
+
+    // 1. Trust both roots, still issuing from the old issuer.
+    let both = format!("{old_root}{new_root}");
+    c.api.apply("secrets", ca_secret(&old, &both));
+    assert!(
+        identities_settle(&c.api, &both, &read(&old, "issuer.crt")).await,
+        "step 1: {}",
+        controller.logs()
+    );
+    // 2. Issue from the new issuer, both roots trusted.
+    c.api.apply("secrets", ca_secret(&new, &both));
+    assert!(
+        identities_settle(&c.api, &both, &read(&new, "issuer.crt")).await,
+        "step 2: {}",
+        controller.logs()
+    );
+    // 3. Drop the old root.
+    c.api.apply("secrets", ca_secret(&new, &new_root));
+    assert!(
+        identities_settle(&c.api, &new_root, &read(&new, "issuer.crt")).await,
+        "step 3: {}",
+        controller.logs()
+    );
+    let hooks = c
+        .api
+        .get("mutatingwebhookconfigurations", "", "outrider-injector")
+        .unwrap();
+    let bundle = base64::engine::general_purpose::STANDARD
+        .decode(
+            hooks["webhooks"][0]["clientConfig"]["caBundle"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(bundle, new_root.as_bytes());
+
+    // A CA Secret whose issuer does not chain to its bundle is refused;
+    // the last good CA stays in force.
+    c.api.apply("secrets", ca_secret(&old, &new_root));
+    let refused = eventually(Duration::from_secs(5), async || {
+        let m = controller.metrics().await;
+        (metric(&m, "outrider_controller_ca_load_failures_total", &[]) >= 1.0).then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "{}", controller.logs());
+    c.api
+        .apply("serviceaccounts", service_account("shop", "late"));
+    let late = secret(
+        &c.api,
+        "shop",
+        "outrider-identity-late",
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("still issuing with the last good CA");
+    assert!(inspect(&decode(&late, "tls.crt"), Some(new_root.as_bytes()), now()).is_ok());
+}
+
+#[tokio::test]
+async fn a_replica_that_loses_the_lease_stops_issuing_and_only_one_of_two_leads() {
+    let c = cluster().await;
+    let lease = [
+        "--lease-duration",
+        "3s",
+        "--lease-renew-deadline",
+        "2s",
+        "--lease-retry",
+        "200ms",
+    ];
+    let mut args_a = lease.to_vec();
+    args_a.extend(["--replica-name", "a"]);
+    let mut args_b = lease.to_vec();
+    args_b.extend(["--replica-name", "b"]);
+    let a = ControllerProcess::spawn(&c.kubeconfig, &args_a);
+    let b = ControllerProcess::spawn(&c.kubeconfig, &args_b);
+    assert!(
+        secret(
+            &c.api,
+            "shop",
+            "outrider-identity-orders",
+            Duration::from_secs(10)
+        )
+        .await
+        .is_some()
+    );
+    let leaders = async || {
+        metric(&a.metrics().await, "outrider_controller_leader", &[])
+            + metric(&b.metrics().await, "outrider_controller_leader", &[])
+    };
+    assert_eq!(
+        eventually(Duration::from_secs(5), async || (leaders().await == 1.0)
+            .then_some(()))
+        .await,
+        Some(()),
+        "exactly one leader"
+    );
+
+    // Someone else takes the Lease for an hour: neither replica may issue.
+    let mut stolen = c
+        .api
+        .get("leases", "outrider-system", "outrider-controller")
+        .unwrap();
+    stolen["spec"]["holderIdentity"] = json!("someone-else");
+    stolen["spec"]["leaseDurationSeconds"] = json!(3600);
+    stolen["spec"]["renewTime"] = json!(
+        time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    );
+    c.api.apply("leases", stolen);
+    assert_eq!(
+        eventually(Duration::from_secs(5), async || (leaders().await == 0.0)
+            .then_some(()))
+        .await,
+        Some(()),
+        "nobody leads a stolen lease:\n{}\n{}",
+        a.logs(),
+        b.logs()
+    );
+    c.api
+        .apply("serviceaccounts", service_account("shop", "unissued"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        c.api
+            .get("secrets", "shop", "outrider-identity-unissued")
+            .is_none(),
+        "a follower issued"
+    );
+}
+
+#[tokio::test]
+async fn the_webhook_serves_https_with_a_mesh_certificate_and_patches_pods() {
+    use http_body_util::{BodyExt, Full};
+    let c = cluster().await;
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    let ca = secret(
+        &c.api,
+        "outrider-system",
+        "outrider-ca",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let bundle = decode(&ca, "ca.crt");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&bundle) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(outrider::crypto::provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+
+    let post = async |path: &str, body: Vec<u8>| -> (u16, Value) {
+        let tcp = tokio::net::TcpStream::connect(controller.webhook)
+            .await
+            .unwrap();
+        // Verified by name against the mesh's trust anchor, as the API
+        // server does with the caBundle.
+        let name =
+            rustls_pki_types::ServerName::try_from("outrider-webhook.outrider-system.svc").unwrap();
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .expect("TLS with the mesh CA");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::post(path)
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    };
+    let review = |object: Value| {
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+               "request": {"uid": "abc", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                           "operation": "CREATE", "namespace": "shop", "object": object}})
+        .to_string()
+        .into_bytes()
+    };
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "shop"},
+                     "spec": {"containers": [{"name": "web", "image": "web:1"}]}});
+
+    let (status, answer) = post("/inject/namespace", review(pod.clone())).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["uid"], "abc");
+    assert_eq!(answer["response"]["allowed"], true);
+    let patch: json_patch::Patch = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(answer["response"]["patch"].as_str().expect("a patch"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut injected = pod;
+    json_patch::patch(&mut injected, &patch).unwrap();
+    assert_eq!(
+        injected["spec"]["initContainers"][1]["name"],
+        "outrider-proxy"
+    );
+
+    let (status, answer) = post("/inject/namespace", review(injected)).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+
+    let (status, answer) = post("/inject/namespace", b"garbage".to_vec()).await;
+    assert_eq!(status, 200, "a denial, never a 500");
+    assert_eq!(answer["response"]["allowed"], false);
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not an AdmissionReview")
+    );
+
+    let metrics = controller.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "outrider_controller_webhook_reviews_total",
+            &[("verdict", "injected")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "outrider_controller_webhook_reviews_total",
+            &[("verdict", "malformed")]
+        ),
+        1.0
+    );
+}
