@@ -283,6 +283,20 @@ pub enum CaCommand {
         #[arg(long)]
         extra_root: Vec<PathBuf>,
     },
+    /// Print the `outrider-ca` Secret (YAML, for `kubectl apply -f -`)
+    /// holding the issuer from a CA directory and the given trust bundle;
+    /// checked exactly as the controller will check it. The anchor
+    /// rotation runbook (docs/operations.md) is three of these.
+    Secret {
+        /// A directory from `ca init` whose issuer signs identities.
+        #[arg(long)]
+        issuer_dir: PathBuf,
+        /// A root certificate to trust (repeatable; the bundle).
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        #[arg(long, default_value = "outrider-system")]
+        namespace: String,
+    },
     /// Describe a certificate and check it is a valid X509-SVID now.
     Inspect {
         file: PathBuf,
@@ -774,6 +788,55 @@ fn run_ca(command: CaCommand) -> anyhow::Result<ExitCode> {
                 svid.serial,
                 fmt_time(svid.not_after),
                 out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Secret {
+            issuer_dir,
+            trust,
+            namespace,
+        } => {
+            use crate::controller::ca::{
+                BUNDLE_KEY, CA_SECRET, CaMaterial, ISSUER_CERT_KEY, ISSUER_KEY_KEY,
+            };
+            let ca = CaDir::new(&issuer_dir);
+            let read = |path: &std::path::Path| {
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+            };
+            let issuer = read(&ca.path(crate::ca::store::ISSUER_CERT))?;
+            let key = read(&ca.path(crate::ca::store::ISSUER_KEY))?;
+            let mut bundle = String::new();
+            for root in &trust {
+                let pem = read(root)?;
+                bundle.push_str(&pem);
+                if !pem.ends_with('\n') {
+                    bundle.push('\n');
+                }
+            }
+            let data = std::collections::BTreeMap::from([
+                (ISSUER_CERT_KEY.to_string(), issuer.into_bytes()),
+                (ISSUER_KEY_KEY.to_string(), key.into_bytes()),
+                (BUNDLE_KEY.to_string(), bundle.into_bytes()),
+            ]);
+            let td = crate::ca::store::trust_domain_of(
+                std::str::from_utf8(&data[ISSUER_CERT_KEY]).unwrap_or_default(),
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", issuer_dir.display()))?;
+            if let Err(error) =
+                CaMaterial::from_secret_data(&data, &td, time::OffsetDateTime::now_utc())
+            {
+                eprintln!(
+                    "outrider: refusing to print a CA Secret the controller would refuse: {error}"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            use base64::Engine as _;
+            let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+            print!(
+                "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata:\n  name: {CA_SECRET}\n  namespace: {namespace}\ndata:\n  {BUNDLE_KEY}: {}\n  {ISSUER_CERT_KEY}: {}\n  {ISSUER_KEY_KEY}: {}\n",
+                b64(&data[BUNDLE_KEY]),
+                b64(&data[ISSUER_CERT_KEY]),
+                b64(&data[ISSUER_KEY_KEY]),
             );
             Ok(ExitCode::SUCCESS)
         }

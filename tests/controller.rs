@@ -415,6 +415,55 @@ fn ca_secret(issuer_dir: &Path, bundle: &str) -> Value {
                     "ca.crt": b64(bundle)}})
 }
 
+/// `outrider ca secret`, the runbook's command, parsed as `kubectl apply`
+/// would read it.
+fn runbook_secret(issuer_dir: &Path, trust: &[&Path]) -> Result<Value, String> {
+    let mut command = Command::new(BIN);
+    command
+        .args(["ca", "secret", "--issuer-dir"])
+        .arg(issuer_dir);
+    for root in trust {
+        command.arg("--trust").arg(root.join("root.crt"));
+    }
+    let out = command.output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_yaml::from_slice(&out.stdout).expect("YAML Secret"))
+}
+
+/// Plays kubelet: copies identity Secrets into directories the way a
+/// Secret volume is updated, whenever they change.
+fn kubelet(
+    api: FakeApiServer,
+    mounts: Vec<(String, std::path::PathBuf)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut seen: std::collections::BTreeMap<String, String> = Default::default();
+        loop {
+            for (name, dir) in &mounts {
+                if let Some(s) = api.get("secrets", "shop", name) {
+                    let version = s["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string();
+                    if seen.get(name) != Some(&version) {
+                        let text = |k| String::from_utf8(decode(&s, k)).unwrap();
+                        outrider::test_util::certs::write_identity(
+                            dir,
+                            &text("tls.crt"),
+                            &text("tls.key"),
+                            &text("ca.crt"),
+                        );
+                        seen.insert(name.clone(), version);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 /// Waits until every identity Secret's bundle is `bundle` and its chain
 /// verifies, and returns their issuers (the second certificate).
 async fn identities_settle(api: &FakeApiServer, bundle: &str, issuer: &str) -> bool {
@@ -443,14 +492,17 @@ async fn identities_settle(api: &FakeApiServer, bundle: &str, issuer: &str) -> b
 }
 
 #[tokio::test]
-async fn the_trust_anchor_rotates_in_three_steps_and_a_broken_ca_secret_is_refused() {
+async fn the_trust_anchor_rotates_in_three_runbook_steps_under_load_without_a_failed_request() {
+    use common::{ProxyProcess, config, sections};
     let c = cluster().await;
     let tmp = tempfile::tempdir().unwrap();
     let old = ca_dir(tmp.path(), "old");
     let new = ca_dir(tmp.path(), "new");
     let old_root = read(&old, "root.crt");
     let new_root = read(&new, "root.crt");
-    c.api.apply("secrets", ca_secret(&old, &old_root));
+    let both = format!("{old_root}{new_root}");
+    c.api
+        .apply("secrets", runbook_secret(&old, &[&old]).expect("start"));
     let controller = ControllerProcess::spawn(&c.kubeconfig, &["--bootstrap-ca", "false"]);
     assert!(
         identities_settle(&c.api, &old_root, &read(&old, "issuer.crt")).await,
@@ -458,28 +510,107 @@ async fn the_trust_anchor_rotates_in_three_steps_and_a_broken_ca_secret_is_refus
         controller.logs()
     );
 
+    // Two proxies on the controller's identities (orders serves, default
+    // calls), their Secret volumes kept current by a stand-in kubelet.
+    let server_dir = tmp.path().join("orders");
+    let client_dir = tmp.path().join("default");
+    let _kubelet = kubelet(
+        c.api.clone(),
+        vec![
+            ("outrider-identity-orders".into(), server_dir.clone()),
+            ("outrider-identity-default".into(), client_dir.clone()),
+        ],
+    );
+    assert!(
+        eventually(Duration::from_secs(5), async || client_dir
+            .join("tls.crt")
+            .exists()
+            .then_some(()))
+        .await
+        .is_some()
+    );
+    let workload = |dir: &Path, sa: &str| common::Workload {
+        dir: dir.to_path_buf(),
+        id: outrider::identity::SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{sa}"))
+            .unwrap(),
+    };
+    let server_w = workload(&server_dir, "orders");
+    let client_w = workload(&client_dir, "default");
+    let app = outrider::test_util::apps::http1_app(Duration::ZERO).await;
+    let server =
+        ProxyProcess::start(&config(&server_w, &sections(Some(app), None, "strict", ""))).await;
+    let client = ProxyProcess::start(&config(
+        &client_w,
+        &sections(None, Some((server.inbound(), &server_w.id)), "strict", ""),
+    ))
+    .await;
+    let target = client.outbound();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match http1_get(target, "/rotation").await {
+                    Ok((status, _)) if status == 200 => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+
     // 1. Trust both roots, still issuing from the old issuer.
-    let both = format!("{old_root}{new_root}");
-    c.api.apply("secrets", ca_secret(&old, &both));
+    c.api.apply(
+        "secrets",
+        runbook_secret(&old, &[&old, &new]).expect("step 1"),
+    );
     assert!(
         identities_settle(&c.api, &both, &read(&old, "issuer.crt")).await,
         "step 1: {}",
         controller.logs()
     );
+    tokio::time::sleep(Duration::from_secs(1)).await;
     // 2. Issue from the new issuer, both roots trusted.
-    c.api.apply("secrets", ca_secret(&new, &both));
+    c.api.apply(
+        "secrets",
+        runbook_secret(&new, &[&old, &new]).expect("step 2"),
+    );
     assert!(
         identities_settle(&c.api, &both, &read(&new, "issuer.crt")).await,
         "step 2: {}",
         controller.logs()
     );
+    tokio::time::sleep(Duration::from_secs(1)).await;
     // 3. Drop the old root.
-    c.api.apply("secrets", ca_secret(&new, &new_root));
+    c.api
+        .apply("secrets", runbook_secret(&new, &[&new]).expect("step 3"));
     assert!(
         identities_settle(&c.api, &new_root, &read(&new, "issuer.crt")).await,
         "step 3: {}",
         controller.logs()
     );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 100, "too little traffic to prove anything: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {:?}\nserver:\n{}",
+        failed.len(),
+        ok,
+        &failed[..failed.len().min(5)],
+        server.logs()
+    );
+    // Both proxies reloaded at each step (the first load plus three).
+    for proxy in [&server, &client] {
+        let m = proxy.metrics().await;
+        assert!(
+            metric(&m, "outrider_identity_reloads_total", &[]) >= 4.0,
+            "{m}"
+        );
+    }
     let hooks = c
         .api
         .get("mutatingwebhookconfigurations", "", "outrider-injector")
@@ -493,9 +624,37 @@ async fn the_trust_anchor_rotates_in_three_steps_and_a_broken_ca_secret_is_refus
         .unwrap();
     assert_eq!(bundle, new_root.as_bytes());
 
-    // A CA Secret whose issuer does not chain to its bundle is refused;
-    // the last good CA stays in force.
-    c.api.apply("secrets", ca_secret(&old, &new_root));
+    // The runbook refuses a step that would break the mesh: an issuer
+    // whose root is not trusted.
+    let refused = runbook_secret(&old, &[&new]).unwrap_err();
+    assert!(
+        refused.contains("does not verify against the bundle"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn a_broken_ca_secret_is_refused_and_the_last_good_ca_keeps_issuing() {
+    let c = cluster().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let old = ca_dir(tmp.path(), "old");
+    let new = ca_dir(tmp.path(), "new");
+    c.api
+        .apply("secrets", ca_secret(&old, &read(&old, "root.crt")));
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &["--bootstrap-ca", "false"]);
+    assert!(
+        secret(
+            &c.api,
+            "shop",
+            "outrider-identity-orders",
+            Duration::from_secs(10)
+        )
+        .await
+        .is_some()
+    );
+    // The issuer does not chain to the bundle.
+    c.api
+        .apply("secrets", ca_secret(&old, &read(&new, "root.crt")));
     let refused = eventually(Duration::from_secs(5), async || {
         let m = controller.metrics().await;
         (metric(&m, "outrider_controller_ca_load_failures_total", &[]) >= 1.0).then_some(())
@@ -512,7 +671,14 @@ async fn the_trust_anchor_rotates_in_three_steps_and_a_broken_ca_secret_is_refus
     )
     .await
     .expect("still issuing with the last good CA");
-    assert!(inspect(&decode(&late, "tls.crt"), Some(new_root.as_bytes()), now()).is_ok());
+    assert!(
+        inspect(
+            &decode(&late, "tls.crt"),
+            Some(read(&old, "root.crt").as_bytes()),
+            now()
+        )
+        .is_ok()
+    );
 }
 
 #[tokio::test]
