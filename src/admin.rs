@@ -1,4 +1,6 @@
-//! The admin listener: `/metrics` (Prometheus text), `/ready`, `/live`.
+//! The admin listener: `/metrics` (Prometheus text), `/ready`, `/live`,
+//! and, when the owner asks for it, `POST /shutdown` from loopback only
+//! (how a classic-sidecar Job tells its proxy it is done).
 //!
 //! Serves whatever registry and readiness check it is given; it owns no
 //! business logic and knows nothing of the proxy. It keeps answering while
@@ -9,9 +11,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{Method, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Registry, TextEncoder};
@@ -34,6 +35,13 @@ pub struct Admin {
     listener: TcpListener,
     registry: Registry,
     ready: ReadyCheck,
+    shutdown: Option<Arc<tokio::sync::Notify>>,
+}
+
+struct Shared {
+    registry: Registry,
+    ready: ReadyCheck,
+    shutdown: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Admin {
@@ -49,7 +57,15 @@ impl Admin {
             listener,
             registry,
             ready,
+            shutdown: None,
         })
+    }
+
+    /// Serves `POST /shutdown` (loopback callers only) by notifying
+    /// `shutdown`.
+    pub fn with_shutdown(mut self, shutdown: Arc<tokio::sync::Notify>) -> Self {
+        self.shutdown = Some(shutdown);
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -58,12 +74,16 @@ impl Admin {
 
     /// Serves until the task is dropped.
     pub async fn run(self) {
-        let shared = Arc::new((self.registry, self.ready));
+        let shared = Arc::new(Shared {
+            registry: self.registry,
+            ready: self.ready,
+            shutdown: self.shutdown,
+        });
         // Scrapers and probes need a handful of connections; a flood must
         // not exhaust the process's file descriptors.
         let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let Ok((stream, _)) = self.listener.accept().await else {
+            let Ok((stream, peer)) = self.listener.accept().await else {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
@@ -75,7 +95,9 @@ impl Admin {
                 let _permit = permit;
                 let service = service_fn(move |req| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(route(&req, &shared.0, &shared.1)) }
+                    async move {
+                        Ok::<_, Infallible>(route(req.method(), req.uri().path(), peer, &shared))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -87,15 +109,28 @@ impl Admin {
     }
 }
 
-fn route(
-    req: &Request<Incoming>,
-    registry: &Registry,
-    ready: &ReadyCheck,
-) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+fn route(method: &Method, path: &str, peer: SocketAddr, shared: &Shared) -> Response<Full<Bytes>> {
+    let (registry, ready) = (&shared.registry, &shared.ready);
+    if path == "/shutdown" {
+        let Some(shutdown) = &shared.shutdown else {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        };
+        if method != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "POST /shutdown\n");
+        }
+        // The admin port is reachable from the whole cluster (scrapes,
+        // probes); only the pod itself may stop its proxy.
+        if !peer.ip().is_loopback() {
+            return text(StatusCode::FORBIDDEN, "only from localhost\n");
+        }
+        tracing::info!("Shutdown requested on the admin port");
+        shutdown.notify_one();
+        return text(StatusCode::ACCEPTED, "shutting down\n");
+    }
+    if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
-    match req.uri().path() {
+    match path {
         "/metrics" => {
             let mut body = Vec::new();
             let encoder = TextEncoder::new();
@@ -128,4 +163,56 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(shutdown: Option<Arc<tokio::sync::Notify>>) -> Shared {
+        Shared {
+            registry: Registry::new(),
+            ready: Arc::new(|| true),
+            shutdown,
+        }
+    }
+
+    #[test]
+    fn shutdown_is_a_loopback_only_post_and_absent_unless_enabled() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let with = shared(Some(notify.clone()));
+        assert_eq!(
+            route(&Method::POST, "/shutdown", remote, &with).status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            route(&Method::GET, "/shutdown", local, &with).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            route(&Method::POST, "/shutdown", local, &with).status(),
+            StatusCode::ACCEPTED
+        );
+        // The permit is stored: the owner sees it even if it was not yet waiting.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), notify.notified())
+                .await
+                .expect("notified");
+        });
+        let without = shared(None);
+        assert_eq!(
+            route(&Method::POST, "/shutdown", local, &without).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            route(&Method::POST, "/metrics", local, &without).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
 }

@@ -108,6 +108,8 @@ pub struct Sidecar {
     stop_background: watch::Sender<bool>,
     proxy_task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
+    /// Notified by `POST /shutdown` on the admin port.
+    shutdown_requested: Arc<tokio::sync::Notify>,
 }
 
 impl Sidecar {
@@ -152,7 +154,10 @@ impl Sidecar {
                     && policy.borrow().synced
             })
         };
-        let admin = Admin::bind(config.admin_listen, registry, ready).await?;
+        let shutdown_requested = Arc::new(tokio::sync::Notify::new());
+        let admin = Admin::bind(config.admin_listen, registry, ready)
+            .await?
+            .with_shutdown(shutdown_requested.clone());
         let admin_addr = admin.local_addr()?;
 
         let (drain, watch) = lifecycle::channel();
@@ -180,6 +185,7 @@ impl Sidecar {
             stop_background,
             proxy_task,
             admin_task,
+            shutdown_requested,
         })
     }
 
@@ -187,7 +193,11 @@ impl Sidecar {
     /// accepting, `/ready` turns 503, in-flight requests and connections
     /// get up to the grace period to finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Drained {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            // POST /shutdown from inside the pod (classic-sidecar Jobs).
+            _ = self.shutdown_requested.notified() => {}
+        }
         self.shutdown().await
     }
 

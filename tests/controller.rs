@@ -234,8 +234,23 @@ async fn service_accounts_of_meshed_namespaces_get_identities_kept_in_step_with_
         && r.path.ends_with("/secrets/outrider-identity-orders")
         && r.content_type.starts_with("application/apply-patch")
         && r.query.contains("fieldManager=outrider-controller")));
+    // The namespace's proxies may read its policies.
+    let binding = eventually(Duration::from_secs(5), async || {
+        api.get("rolebindings", "shop", "outrider-policy-reader")
+    })
+    .await
+    .expect("policy reader binding");
+    assert_eq!(binding["roleRef"]["name"], "outrider-policy-reader");
+    assert_eq!(
+        binding["subjects"][0]["name"],
+        "system:serviceaccounts:shop"
+    );
     // Not meshed: nothing.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        api.get("rolebindings", "plain", "outrider-policy-reader")
+            .is_none()
+    );
     assert!(
         api.get("secrets", "plain", "outrider-identity-worker")
             .is_none()

@@ -181,3 +181,24 @@ fn check_prints_the_effective_configuration() {
     assert!(printed.contains("listen: 127.0.0.1:9999"), "{printed}");
     assert!(printed.contains("detect_timeout: 1s"), "{printed}");
 }
+
+#[tokio::test]
+async fn post_shutdown_from_localhost_drains_and_exits_zero_as_a_job_needs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("cluster.local");
+    let app = apps::http1_app(Duration::ZERO).await;
+    let w = workload(tmp.path(), &ca, "batch", "report");
+    let mut proxy =
+        ProxyProcess::start(&config(&w, &sections(Some(app), None, "permissive", ""))).await;
+    // A GET does nothing: only POST stops the proxy.
+    let (status, _) = apps::http1_get(proxy.admin, "/shutdown").await.unwrap();
+    assert_eq!(status, 405);
+    assert!(proxy.is_running());
+    let request = http::Request::post("/shutdown")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let (status, _, body) = apps::http1_request(proxy.admin, request).await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (202, "shutting down\n"));
+    let exit = proxy.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(exit.code(), Some(0), "{}", proxy.logs());
+}

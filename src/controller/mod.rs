@@ -101,7 +101,15 @@ struct Shared {
     ca: watch::Sender<Option<Arc<CaMaterial>>>,
     /// The CA Secret's data as last loaded, to notice changes.
     ca_data: std::sync::Mutex<Option<BTreeMap<String, ByteString>>>,
+    /// When each meshed namespace's policy-reader binding was last applied.
+    bound: std::sync::Mutex<BTreeMap<String, tokio::time::Instant>>,
 }
+
+/// The ClusterRole (from the chart) that lets proxies read policies, and
+/// the RoleBinding that grants it in each meshed namespace.
+pub const POLICY_READER: &str = "outrider-policy-reader";
+/// Re-apply bindings this often, so a deleted one comes back.
+const REBIND_EVERY: Duration = Duration::from_secs(600);
 
 /// Runs until the process is stopped.
 pub async fn run(
@@ -141,6 +149,7 @@ pub async fn run(
         metrics: metrics.clone(),
         ca: ca_tx,
         ca_data: std::sync::Mutex::new(None),
+        bound: std::sync::Mutex::new(BTreeMap::new()),
     });
 
     // The CA first: nothing else can work without it.
@@ -560,6 +569,7 @@ async fn reconcile_once(
             })
         })
         .collect();
+    bind_policy_readers(shared, &meshed).await;
     let plan = identities::plan(&meshed, &service_accounts, &secrets, ca, now);
     shared
         .metrics
@@ -614,6 +624,61 @@ async fn reconcile_once(
     match (retry, renewal) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+/// Lets the proxies of each meshed namespace read that namespace's
+/// policies, and nothing else (a RoleBinding to the chart's ClusterRole
+/// for the namespace's service accounts).
+async fn bind_policy_readers(shared: &Shared, meshed: &BTreeSet<String>) {
+    for namespace in meshed {
+        let due = shared.bound.lock().ok().is_some_and(|bound| {
+            bound
+                .get(namespace)
+                .is_none_or(|at| at.elapsed() >= REBIND_EVERY)
+        });
+        if !due {
+            continue;
+        }
+        let binding = serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {
+                "name": POLICY_READER,
+                "namespace": namespace,
+                "labels": {"app.kubernetes.io/managed-by": "outrider"},
+            },
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": POLICY_READER,
+            },
+            "subjects": [{
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Group",
+                "name": format!("system:serviceaccounts:{namespace}"),
+            }],
+        });
+        let api: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
+            Api::namespaced(shared.client.clone(), namespace);
+        match api
+            .patch(
+                POLICY_READER,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&binding),
+            )
+            .await
+        {
+            Ok(_) => {
+                if let Ok(mut bound) = shared.bound.lock() {
+                    bound.insert(namespace.clone(), tokio::time::Instant::now());
+                }
+            }
+            Err(error) => {
+                shared.metrics.failure("policy_reader_binding");
+                tracing::warn!(%namespace, %error, "Cannot bind the policy reader role");
+            }
+        }
     }
 }
 
