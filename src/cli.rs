@@ -283,6 +283,14 @@ pub enum CaCommand {
         #[arg(long)]
         extra_root: Vec<PathBuf>,
     },
+    /// Replace the issuer in DIR with a new one signed by the same trust
+    /// anchor (needs DIR/root.key); then publish it with `ca secret`.
+    RotateIssuer {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+        issuer_ttl: Duration,
+    },
     /// Print the `outrider-ca` Secret (YAML, for `kubectl apply -f -`)
     /// holding the issuer from a CA directory and the given trust bundle;
     /// checked exactly as the controller will check it. The anchor
@@ -788,6 +796,18 @@ fn run_ca(command: CaCommand) -> anyhow::Result<ExitCode> {
                 svid.serial,
                 fmt_time(svid.not_after),
                 out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::RotateIssuer { dir, issuer_ttl } => {
+            let ca = CaDir::new(&dir);
+            let not_after = ca
+                .rotate_issuer(issuer_ttl, time::OffsetDateTime::now_utc())
+                .with_context(|| format!("rotating the issuer in {}", dir.display()))?;
+            println!(
+                "New issuer in {}: issuer.crt, issuer.key, valid until {}",
+                dir.display(),
+                fmt_time(not_after)
             );
             Ok(ExitCode::SUCCESS)
         }

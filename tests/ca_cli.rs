@@ -274,3 +274,54 @@ async fn proxies_run_on_identities_issued_by_the_cli() {
     assert_eq!(status, 200);
     assert!(body.ends_with("caller=spiffe://cluster.local/ns/shop/sa/orders"));
 }
+
+#[test]
+fn rotate_issuer_keeps_the_anchor_and_secret_prints_only_what_the_controller_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(ca(&["init", "--dir", "ca"], tmp.path()).status.success());
+    let dir = tmp.path().join("ca");
+    let root_before = std::fs::read_to_string(dir.join("root.crt")).unwrap();
+    let issuer_before = std::fs::read_to_string(dir.join("issuer.crt")).unwrap();
+    let out = ca(
+        &["rotate-issuer", "--dir", "ca", "--issuer-ttl", "720h"],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("root.crt")).unwrap(),
+        root_before
+    );
+    assert_ne!(
+        std::fs::read_to_string(dir.join("issuer.crt")).unwrap(),
+        issuer_before
+    );
+
+    // The new issuer chains to the old anchor: the Secret is printed.
+    let out = ca(
+        &["secret", "--issuer-dir", "ca", "--trust", "ca/root.crt"],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let secret: serde_yaml::Value = serde_yaml::from_str(&stdout(&out)).unwrap();
+    assert_eq!(secret["metadata"]["name"].as_str(), Some("outrider-ca"));
+    assert_eq!(
+        secret["metadata"]["namespace"].as_str(),
+        Some("outrider-system")
+    );
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        assert!(
+            secret["data"][key].as_str().is_some_and(|v| !v.is_empty()),
+            "{key}"
+        );
+    }
+
+    // An issuer whose root is not trusted is refused.
+    assert!(ca(&["init", "--dir", "other"], tmp.path()).status.success());
+    let out = ca(
+        &["secret", "--issuer-dir", "ca", "--trust", "other/root.crt"],
+        tmp.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("would refuse"), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+}

@@ -97,6 +97,23 @@ impl CaDir {
         })
     }
 
+    /// Replaces the issuer with a new one signed by the same trust anchor
+    /// (needs `root.key`). Returns the new issuer's expiry.
+    pub fn rotate_issuer(
+        &self,
+        issuer_lifetime: Duration,
+        now: OffsetDateTime,
+    ) -> Result<OffsetDateTime, StoreError> {
+        let root_cert = self.read(ROOT_CERT)?;
+        let root_key = self.read(ROOT_KEY)?;
+        let td = self.trust_domain()?;
+        let root_ca = SigningCa::from_pem(&root_cert, &root_key)?;
+        let intermediate = issuer::new_intermediate(&td, &root_ca, issuer_lifetime, now)?;
+        self.write(ISSUER_CERT, &intermediate.cert_pem, 0o644)?;
+        self.write(ISSUER_KEY, &intermediate.key_pem, 0o600)?;
+        Ok(now + issuer_lifetime)
+    }
+
     /// The issuer, ready to sign leaves.
     pub fn signing_ca(&self) -> Result<SigningCa, StoreError> {
         let cert = self.read(ISSUER_CERT)?;

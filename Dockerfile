@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+#
+# The outrider image: one binary for every role (proxy, init, controller).
+# Build:  docker build -t ghcr.io/outrider-mesh/outrider:0.1.0 .
+# Base images are pinned by version; pin them by digest in your registry
+# mirror (no registry is reachable from where this file was written).
+
+FROM rust:1.95.0-slim-bookworm AS build
+WORKDIR /src
+# Manifests first, so the dependency layer is cached across source edits.
+COPY Cargo.toml Cargo.lock ./
+COPY benches benches
+COPY src src
+RUN cargo build --release --locked --bin outrider \
+ && strip target/release/outrider
+
+FROM debian:12.11-slim
+# iptables for `outrider init` (both the nft and legacy flavors);
+# ca-certificates for the Kubernetes API client.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/outrider /usr/local/bin/outrider
+# Non-root by default: the proxy's UID. The injector runs the init
+# container as root with NET_ADMIN/NET_RAW only; the chart runs the
+# controller as 2103.
+USER 2102:2102
+ENTRYPOINT ["/usr/local/bin/outrider"]
+CMD ["--help"]
