@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{BIN, ProxyProcess, Workload, config, sections};
+use common::{BIN, Workload};
 use outrider::identity::SpiffeId;
 use outrider::test_util::apps;
 
@@ -263,13 +263,7 @@ async fn proxies_run_on_identities_issued_by_the_cli() {
         id: id("orders"),
     };
     let app = apps::http1_app(std::time::Duration::ZERO).await;
-    let server =
-        ProxyProcess::start(&config(&server_w, &sections(Some(app), None, "strict", ""))).await;
-    let client = ProxyProcess::start(&config(
-        &client_w,
-        &sections(None, Some((server.inbound(), &server_w.id)), "strict", ""),
-    ))
-    .await;
+    let (_server, client) = common::strict_pair(&server_w, &client_w, app).await;
     let (status, body) = apps::http1_get(client.outbound(), "/").await.unwrap();
     assert_eq!(status, 200);
     assert!(body.ends_with("caller=spiffe://cluster.local/ns/shop/sa/orders"));

@@ -508,7 +508,6 @@ async fn identities_settle(api: &FakeApiServer, bundle: &str, issuer: &str) -> b
 
 #[tokio::test]
 async fn the_trust_anchor_rotates_in_three_runbook_steps_under_load_without_a_failed_request() {
-    use common::{ProxyProcess, config, sections};
     let c = cluster().await;
     let tmp = tempfile::tempdir().unwrap();
     let old = ca_dir(tmp.path(), "old");
@@ -552,13 +551,7 @@ async fn the_trust_anchor_rotates_in_three_runbook_steps_under_load_without_a_fa
     let server_w = workload(&server_dir, "orders");
     let client_w = workload(&client_dir, "default");
     let app = outrider::test_util::apps::http1_app(Duration::ZERO).await;
-    let server =
-        ProxyProcess::start(&config(&server_w, &sections(Some(app), None, "strict", ""))).await;
-    let client = ProxyProcess::start(&config(
-        &client_w,
-        &sections(None, Some((server.inbound(), &server_w.id)), "strict", ""),
-    ))
-    .await;
+    let (server, client) = common::strict_pair(&server_w, &client_w, app).await;
     let target = client.outbound();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
@@ -575,37 +568,32 @@ async fn the_trust_anchor_rotates_in_three_runbook_steps_under_load_without_a_fa
         })
     };
 
-    // 1. Trust both roots, still issuing from the old issuer.
-    c.api.apply(
-        "secrets",
-        runbook_secret(&old, &[&old, &new]).expect("step 1"),
-    );
-    assert!(
-        identities_settle(&c.api, &both, &read(&old, "issuer.crt")).await,
-        "step 1: {}",
-        controller.logs()
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    // 2. Issue from the new issuer, both roots trusted.
-    c.api.apply(
-        "secrets",
-        runbook_secret(&new, &[&old, &new]).expect("step 2"),
-    );
-    assert!(
-        identities_settle(&c.api, &both, &read(&new, "issuer.crt")).await,
-        "step 2: {}",
-        controller.logs()
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    // 3. Drop the old root.
-    c.api
-        .apply("secrets", runbook_secret(&new, &[&new]).expect("step 3"));
-    assert!(
-        identities_settle(&c.api, &new_root, &read(&new, "issuer.crt")).await,
-        "step 3: {}",
-        controller.logs()
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let steps: [(&str, &Path, &[&Path], &str); 3] = [
+        (
+            "1. trust both roots, still issuing from the old issuer",
+            &old,
+            &[&old, &new],
+            &both,
+        ),
+        (
+            "2. issue from the new issuer, both roots trusted",
+            &new,
+            &[&old, &new],
+            &both,
+        ),
+        ("3. drop the old root", &new, &[&new], &new_root),
+    ];
+    for (step, issuer, trust, bundle) in steps {
+        c.api
+            .apply("secrets", runbook_secret(issuer, trust).expect(step));
+        assert!(
+            identities_settle(&c.api, bundle, &read(issuer, "issuer.crt")).await,
+            "{step}: {}",
+            controller.logs()
+        );
+        // Traffic keeps flowing while the proxies pick the change up.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();

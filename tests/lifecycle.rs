@@ -19,13 +19,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let app = apps::http1_app(Duration::from_millis(1500)).await;
     let server_w = workload(tmp.path(), &ca, "shop", "payments");
     let client_w = workload(tmp.path(), &ca, "shop", "orders");
-    let mut server =
-        ProxyProcess::start(&config(&server_w, &sections(Some(app), None, "strict", ""))).await;
-    let mut client = ProxyProcess::start(&config(
-        &client_w,
-        &sections(None, Some((server.inbound(), &server_w.id)), "strict", ""),
-    ))
-    .await;
+    let (mut server, mut client) = common::strict_pair(&server_w, &client_w, app).await;
 
     let outbound = client.outbound();
     let in_flight: Vec<_> = (0..3)

@@ -12,7 +12,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{ProxyProcess, config, sections, workload};
+use common::workload;
 use outrider::test_util::apps;
 use outrider::test_util::certs::TestCa;
 
@@ -45,13 +45,7 @@ async fn prometheus_scrapes_the_request_counter_and_promtool_accepts_the_exposit
     let app = apps::http1_app(Duration::ZERO).await;
     let server_w = workload(tmp.path(), &ca, "shop", "payments");
     let client_w = workload(tmp.path(), &ca, "shop", "orders");
-    let server =
-        ProxyProcess::start(&config(&server_w, &sections(Some(app), None, "strict", ""))).await;
-    let client = ProxyProcess::start(&config(
-        &client_w,
-        &sections(None, Some((server.inbound(), &server_w.id)), "strict", ""),
-    ))
-    .await;
+    let (server, client) = common::strict_pair(&server_w, &client_w, app).await;
     for _ in 0..7 {
         let (status, _) = apps::http1_get(client.outbound(), "/").await.unwrap();
         assert_eq!(status, 200);

@@ -140,7 +140,8 @@ impl SigningCa {
         now: OffsetDateTime,
     ) -> Result<IssuedSvid, IssueError> {
         let key = generate_key()?;
-        let mut params = CertificateParams::default();
+        let serial = random_serial()?;
+        let mut params = leaf_params(lifetime, now, &serial)?;
         // An empty subject makes rcgen mark the SAN extension critical, as
         // RFC 5280 and the X509-SVID standard require in that case.
         params.distinguished_name = DistinguishedName::new();
@@ -149,17 +150,10 @@ impl SigningCa {
                 .try_into()
                 .map_err(|_| IssueError::Uri(id.to_string()))?,
         )];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = now - BACKDATE;
-        params.not_after = checked_after(now, lifetime)?;
-        let serial = random_serial()?;
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(IssueError::Sign)?;
@@ -185,19 +179,22 @@ impl SigningCa {
         now: OffsetDateTime,
     ) -> Result<SignedPem, IssueError> {
         let key = generate_key()?;
-        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(IssueError::Sign)?;
+        let mut params = leaf_params(lifetime, now, &random_serial()?)?;
+        params.subject_alt_names = dns_names
+            .iter()
+            .map(|name| {
+                name.as_str()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(IssueError::Sign)
+            })
+            .collect::<Result<_, _>>()?;
         let mut dn = DistinguishedName::new();
         if let Some(first) = dns_names.first() {
             dn.push(DnType::CommonName, first.as_str());
         }
         params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = now - BACKDATE;
-        params.not_after = checked_after(now, lifetime)?;
-        params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(IssueError::Sign)?;
@@ -207,6 +204,24 @@ impl SigningCa {
             cert_der: cert.der().clone(),
         })
     }
+}
+
+/// What every end-entity certificate we sign shares: not a CA, a
+/// digitalSignature key usage, the issuer's key identifier, backdated
+/// validity, a random serial.
+fn leaf_params(
+    lifetime: Duration,
+    now: OffsetDateTime,
+    serial: &[u8],
+) -> Result<CertificateParams, IssueError> {
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = now - BACKDATE;
+    params.not_after = checked_after(now, lifetime)?;
+    params.serial_number = Some(SerialNumber::from_slice(serial));
+    Ok(params)
 }
 
 fn ca_params(

@@ -362,68 +362,53 @@ struct Caches {
     ready: Arc<AtomicBool>,
 }
 
-fn start_caches(client: &Client, changed: Arc<Notify>) -> Caches {
-    fn drive<S, T>(stream: S, changed: Arc<Notify>)
-    where
-        S: futures_util::Stream<Item = Result<T, watcher::Error>> + Send + 'static,
-        T: Send + 'static,
-    {
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            while let Some(event) = stream.next().await {
-                if let Err(error) = event {
-                    tracing::debug!(%error, "Watch interrupted; the watcher retries");
-                }
-                changed.notify_one();
+/// A reflector cache of `api`, driven in its own task; every event (or
+/// watch error, which the watcher retries with backoff) pokes `changed`.
+fn cache<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(error) = event {
+                tracing::debug!(%error, "Watch interrupted; the watcher retries");
             }
-        });
-    }
-    let (namespaces, writer) = reflector::store::<Namespace>();
-    drive(
-        reflector::reflector(
-            writer,
-            watcher(
-                Api::<Namespace>::all(client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff(),
+            changed.notify_one();
+        }
+    });
+    store
+}
+
+fn start_caches(client: &Client, changed: Arc<Notify>) -> Caches {
+    let all = watcher::Config::default;
+    let namespaces = cache(
+        Api::<Namespace>::all(client.clone()),
+        all(),
         changed.clone(),
     );
-    let (service_accounts, writer) = reflector::store::<ServiceAccount>();
-    drive(
-        reflector::reflector(
-            writer,
-            watcher(
-                Api::<ServiceAccount>::all(client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff(),
+    let service_accounts = cache(
+        Api::<ServiceAccount>::all(client.clone()),
+        all(),
         changed.clone(),
     );
-    let (secrets, writer) = reflector::store::<Secret>();
-    drive(
-        reflector::reflector(
-            writer,
-            watcher(
-                Api::<Secret>::all(client.clone()),
-                watcher::Config::default().labels(&format!("{IDENTITY_LABEL}=true")),
-            ),
-        )
-        .default_backoff(),
+    let secrets = cache(
+        Api::<Secret>::all(client.clone()),
+        all().labels(&format!("{IDENTITY_LABEL}=true")),
         changed.clone(),
     );
-    let (pods, writer) = reflector::store::<PartialObjectMeta<Pod>>();
-    drive(
-        reflector::reflector(
-            writer,
-            watcher(
-                Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff(),
+    // Pod metadata only: annotations are all we read.
+    let pods = cache(
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        all(),
         changed.clone(),
     );
     let ready = Arc::new(AtomicBool::new(false));

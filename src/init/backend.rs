@@ -130,15 +130,15 @@ pub fn save_nat(flavor: Flavor, family: Family) -> Result<String, InitError> {
     run_save(&flavor.save_command(family), &["-t", "nat"])
 }
 
-fn run_save(command: &str, args: &[&str]) -> Result<String, InitError> {
-    let output = Command::new(command)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| InitError::Spawn {
-            command: command.to_string(),
-            source,
-        })?;
+fn spawn_error(command: &str) -> impl FnOnce(std::io::Error) -> InitError + '_ {
+    move |source| InitError::Spawn {
+        command: command.to_string(),
+        source,
+    }
+}
+
+/// The command's stdout, or its stderr as the error.
+fn checked(command: &str, output: std::process::Output) -> Result<String, InitError> {
     if !output.status.success() {
         return Err(InitError::Failed {
             command: command.to_string(),
@@ -146,6 +146,15 @@ fn run_save(command: &str, args: &[&str]) -> Result<String, InitError> {
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn run_save(command: &str, args: &[&str]) -> Result<String, InitError> {
+    let output = Command::new(command)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(spawn_error(command))?;
+    checked(command, output)
 }
 
 /// Pipes `document` into `<restore> --noflush`: all of it applies or
@@ -158,32 +167,14 @@ pub fn restore(flavor: Flavor, family: Family, document: &str) -> Result<(), Ini
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| InitError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        .map_err(spawn_error(&command))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(document.as_bytes())
-            .map_err(|source| InitError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
+            .map_err(spawn_error(&command))?;
     }
-    let output = child
-        .wait_with_output()
-        .map_err(|source| InitError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(InitError::Failed {
-            command,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        })
-    }
+    let output = child.wait_with_output().map_err(spawn_error(&command))?;
+    checked(&command, output).map(|_| ())
 }
 
 #[cfg(test)]

@@ -70,6 +70,28 @@ pub fn sections(
     s + extra
 }
 
+/// A strict-mode server proxy in front of `app` and a client proxy whose
+/// outbound is routed to it (by exact ID): the usual two-sidecar setup.
+pub async fn strict_pair(
+    server: &Workload,
+    client: &Workload,
+    app: SocketAddr,
+) -> (ProxyProcess, ProxyProcess) {
+    let server_proxy =
+        ProxyProcess::start(&config(server, &sections(Some(app), None, "strict", ""))).await;
+    let client_proxy = ProxyProcess::start(&config(
+        client,
+        &sections(
+            None,
+            Some((server_proxy.inbound(), &server.id)),
+            "strict",
+            "",
+        ),
+    ))
+    .await;
+    (server_proxy, client_proxy)
+}
+
 pub struct ProxyProcess {
     child: Child,
     pub inbound: Option<SocketAddr>,
