@@ -99,6 +99,7 @@ struct Pod {
 /// drop together with every process started in them.
 struct Net {
     switch: String,
+    subnet: u8,
     pods: Vec<Pod>,
     children: Vec<(String, Child)>,
     app_stops: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -115,6 +116,19 @@ impl Net {
         sh(&["ip", "netns", "add", &switch]);
         sh(&["ip", "-n", &switch, "link", "add", "br0", "type", "bridge"]);
         sh(&["ip", "-n", &switch, "link", "set", "br0", "up"]);
+        sh(&["ip", "-n", &switch, "link", "set", "lo", "up"]);
+        // The bridge's own address: where the "control plane" (a fake API
+        // server, the controller) lives, reachable from every pod.
+        sh(&[
+            "ip",
+            "-n",
+            &switch,
+            "addr",
+            "add",
+            &format!("10.222.{subnet}.254/24"),
+            "dev",
+            "br0",
+        ]);
         let mut pods = Vec::new();
         for (i, name) in pod_names.iter().enumerate() {
             let ns = format!("or{tag}-{name}");
@@ -147,6 +161,7 @@ impl Net {
             .expect("chmod");
         Self {
             switch,
+            subnet,
             pods,
             children: Vec::new(),
             app_stops: Vec::new(),
@@ -580,4 +595,289 @@ fn init_without_net_admin_fails_with_a_clear_error_and_changes_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("CAP_NET_ADMIN is missing"), "{stderr}");
     assert_eq!(net.nat_table("a"), before);
+}
+
+/// What kubelet does with an injected container's `env`: resolves the
+/// downward-API fields and expands `$(VAR)` references to earlier
+/// variables.
+fn kubelet_env(container: &serde_json::Value, namespace: &str, sa: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    for var in container["env"].as_array().expect("env") {
+        let name = var["name"].as_str().unwrap().to_string();
+        let value = if let Some(value) = var["value"].as_str() {
+            let mut value = value.to_string();
+            for (k, v) in &env {
+                value = value.replace(&format!("$({k})"), v);
+            }
+            value
+        } else {
+            match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("metadata.namespace") => namespace.to_string(),
+                Some("spec.serviceAccountName") => sa.to_string(),
+                other => panic!("unexpected field {other:?}"),
+            }
+        };
+        env.push((name, value));
+    }
+    env
+}
+
+fn container<'a>(pod: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    pod["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(pod["spec"]["containers"].as_array().into_iter().flatten())
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// The whole chain on real interception: the controller issues identities
+/// into a (fake) API server, a stand-in kubelet mounts them, `outrider
+/// inject` writes the pod, and its init container and proxy run with
+/// exactly the environment the injector wrote, the proxy watching
+/// policies from the API server. A STRICT + default-deny pod then serves
+/// an allowed meshed caller and the kubelet probe, and nothing else.
+#[test]
+fn an_injected_pod_runs_on_what_the_injector_and_controller_wrote() {
+    use outrider::test_util::fake_apiserver::FakeApiServer;
+    use serde_json::json;
+    let mut net = Net::new(&["a", "b"]);
+    let api_addr: SocketAddr = format!("10.222.{}.254:6443", net.subnet).parse().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let switch = net.switch.clone();
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        enter(&switch);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            tx.send(FakeApiServer::start_at(api_addr).await).unwrap();
+            let _ = api_stopped.await;
+        });
+    });
+    net.app_stops.push(stop_api);
+    let api = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    api.apply(
+        "namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"outrider.dev/inject": "enabled"}}}),
+    );
+    api.apply(
+        "namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "outrider-system"}}),
+    );
+    for sa in ["a", "b"] {
+        api.apply(
+            "serviceaccounts",
+            json!({"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": sa, "namespace": "shop"}}),
+        );
+    }
+    // b: STRICT, deny by default, a may GET /api/*.
+    api.apply(
+        "peerauthentications",
+        json!({"apiVersion": "security.outrider.dev/v1alpha1",
+        "kind": "PeerAuthentication", "metadata": {"name": "strict", "namespace": "shop"},
+        "spec": {"mtls": {"mode": "STRICT"}}}),
+    );
+    api.apply(
+        "authorizationpolicies",
+        json!({"apiVersion": "security.outrider.dev/v1alpha1",
+        "kind": "AuthorizationPolicy", "metadata": {"name": "b-from-a", "namespace": "shop"},
+        "spec": {"selector": {"matchLabels": {"app": "b"}}, "action": "ALLOW",
+                 "rules": [{"from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/a"]}],
+                            "to": [{"methods": ["GET"], "paths": ["/api/*"]}]}]}}),
+    );
+    let kubeconfig = net.dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    chown_tree(&kubeconfig);
+
+    // The controller, next to the API server.
+    let controller_log = File::create(net.dir.path().join("controller.log")).unwrap();
+    let controller = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.switch,
+            BIN,
+            "controller",
+            "--kubeconfig",
+        ])
+        .arg(&kubeconfig)
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--resync",
+            "1s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(controller_log)
+        .spawn()
+        .unwrap();
+    net.children.push(("controller".into(), controller));
+
+    // A stand-in kubelet: Secret volumes and the downward-API labels.
+    let mut identity_dirs = Vec::new();
+    for pod in ["a", "b"] {
+        let dir = net.dir.path().join(format!("mounted-identity-{pod}"));
+        identity_dirs.push((pod.to_string(), dir));
+    }
+    {
+        let api = api.clone();
+        let dirs = identity_dirs.clone();
+        std::thread::spawn(move || {
+            use base64::Engine as _;
+            let mut seen = std::collections::BTreeMap::new();
+            loop {
+                for (sa, dir) in &dirs {
+                    let Some(secret) =
+                        api.get("secrets", "shop", &format!("outrider-identity-{sa}"))
+                    else {
+                        continue;
+                    };
+                    let version = secret["metadata"]["resourceVersion"].clone();
+                    if seen.get(sa) == Some(&version) {
+                        continue;
+                    }
+                    let field = |k: &str| {
+                        String::from_utf8(
+                            base64::engine::general_purpose::STANDARD
+                                .decode(secret["data"][k].as_str().unwrap_or_default())
+                                .unwrap(),
+                        )
+                        .unwrap()
+                    };
+                    write_identity(dir, &field("tls.crt"), &field("tls.key"), &field("ca.crt"));
+                    chown_tree(dir);
+                    seen.insert(sa.clone(), version);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
+
+    // Kubelet does not start a pod before its Secret volume exists.
+    for (pod, dir) in &identity_dirs {
+        let mounted = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            dir.join("tls.crt").exists()
+        });
+        assert!(
+            mounted,
+            "no identity issued for {pod}:\n{}",
+            std::fs::read_to_string(net.dir.path().join("controller.log")).unwrap_or_default()
+        );
+    }
+    for pod in ["a", "b"] {
+        net.start_app(pod);
+        // The pod as a user writes it, injected by the real transformation.
+        let manifest = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: shop\n  labels: {{app: {pod}}}\n  annotations: {{outrider.dev/default-policy: deny}}\n\
+             spec:\n  serviceAccountName: {pod}\n  containers:\n  - name: app\n    image: app:1\n    ports: [{{name: http, containerPort: 8080}}]\n    readinessProbe:\n      httpGet: {{path: /healthz, port: http}}\n"
+        );
+        let input = net.dir.path().join(format!("pod-{pod}.yaml"));
+        std::fs::write(&input, manifest).unwrap();
+        let injected = output(&[BIN, "inject", "-f", input.to_str().unwrap()]);
+        let injected: serde_json::Value = serde_yaml::from_str(&injected).unwrap();
+
+        // The init container, with its environment.
+        let init_env = kubelet_env(container(&injected, "outrider-init"), "shop", pod);
+        let mut init = Command::new("ip");
+        init.args(["netns", "exec", &net.pod(pod).ns, "env"]);
+        for (k, v) in &init_env {
+            init.arg(format!("{k}={v}"));
+        }
+        let out = init.args([BIN, "init"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // The proxy, with its environment; mount points become directories.
+        let proxy = container(&injected, "outrider-proxy");
+        assert_eq!(proxy["securityContext"]["runAsUser"], 2102);
+        let mut env = kubelet_env(proxy, "shop", pod);
+        let identity = identity_dirs
+            .iter()
+            .find(|(p, _)| p == pod)
+            .unwrap()
+            .1
+            .clone();
+        let labels = net.dir.path().join(format!("labels-{pod}"));
+        std::fs::write(&labels, format!("app=\"{pod}\"\n")).unwrap();
+        chown_tree(&labels);
+        for (k, v) in env.iter_mut() {
+            match k.as_str() {
+                "OUTRIDER_IDENTITY_DIR" => *v = identity.display().to_string(),
+                "OUTRIDER_WORKLOAD_LABELS_FILE" => *v = labels.display().to_string(),
+                _ => {}
+            }
+        }
+        env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+        assert!(
+            env.contains(&(
+                "OUTRIDER_IDENTITY_ID".into(),
+                format!("spiffe://cluster.local/ns/shop/sa/{pod}")
+            )),
+            "{env:?}"
+        );
+        assert!(
+            env.contains(&("OUTRIDER_POLICY_PROBES".into(), "8080/healthz".into())),
+            "{env:?}"
+        );
+        let log = File::create(net.dir.path().join(format!("proxy-{pod}.log"))).unwrap();
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &net.pod(pod).ns, "setpriv"]);
+        command
+            .arg(format!("--reuid={PROXY_UID}"))
+            .arg(format!("--regid={PROXY_UID}"));
+        command.args(["--clear-groups", "env"]);
+        for (k, v) in &env {
+            command.arg(format!("{k}={v}"));
+        }
+        let child = command
+            .args([BIN, "proxy"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        net.children.push((pod.to_string(), child));
+    }
+    // Ready once the controller's identity is mounted and policies synced.
+    for pod in ["a", "b"] {
+        let admin = SocketAddr::from((net.pod(pod).ip, 4191));
+        let ready = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            matches!(get_from(&net.pod(pod).ns, admin, "/ready"), Ok((200, _)))
+        });
+        assert!(
+            ready,
+            "{pod} never ready:\n{}\ncontroller:\n{}",
+            net.logs(pod),
+            std::fs::read_to_string(net.dir.path().join("controller.log")).unwrap_or_default()
+        );
+    }
+
+    let b = net.addr("b");
+    let (status, body) = get_from(&net.pod("a").ns, b, "/api/orders").expect("a -> b");
+    assert_eq!(status, 200, "{body}\n{}", net.logs("b"));
+    assert!(
+        body.contains("caller=spiffe://cluster.local/ns/shop/sa/a"),
+        "{body}"
+    );
+    let (status, _) = get_from(&net.pod("a").ns, b, "/admin").expect("a -> b /admin");
+    assert_eq!(status, 403, "only GET /api/* is allowed");
+
+    // The kubelet probes from the node, in plaintext: the probe passes
+    // STRICT and the deny default; anything else on that port does not.
+    let (status, _) = get_from(&net.switch, b, "/healthz").expect("probe");
+    assert_eq!(status, 200, "{}", net.logs("b"));
+    let other = get_from(&net.switch, b, "/api/orders");
+    assert!(!matches!(other, Ok((200, _))), "{other:?}");
 }

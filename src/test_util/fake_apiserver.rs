@@ -110,7 +110,12 @@ pub struct FakeApiServer {
 
 impl FakeApiServer {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_at("127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Listens on `addr` (an address inside a test's network namespace).
+    pub async fn start_at(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let server = Self {
             state: Arc::new(Mutex::new(State::default())),
