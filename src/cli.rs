@@ -547,6 +547,10 @@ fn run_inject(args: &InjectArgs) -> ExitCode {
                         format!("injected; probes allowed: {}", list.join(", "))
                     }
                     Some(Outcome::AlreadyInjected) => "already injected".to_string(),
+                    Some(Outcome::HostNetwork) => {
+                        "skipped (hostNetwork: the capture rules would apply to the node)"
+                            .to_string()
+                    }
                     Some(Outcome::Disabled) => {
                         "skipped (outrider.dev/inject: disabled)".to_string()
                     }

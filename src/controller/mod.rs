@@ -108,6 +108,8 @@ struct Shared {
 /// The ClusterRole (from the chart) that lets proxies read policies, and
 /// the RoleBinding that grants it in each meshed namespace.
 pub const POLICY_READER: &str = "outrider-policy-reader";
+/// The reconciler looks at everything at most this often.
+const MIN_PASS_INTERVAL: Duration = Duration::from_secs(1);
 /// Re-apply bindings this often, so a deleted one comes back.
 const REBIND_EVERY: Duration = Duration::from_secs(600);
 
@@ -446,6 +448,7 @@ async fn reconcile_forever(shared: Arc<Shared>, mut leading: watch::Receiver<boo
     let mut ca = shared.ca.subscribe();
     let mut next = tokio::time::Instant::now();
     let mut last_warning: Option<tokio::time::Instant> = None;
+    let mut last_pass = tokio::time::Instant::now() - MIN_PASS_INTERVAL;
     loop {
         tokio::select! {
             _ = changed.notified() => {}
@@ -453,8 +456,13 @@ async fn reconcile_forever(shared: Arc<Shared>, mut leading: watch::Receiver<boo
             _ = leading.changed() => {}
             _ = ca.changed() => {}
         }
-        // Coalesce bursts of events (a relist, many pods at once).
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Coalesce bursts of events (a relist, pods churning across the
+        // cluster): at most one pass a second.
+        let since = last_pass.elapsed();
+        if since < MIN_PASS_INTERVAL {
+            tokio::time::sleep(MIN_PASS_INTERVAL - since).await;
+        }
+        last_pass = tokio::time::Instant::now();
         let leader = *leading.borrow();
         shared.metrics.set_leader(leader);
         if let Err(error) = shared.load_ca().await {

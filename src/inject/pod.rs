@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
-    DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
-    ObjectFieldSelector, PodSpec, Probe as KubeProbe, ProjectedVolumeSource, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSpec, Probe as KubeProbe,
+    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -24,6 +24,7 @@ pub const INIT_CONTAINER: &str = "outrider-init";
 pub const IDENTITY_VOLUME: &str = "outrider-identity";
 pub const PODINFO_VOLUME: &str = "outrider-podinfo";
 pub const TOKEN_VOLUME: &str = "outrider-token";
+pub const XTABLES_LOCK_VOLUME: &str = "outrider-xtables-lock";
 pub const IDENTITY_DIR: &str = "/var/run/outrider/identity";
 pub const PODINFO_DIR: &str = "/var/run/outrider/podinfo";
 const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -45,6 +46,9 @@ pub enum Outcome {
     AlreadyInjected,
     /// `outrider.dev/inject: disabled` on the pod: nothing changed.
     Disabled,
+    /// A `hostNetwork` pod: nothing changed. Its init container would
+    /// rewrite the node's own iptables and capture the node's traffic.
+    HostNetwork,
 }
 
 /// Adds the mesh to one pod template. `metadata` and `spec` are changed
@@ -57,6 +61,9 @@ pub fn inject_template(
     let annotations = metadata.annotations.clone().unwrap_or_default();
     if annotations.get(INJECT).map(String::as_str) == Some("disabled") {
         return Ok(Outcome::Disabled);
+    }
+    if spec.host_network == Some(true) {
+        return Ok(Outcome::HostNetwork);
     }
     if is_injected(spec) {
         return Ok(Outcome::AlreadyInjected);
@@ -243,6 +250,13 @@ fn init_container(mesh: &InjectConfig) -> Container {
             seccomp_profile: Some(runtime_default()),
             ..SecurityContext::default()
         }),
+        // iptables takes its lock in /run, which a read-only root
+        // filesystem would refuse (Linkerd mounts the same emptyDir).
+        volume_mounts: Some(vec![VolumeMount {
+            name: XTABLES_LOCK_VOLUME.into(),
+            mount_path: "/run".into(),
+            ..VolumeMount::default()
+        }]),
         ..Container::default()
     }
 }
@@ -392,6 +406,11 @@ fn volumes(service_account: &str) -> Vec<Volume> {
         ..DownwardAPIVolumeFile::default()
     };
     vec![
+        Volume {
+            name: XTABLES_LOCK_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
         Volume {
             name: IDENTITY_VOLUME.into(),
             secret: Some(SecretVolumeSource {

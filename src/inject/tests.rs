@@ -65,6 +65,7 @@ fn every_workload_kind_and_list_items_are_injected_and_disabled_pods_are_not() {
             let what = match &r.outcome {
                 Some(Outcome::Injected { .. }) => "injected",
                 Some(Outcome::Disabled) => "disabled",
+                Some(Outcome::HostNetwork) => "host network",
                 Some(Outcome::AlreadyInjected) => "already",
                 None => "passed",
             };
@@ -81,6 +82,7 @@ fn every_workload_kind_and_list_items_are_injected_and_disabled_pods_are_not() {
             ("Pod/legacy-agent".into(), "injected"),
             ("DaemonSet/node-exporter".into(), "injected"),
             ("ReplicaSet/worker".into(), "injected"),
+            ("DaemonSet/kube-proxy-like".into(), "host network"),
         ]
     );
 }
@@ -181,7 +183,7 @@ fn classic_mode_makes_the_proxy_the_first_regular_container() {
 }
 
 #[test]
-fn the_webhook_patch_is_empty_for_injected_and_disabled_pods() {
+fn the_webhook_patch_is_empty_for_injected_disabled_and_host_network_pods() {
     let once = serde_json::to_value(injected(&pod(
         json!({"containers": [{"name": "app", "image": "a"}]}),
         json!({}),
@@ -196,6 +198,14 @@ fn the_webhook_patch_is_empty_for_injected_and_disabled_pods() {
     assert_eq!(
         pod_patch(&disabled, &mesh()).unwrap(),
         (Outcome::Disabled, None)
+    );
+    let host = pod(
+        json!({"hostNetwork": true, "containers": [{"name": "agent", "image": "a"}]}),
+        json!({"outrider.dev/inject": "enabled"}),
+    );
+    assert_eq!(
+        pod_patch(&host, &mesh()).unwrap(),
+        (Outcome::HostNetwork, None)
     );
 }
 
