@@ -91,6 +91,8 @@ pub enum ControllerError {
     Metrics(#[from] prometheus::Error),
     #[error("cannot issue the webhook's serving certificate (see the log)")]
     NoServingCert,
+    #[error("a controller task ended unexpectedly (see the log)")]
+    TaskEnded,
 }
 
 /// What the controller shares between its tasks.
@@ -154,14 +156,19 @@ pub async fn run(
         bound: std::sync::Mutex::new(BTreeMap::new()),
     });
 
-    // The CA first: nothing else can work without it.
+    // The CA first: nothing else can work without it (not ready until
+    // then; a stop request is still honoured).
+    let mut shutdown = std::pin::pin!(shutdown);
     let mut delay = Duration::from_millis(200);
     loop {
         match shared.load_ca().await {
             Ok(()) => break,
             Err(error) => {
                 tracing::warn!(%error, "CA not available yet; retrying");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
@@ -193,9 +200,11 @@ pub async fn run(
 
     tasks.spawn(reconcile_forever(shared, leading_rx));
     tokio::select! {
-        _ = shutdown => {}
+        _ = &mut shutdown => {}
         Some(result) = tasks.join_next() => {
+            // Exit non-zero so the restart is visible, not a clean stop.
             tracing::error!(?result, "A controller task ended unexpectedly");
+            return Err(ControllerError::TaskEnded);
         }
     }
     Ok(())
@@ -448,7 +457,9 @@ async fn reconcile_forever(shared: Arc<Shared>, mut leading: watch::Receiver<boo
     let mut ca = shared.ca.subscribe();
     let mut next = tokio::time::Instant::now();
     let mut last_warning: Option<tokio::time::Instant> = None;
-    let mut last_pass = tokio::time::Instant::now() - MIN_PASS_INTERVAL;
+    let mut last_pass = tokio::time::Instant::now()
+        .checked_sub(MIN_PASS_INTERVAL)
+        .unwrap_or_else(tokio::time::Instant::now);
     loop {
         tokio::select! {
             _ = changed.notified() => {}
