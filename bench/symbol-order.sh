@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Regenerates bench/symbol-order.txt: every function the proxy executes
+# (startup, HTTP and opaque TCP through a strict mTLS pair, new connections,
+# a metrics scrape, drain), hottest first, as recorded by callgrind on the
+# shipped build. build-release.sh hands the list to the linker
+# (--symbol-ordering-file) so that the code a proxy runs sits together:
+# the kernel maps executable pages in 64 KiB windows around each fault, so
+# scattered code keeps far more of the binary resident than it runs.
+#
+#   bench/symbol-order.sh            # needs valgrind, wrk, python3
+#
+# Symbols that no longer exist are ignored by the linker, so a stale list
+# costs memory, never correctness; regenerate it after large changes.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bin="${OUTRIDER_BIN:-$(bench/build-release.sh)}"
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+"$bin" ca init --dir "$work/ca" >/dev/null
+"$bin" ca issue --dir "$work/ca" --namespace bench --service-account client --out "$work/client" >/dev/null
+"$bin" ca issue --dir "$work/ca" --namespace bench --service-account server --out "$work/server" >/dev/null
+
+python3 - "$work" <<'EOF' &
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 18080), H).serve_forever()
+EOF
+sleep 0.5
+
+proxy() { # name protocol role args...
+  local name=$1 protocol=$2; shift 2
+  valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/$name.out" \
+    "$bin" proxy --mtls-mode strict --log-level warn "$@" \
+    --inbound-protocol "$protocol" --outbound-protocol "$protocol" 2>"$work/$name.log" &
+}
+server_id=spiffe://cluster.local/ns/bench/sa/server
+for pair in http:detect:17 tcp:opaque:27; do
+  IFS=: read -r name protocol p <<<"$pair"
+  proxy "$name-in" "$protocol" --identity-dir "$work/server" --identity-id "$server_id" \
+    --inbound-listen "127.0.0.1:${p}143" --inbound-app 127.0.0.1:18080 \
+    --outbound-listen "127.0.0.1:${p}140" --admin-listen "127.0.0.1:${p}191"
+  proxy "$name-out" "$protocol" --identity-dir "$work/client" \
+    --identity-id spiffe://cluster.local/ns/bench/sa/client \
+    --inbound-listen "127.0.0.1:${p}243" --admin-listen "127.0.0.1:${p}291" \
+    --outbound-listen "127.0.0.1:${p}240" --outbound-peer "127.0.0.1:${p}143" \
+    --outbound-peer-id "$server_id"
+done
+for port in 17191 17291 27191 27291; do
+  for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
+done
+for p in 17 27; do
+  wrk -t1 -c8 -d5s "http://127.0.0.1:${p}240/" >/dev/null
+  wrk -t1 -c4 -d3s -H 'Connection: close' "http://127.0.0.1:${p}240/" >/dev/null
+  curl -sf --http2-prior-knowledge "http://127.0.0.1:${p}240/" >/dev/null || true
+done
+for port in 17191 17291 27191 27291; do curl -sf "http://127.0.0.1:$port/metrics" >/dev/null; done
+pkill -TERM -f "callgrind-out-file=$work" || true
+wait_for=0
+while pgrep -f "callgrind-out-file=$work" >/dev/null && [ $wait_for -lt 100 ]; do sleep 0.2; wait_for=$((wait_for+1)); done
+
+# Sum the instructions of each function over the four processes, hottest
+# first; keep only symbols the linker can place.
+python3 - "$work"/*.out > bench/symbol-order.txt <<'EOF'
+import re, sys, collections
+cost = collections.Counter()
+for path in sys.argv[1:]:
+    names, current, skip_next = {}, None, False
+    for line in open(path, errors="replace"):
+        m = re.match(r"(c?)fn=\((\d+)\)(?: (.*))?", line)
+        if m:
+            if m.group(3):
+                names[m.group(2)] = m.group(3).strip()
+            if not m.group(1):
+                current = names.get(m.group(2))
+            continue
+        if line.startswith("calls="):
+            skip_next = True  # the next cost line is the callee's, inclusive
+            continue
+        m = re.match(r"^[+*-]?\d*\s+(\d+)", line)
+        if m and current:
+            if skip_next:
+                skip_next = False
+            else:
+                cost[current] += int(m.group(1))
+for name, _ in cost.most_common():
+    if name.startswith(("_ZN", "_R")) or re.match(r"^[A-Za-z_][A-Za-z0-9_.]*$", name):
+        print(name)
+EOF
+echo "wrote bench/symbol-order.txt ($(wc -l < bench/symbol-order.txt) functions)" >&2
