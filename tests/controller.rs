@@ -176,6 +176,12 @@ async fn secret(api: &FakeApiServer, ns: &str, name: &str, within: Duration) -> 
     eventually(within, async || api.get("secrets", ns, name)).await
 }
 
+/// The identity Secret of `ns/sa`, once the controller has written it.
+async fn identity(api: &FakeApiServer, ns: &str, sa: &str) -> Option<Value> {
+    let name = format!("outrider-identity-{sa}");
+    secret(api, ns, &name, Duration::from_secs(10)).await
+}
+
 #[tokio::test]
 async fn service_accounts_of_meshed_namespaces_get_identities_kept_in_step_with_the_cluster() {
     let c = cluster().await;
@@ -193,14 +199,9 @@ async fn service_accounts_of_meshed_namespaces_get_identities_kept_in_step_with_
     .expect("bootstrapped CA Secret");
     assert_eq!(ca["type"], "kubernetes.io/tls");
 
-    let orders = secret(
-        api,
-        "shop",
-        "outrider-identity-orders",
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap_or_else(|| panic!("no identity for shop/orders:\n{}", controller.logs()));
+    let orders = identity(api, "shop", "orders")
+        .await
+        .unwrap_or_else(|| panic!("no identity for shop/orders:\n{}", controller.logs()));
     assert_eq!(orders["type"], "kubernetes.io/tls");
     assert_eq!(
         identity_of(&orders).0,
@@ -219,16 +220,7 @@ async fn service_accounts_of_meshed_namespaces_get_identities_kept_in_step_with_
         orders["metadata"]["ownerReferences"][0]["uid"],
         api.get("serviceaccounts", "shop", "orders").unwrap()["metadata"]["uid"]
     );
-    assert!(
-        secret(
-            api,
-            "shop",
-            "outrider-identity-default",
-            Duration::from_secs(5)
-        )
-        .await
-        .is_some()
-    );
+    assert!(identity(api, "shop", "default").await.is_some());
     // Written by server-side apply with our field manager.
     assert!(api.seen().iter().any(|r| r.method == "PATCH"
         && r.path.ends_with("/secrets/outrider-identity-orders")
@@ -258,14 +250,9 @@ async fn service_accounts_of_meshed_namespaces_get_identities_kept_in_step_with_
 
     // A new ServiceAccount.
     api.apply("serviceaccounts", service_account("shop", "payments"));
-    let payments = secret(
-        api,
-        "shop",
-        "outrider-identity-payments",
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("identity for a new ServiceAccount");
+    let payments = identity(api, "shop", "payments")
+        .await
+        .expect("identity for a new ServiceAccount");
     assert_eq!(
         identity_of(&payments).0,
         "spiffe://cluster.local/ns/shop/sa/payments"
@@ -274,14 +261,7 @@ async fn service_accounts_of_meshed_namespaces_get_identities_kept_in_step_with_
     // Deleted: recreated, with a new certificate.
     let serial = identity_of(&orders).1;
     api.delete("secrets", "outrider-identity-orders");
-    let again = secret(
-        api,
-        "shop",
-        "outrider-identity-orders",
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("recreated");
+    let again = identity(api, "shop", "orders").await.expect("recreated");
     assert_ne!(identity_of(&again).1, serial);
 
     // The ServiceAccount goes away: so does its identity.
@@ -302,14 +282,7 @@ async fn service_accounts_of_meshed_namespaces_get_identities_kept_in_step_with_
                "spec": {"serviceAccountName": "worker", "containers": [{"name": "w", "image": "w"}]}}),
     );
     assert!(
-        secret(
-            api,
-            "plain",
-            "outrider-identity-worker",
-            Duration::from_secs(5)
-        )
-        .await
-        .is_some(),
+        identity(api, "plain", "worker").await.is_some(),
         "{}",
         controller.logs()
     );
@@ -318,16 +291,7 @@ async fn service_accounts_of_meshed_namespaces_get_identities_kept_in_step_with_
     let (lists_before, _) = api.requests();
     api.expire_versions();
     api.apply("serviceaccounts", service_account("shop", "after-gone"));
-    assert!(
-        secret(
-            api,
-            "shop",
-            "outrider-identity-after-gone",
-            Duration::from_secs(10)
-        )
-        .await
-        .is_some()
-    );
+    assert!(identity(api, "shop", "after-gone").await.is_some());
     assert!(api.requests().0 > lists_before, "a relist after 410");
 
     // The webhook configuration carries the bundle.
@@ -373,14 +337,9 @@ async fn an_identity_is_renewed_when_a_third_of_its_lifetime_remains_and_write_c
     // The first apply of the orders Secret hits a conflict.
     c.api.fail_next("PATCH", "secrets", 409);
     let controller = ControllerProcess::spawn(&c.kubeconfig, &["--identity-lifetime", "6s"]);
-    let first = secret(
-        &c.api,
-        "shop",
-        "outrider-identity-orders",
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap_or_else(|| panic!("{}", controller.logs()));
+    let first = identity(&c.api, "shop", "orders")
+        .await
+        .unwrap_or_else(|| panic!("{}", controller.logs()));
     let (_, first_serial) = identity_of(&first);
     // 6 s lifetime: renewed after about 4 s.
     let renewed = eventually(Duration::from_secs(10), async || {
@@ -645,16 +604,7 @@ async fn a_broken_ca_secret_is_refused_and_the_last_good_ca_keeps_issuing() {
     c.api
         .apply("secrets", ca_secret(&old, &read(&old, "root.crt")));
     let controller = ControllerProcess::spawn(&c.kubeconfig, &["--bootstrap-ca", "false"]);
-    assert!(
-        secret(
-            &c.api,
-            "shop",
-            "outrider-identity-orders",
-            Duration::from_secs(10)
-        )
-        .await
-        .is_some()
-    );
+    assert!(identity(&c.api, "shop", "orders").await.is_some());
     // The issuer does not chain to the bundle.
     c.api
         .apply("secrets", ca_secret(&old, &read(&new, "root.crt")));
@@ -666,14 +616,9 @@ async fn a_broken_ca_secret_is_refused_and_the_last_good_ca_keeps_issuing() {
     assert!(refused.is_some(), "{}", controller.logs());
     c.api
         .apply("serviceaccounts", service_account("shop", "late"));
-    let late = secret(
-        &c.api,
-        "shop",
-        "outrider-identity-late",
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("still issuing with the last good CA");
+    let late = identity(&c.api, "shop", "late")
+        .await
+        .expect("still issuing with the last good CA");
     assert!(
         inspect(
             &decode(&late, "tls.crt"),
@@ -701,16 +646,7 @@ async fn a_replica_that_loses_the_lease_stops_issuing_and_only_one_of_two_leads(
     args_b.extend(["--replica-name", "b"]);
     let a = ControllerProcess::spawn(&c.kubeconfig, &args_a);
     let b = ControllerProcess::spawn(&c.kubeconfig, &args_b);
-    assert!(
-        secret(
-            &c.api,
-            "shop",
-            "outrider-identity-orders",
-            Duration::from_secs(10)
-        )
-        .await
-        .is_some()
-    );
+    assert!(identity(&c.api, "shop", "orders").await.is_some());
     let leaders = async || {
         metric(&a.metrics().await, "outrider_controller_leader", &[])
             + metric(&b.metrics().await, "outrider_controller_leader", &[])
