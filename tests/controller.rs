@@ -596,14 +596,15 @@ async fn the_trust_anchor_rotates_in_three_runbook_steps_under_load_without_a_fa
 }
 
 #[tokio::test]
-async fn a_broken_ca_secret_is_refused_and_the_last_good_ca_keeps_issuing() {
+async fn a_broken_or_deleted_ca_secret_is_refused_and_the_last_good_ca_keeps_issuing() {
     let c = cluster().await;
     let tmp = tempfile::tempdir().unwrap();
     let old = ca_dir(tmp.path(), "old");
     let new = ca_dir(tmp.path(), "new");
     c.api
         .apply("secrets", ca_secret(&old, &read(&old, "root.crt")));
-    let controller = ControllerProcess::spawn(&c.kubeconfig, &["--bootstrap-ca", "false"]);
+    // Bootstrapping stays on: it must not replace a CA that was deleted.
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
     assert!(identity(&c.api, "shop", "orders").await.is_some());
     // The issuer does not chain to the bundle.
     c.api
@@ -626,6 +627,31 @@ async fn a_broken_ca_secret_is_refused_and_the_last_good_ca_keeps_issuing() {
             now()
         )
         .is_ok()
+    );
+
+    // The CA Secret deleted: no new anchor is bootstrapped behind the
+    // mesh's back; the CA in use keeps issuing.
+    c.api.delete("secrets", "outrider-ca");
+    c.api
+        .apply("serviceaccounts", service_account("shop", "after-delete"));
+    let after = identity(&c.api, "shop", "after-delete")
+        .await
+        .expect("still issuing after the CA Secret was deleted");
+    assert!(
+        inspect(
+            &decode(&after, "tls.crt"),
+            Some(read(&old, "root.crt").as_bytes()),
+            now()
+        )
+        .is_ok()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        c.api
+            .get("secrets", "outrider-system", "outrider-ca")
+            .is_none(),
+        "a new CA was bootstrapped over a deleted one:\n{}",
+        controller.logs()
     );
 }
 
@@ -786,6 +812,30 @@ async fn the_webhook_serves_https_with_a_mesh_certificate_and_patches_pods() {
             .contains("not an AdmissionReview")
     );
 
+    // An oversized body is refused with the reason, not read to the end.
+    let (status, answer) = post("/inject/namespace", vec![b' '; 9 * 1024 * 1024]).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("over 8388608 bytes"), "{message}");
+
+    // A client that connects and then says nothing is dropped.
+    let tcp = tokio::net::TcpStream::connect(controller.webhook)
+        .await
+        .unwrap();
+    let name =
+        rustls_pki_types::ServerName::try_from("outrider-webhook.outrider-system.svc").unwrap();
+    let mut idle = connector.connect(name, tcp).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut buf = [0u8; 64];
+        tokio::io::AsyncReadExt::read(&mut idle, &mut buf).await
+    })
+    .await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent client kept its connection: {closed:?}"
+    );
+
     let metrics = controller.metrics().await;
     assert_eq!(
         metric(
@@ -801,6 +851,6 @@ async fn the_webhook_serves_https_with_a_mesh_certificate_and_patches_pods() {
             "outrider_controller_webhook_reviews_total",
             &[("verdict", "malformed")]
         ),
-        1.0
+        2.0
     );
 }

@@ -221,6 +221,16 @@ impl Shared {
         let api = self.secrets();
         let secret = match api.get_opt(CA_SECRET).await.map_err(|e| e.to_string())? {
             Some(secret) => secret,
+            // Deleted while we hold a CA: a new anchor now would cut every
+            // proxy off from its peers until all had the new bundle. Keep
+            // the last good CA; recreating it is the operator's call.
+            None if self.current_ca().is_some() => {
+                self.metrics.ca_load_failure();
+                return Err(format!(
+                    "Secret {}/{CA_SECRET} is gone; keeping the CA in use (restore the Secret, see docs/operations.md)",
+                    self.config.namespace
+                ));
+            }
             None if self.config.bootstrap => {
                 let data = CaMaterial::bootstrap(
                     &self.config.trust_domain,
@@ -390,8 +400,10 @@ where
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
+            // A persistent error here (RBAC, a missing API) keeps the
+            // caches unready and nothing issued: say so where it is seen.
             if let Err(error) = event {
-                tracing::debug!(%error, "Watch interrupted; the watcher retries");
+                tracing::warn!(%error, "Watch failed; retrying with backoff");
             }
             changed.notify_one();
         }

@@ -34,6 +34,11 @@ pub const NAMESPACE_PATH: &str = "/inject/namespace";
 pub const POD_PATH: &str = "/inject/pod";
 /// The API server sends at most a few MiB; anything bigger is not a pod.
 const MAX_BODY: usize = 8 * 1024 * 1024;
+/// The port is reachable from the whole cluster: a peer gets this long
+/// for its TLS handshake, its request head, and its body, and only this
+/// many connections are served at once (more are closed on accept).
+const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const MAX_CONNECTIONS: usize = 256;
 
 #[derive(Debug, Deserialize)]
 struct Review {
@@ -91,28 +96,22 @@ fn response(uid: &str, allowed: bool, message: Option<&str>, patch: Option<&[u8]
     json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
 }
 
+/// A denial for a request that carries no uid to echo (unreadable, not a
+/// review, or a review without a request).
+fn refuse_unread(message: &str) -> (Value, Verdict) {
+    (response("", false, Some(message), None), Verdict::Malformed)
+}
+
 /// Answers one AdmissionReview.
 pub fn review(body: &[u8], path: &str, mesh: &InjectConfig) -> (Value, Verdict) {
     let review: Review = match serde_json::from_slice(body) {
         Ok(review) => review,
         Err(e) => {
-            let message = format!("outrider injector: not an AdmissionReview: {e}");
-            return (
-                response("", false, Some(&message), None),
-                Verdict::Malformed,
-            );
+            return refuse_unread(&format!("outrider injector: not an AdmissionReview: {e}"));
         }
     };
     let Some(request) = review.request else {
-        return (
-            response(
-                "",
-                false,
-                Some("outrider injector: the AdmissionReview has no request"),
-                None,
-            ),
-            Verdict::Malformed,
-        );
+        return refuse_unread("outrider injector: the AdmissionReview has no request");
     };
     let uid = request.uid.as_str();
     if review.api_version != "admission.k8s.io/v1" || review.kind != "AdmissionReview" {
@@ -236,18 +235,21 @@ pub async fn serve(
         };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
             continue;
         };
         let acceptor = acceptor.clone();
         let mesh = mesh.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let Ok(Ok(tls)) =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream))
-                    .await
+            let _permit = permit;
+            let Ok(Ok(tls)) = tokio::time::timeout(CLIENT_TIMEOUT, acceptor.accept(stream)).await
             else {
                 return;
             };
@@ -256,7 +258,10 @@ pub async fn serve(
                 let metrics = metrics.clone();
                 async move { Ok::<_, Infallible>(handle(req, &mesh, &metrics, peer).await) }
             });
+            // The header timeout also bounds an idle keep-alive connection.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(CLIENT_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
         });
@@ -278,11 +283,17 @@ async fn handle(
         return plain(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
     }
     let path = req.uri().path().to_string();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => Bytes::new(),
+    let body = tokio::time::timeout(
+        CLIENT_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    );
+    let (answer, verdict) = match body.await {
+        Ok(Ok(body)) => review(&body.to_bytes(), &path, mesh),
+        Ok(Err(_)) => refuse_unread(&format!(
+            "outrider injector: the request body is unreadable or over {MAX_BODY} bytes"
+        )),
+        Err(_) => refuse_unread("outrider injector: the request body did not arrive in time"),
     };
-    let (answer, verdict) = review(&body, &path, mesh);
     metrics.webhook(verdict.label());
     if matches!(verdict, Verdict::Denied | Verdict::Malformed) {
         let message = answer["response"]["status"]["message"]

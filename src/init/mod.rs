@@ -9,8 +9,6 @@
 pub mod backend;
 pub mod rules;
 
-use std::path::Path;
-
 use backend::{Flavor, Mode};
 use rules::{CaptureConfig, Family};
 
@@ -31,6 +29,10 @@ pub enum InitError {
     Failed { command: String, stderr: String },
     #[error("{command} reported success but the rules are not in the nat table")]
     NotInstalled { command: String },
+    #[error(
+        "the pod has an IPv6 address but ip6tables does not work here ({0}); its IPv6 traffic would bypass the proxy"
+    )]
+    Ipv6Unavailable(Box<InitError>),
 }
 
 fn no_iptables_message(flavor: Option<Flavor>) -> String {
@@ -66,7 +68,7 @@ pub fn run(request: &InitRequest) -> Result<String, InitError> {
     }
     let flavor = backend::choose_flavor(request.mode, backend::probe())?;
     let mut report = String::new();
-    for family in families(flavor) {
+    for family in families(flavor)? {
         let current = backend::save_nat(flavor, family)?;
         let restore = flavor.restore_command(family);
         if request.cleanup {
@@ -94,14 +96,30 @@ pub fn run(request: &InitRequest) -> Result<String, InitError> {
     Ok(report)
 }
 
-/// IPv4 always; IPv6 when the kernel has it, since v6 traffic that
-/// bypassed the proxy would bypass its policy too.
-fn families(flavor: Flavor) -> Vec<Family> {
+/// IPv4 always. IPv6 too whenever ip6tables works here, and then it is
+/// required if the pod has a routable IPv6 address: skipping it would let
+/// IPv6 traffic bypass the proxy and its policy (failing open).
+fn families(flavor: Flavor) -> Result<Vec<Family>, InitError> {
     let mut families = vec![Family::V4];
-    if Path::new("/proc/net/if_inet6").exists() && backend::save_nat(flavor, Family::V6).is_ok() {
-        families.push(Family::V6);
+    let routable_v6 = std::fs::read_to_string("/proc/net/if_inet6")
+        .map(|table| has_routable_ipv6(&table))
+        .unwrap_or(false);
+    match backend::save_nat(flavor, Family::V6) {
+        Ok(_) => families.push(Family::V6),
+        Err(error) if routable_v6 => return Err(InitError::Ipv6Unavailable(Box::new(error))),
+        Err(_) => {}
     }
-    families
+    Ok(families)
+}
+
+/// Whether `/proc/net/if_inet6` lists an address of global scope (the
+/// fourth column, `00`); link-local (`20`) and loopback (`10`) addresses
+/// are not reachable from other pods.
+pub fn has_routable_ipv6(table: &str) -> bool {
+    table
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .any(|scope| scope == "00")
 }
 
 /// The documents that would be applied, against the current table when
@@ -131,4 +149,20 @@ fn dry_run(request: &InitRequest) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_routable_ipv6;
+
+    #[test]
+    fn only_a_global_scope_ipv6_address_makes_ipv6_capture_mandatory() {
+        let link_local_only = "fe800000000000000c1d2bfffe3a4b5c 02 40 20 80     eth0\n\
+                               00000000000000000000000000000001 01 80 10 80       lo\n";
+        assert!(!has_routable_ipv6(link_local_only));
+        let dual_stack =
+            format!("{link_local_only}fd000000000000000000000000000a07 02 40 00 80     eth0\n");
+        assert!(has_routable_ipv6(&dual_stack));
+        assert!(!has_routable_ipv6(""));
+    }
 }
