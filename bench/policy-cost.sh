@@ -20,30 +20,19 @@ rm -rf "$work" && mkdir -p "$work/policies"
 # HTTP conditions. The bench's client matches only the ALLOW's last rule,
 # so every request is checked against all 50: the worst case of a linear
 # scan.
+policy_head() { # name action
+  printf 'apiVersion: security.outrider.dev/v1alpha1\nkind: AuthorizationPolicy\n'
+  printf 'metadata: {name: %s, namespace: default}\n' "$1"
+  printf 'spec:\n  selector: {matchLabels: {app: server}}\n  action: %s\n  rules:\n' "$2"
+}
 {
-  cat <<'YAML'
-apiVersion: security.outrider.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: bench-deny, namespace: default}
-spec:
-  selector: {matchLabels: {app: server}}
-  action: DENY
-  rules:
-YAML
+  policy_head bench-deny DENY
   for i in $(seq 1 10); do
     echo "  - from: [{principals: [\"spiffe://cluster.local/ns/attackers/sa/a$i\"], notNamespaces: [default]}]"
     echo "    to: [{ports: [18000], methods: [DELETE, PUT], paths: [\"/admin/$i/*\"]}]"
   done
-  cat <<'YAML'
----
-apiVersion: security.outrider.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: bench-allow, namespace: default}
-spec:
-  selector: {matchLabels: {app: server}}
-  action: ALLOW
-  rules:
-YAML
+  echo "---"
+  policy_head bench-allow ALLOW
   for i in $(seq 1 39); do
     echo "  - from: [{principals: [\"spiffe://cluster.local/ns/default/sa/svc-$i\", \"spiffe://cluster.local/ns/other/*\"], ipBlocks: [\"10.$i.0.0/16\"]}]"
     echo "    to: [{ports: [18000], methods: [GET, POST], paths: [\"/api/v$i/*\", \"*.json\"]}]"

@@ -429,15 +429,22 @@ fn load_inject_config(
 // === controller ===
 
 fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
-    let format = match args.log_format.as_str() {
-        "json" => LogFormat::Json,
-        _ => LogFormat::Plain,
-    };
-    init_tracing(&args.log_level, format);
     let invalid = |message: String| {
         eprintln!("outrider controller: {message}");
         Ok(ExitCode::from(EXIT_USAGE))
     };
+    // Parsed as the proxy's `log.format` is: a typo is an error, not plain.
+    let format: LogFormat =
+        match serde_yaml::from_value(serde_yaml::Value::String(args.log_format.clone())) {
+            Ok(format) => format,
+            Err(_) => {
+                return invalid(format!(
+                    "--log-format: {:?}: expected plain or json",
+                    args.log_format
+                ));
+            }
+        };
+    init_tracing(&args.log_level, format);
     let trust_domain = match TrustDomain::parse(&args.trust_domain) {
         Ok(td) => td,
         Err(e) => return invalid(format!("--trust-domain: {e}")),

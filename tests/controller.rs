@@ -854,3 +854,18 @@ async fn the_webhook_serves_https_with_a_mesh_certificate_and_patches_pods() {
         2.0
     );
 }
+
+#[test]
+fn bad_flags_exit_64_naming_the_flag_before_touching_the_cluster() {
+    for (flag, value) in [("--log-format", "xml"), ("--trust-domain", "Not A Domain")] {
+        let out = Command::new(BIN)
+            .args(["controller", "--kubeconfig", "/nonexistent", flag, value])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{flag}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(flag),
+            "{flag}"
+        );
+    }
+}

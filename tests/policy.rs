@@ -166,16 +166,7 @@ async fn an_opaque_connection_is_cut_when_a_new_deny_covers_it() {
     let s = setup();
     let echo = apps::tcp_echo().await;
     let server = ProxyProcess::start(&server_config(&s.server_w, echo, &s.dir, "strict", "")).await;
-    let client = ProxyProcess::start(&config(
-        &s.client_w,
-        &common::opaque_outbound(&sections(
-            None,
-            Some((server.inbound(), &s.server_w.id)),
-            "strict",
-            "",
-        )),
-    ))
-    .await;
+    let client = common::opaque_client(&s.client_w, &server, &s.server_w.id).await;
     let mut stream = tokio::net::TcpStream::connect(client.outbound())
         .await
         .unwrap();
@@ -233,16 +224,7 @@ async fn http_rules_never_allow_an_opaque_connection_and_say_so() {
     .unwrap();
     let echo = apps::tcp_echo().await;
     let server = ProxyProcess::start(&server_config(&s.server_w, echo, &s.dir, "strict", "")).await;
-    let client = ProxyProcess::start(&config(
-        &s.client_w,
-        &common::opaque_outbound(&sections(
-            None,
-            Some((server.inbound(), &s.server_w.id)),
-            "strict",
-            "",
-        )),
-    ))
-    .await;
+    let client = common::opaque_client(&s.client_w, &server, &s.server_w.id).await;
     let mut stream = tokio::net::TcpStream::connect(client.outbound())
         .await
         .unwrap();

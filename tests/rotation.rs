@@ -371,16 +371,7 @@ async fn established_connections_outlive_rotations_of_both_identities() {
         &sections(Some(echo), None, "strict", ""),
     ))
     .await;
-    let client = ProxyProcess::start(&config(
-        &client_w,
-        &common::opaque_outbound(&sections(
-            None,
-            Some((server.inbound(), &server_w.id)),
-            "strict",
-            "",
-        )),
-    ))
-    .await;
+    let client = common::opaque_client(&client_w, &server, &server_w.id).await;
     let mut stream = tokio::net::TcpStream::connect(client.outbound())
         .await
         .unwrap();

@@ -295,6 +295,27 @@ struct Field<'a> {
 }
 
 impl Field<'_> {
+    /// Parses every value, recording each bad one; true if any was bad.
+    fn parse_each<T>(
+        &mut self,
+        name: &str,
+        values: &[impl AsRef<str>],
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> (Vec<T>, bool) {
+        let mut out = Vec::with_capacity(values.len());
+        let mut bad = false;
+        for v in values {
+            match parse(v.as_ref()) {
+                Ok(t) => out.push(t),
+                Err(e) => {
+                    self.problems.push(format!("{name}: {e}"));
+                    bad = true;
+                }
+            }
+        }
+        (out, bad)
+    }
+
     /// Parses a positive field. In a DENY policy a bad value makes the
     /// whole field unconstrained (match everything); elsewhere it breaks
     /// the policy.
@@ -307,18 +328,12 @@ impl Field<'_> {
         if values.is_empty() {
             return None;
         }
-        let mut out = Vec::with_capacity(values.len());
-        for v in values {
-            match parse(v.as_ref()) {
-                Ok(t) => out.push(t),
-                Err(e) => {
-                    self.problems.push(format!("{name}: {e}"));
-                    if self.action == Action::Deny {
-                        return None;
-                    }
-                    *self.broken = true;
-                }
+        let (out, bad) = self.parse_each(name, values, parse);
+        if bad {
+            if self.action == Action::Deny {
+                return None;
             }
+            *self.broken = true;
         }
         Some(out)
     }
@@ -331,17 +346,9 @@ impl Field<'_> {
         values: &[impl AsRef<str>],
         parse: impl Fn(&str) -> Result<T, String>,
     ) -> Vec<T> {
-        let mut out = Vec::with_capacity(values.len());
-        for v in values {
-            match parse(v.as_ref()) {
-                Ok(t) => out.push(t),
-                Err(e) => {
-                    self.problems.push(format!("{name}: {e}"));
-                    if self.action != Action::Deny {
-                        *self.broken = true;
-                    }
-                }
-            }
+        let (out, bad) = self.parse_each(name, values, parse);
+        if bad && self.action != Action::Deny {
+            *self.broken = true;
         }
         out
     }

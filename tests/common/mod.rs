@@ -92,6 +92,25 @@ pub async fn strict_pair(
     (server_proxy, client_proxy)
 }
 
+/// A strict client proxy whose outbound relays opaque TCP to `server`
+/// (which must present `server_id`).
+pub async fn opaque_client(
+    client: &Workload,
+    server: &ProxyProcess,
+    server_id: &SpiffeId,
+) -> ProxyProcess {
+    ProxyProcess::start(&config(
+        client,
+        &opaque_outbound(&sections(
+            None,
+            Some((server.inbound(), server_id)),
+            "strict",
+            "",
+        )),
+    ))
+    .await
+}
+
 pub struct ProxyProcess {
     child: Child,
     pub inbound: Option<SocketAddr>,
