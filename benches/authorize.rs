@@ -19,7 +19,7 @@ use std::time::Instant;
 use outrider::identity::SpiffeId;
 use outrider::policy::authz::{CallerFacts, CallerPolicy};
 use outrider::policy::model::{Kind, PeerAuth, Policy};
-use outrider::policy::source::parse_documents;
+use outrider::policy::objects::parse_documents;
 use outrider::policy::{
     DefaultPolicy, Http, MtlsMode, Request, Settings, Workload, WorkloadPolicy, authorize,
 };

@@ -18,6 +18,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
+use crate::listener::accept_loop;
+
 /// Concurrent admin connections; more are closed on accept.
 const MAX_CONNECTIONS: usize = 64;
 
@@ -26,7 +28,7 @@ pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}")]
-pub struct BindError {
+pub struct Error {
     pub addr: SocketAddr,
     pub source: std::io::Error,
 }
@@ -38,7 +40,8 @@ pub struct Admin {
     shutdown: Option<Arc<tokio::sync::Notify>>,
 }
 
-struct Shared {
+/// What every admin request is answered from.
+struct AdminState {
     registry: Registry,
     ready: ReadyCheck,
     shutdown: Option<Arc<tokio::sync::Notify>>,
@@ -49,10 +52,10 @@ impl Admin {
         addr: SocketAddr,
         registry: Registry,
         ready: ReadyCheck,
-    ) -> Result<Self, BindError> {
+    ) -> Result<Self, Error> {
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|source| BindError { addr, source })?;
+            .map_err(|source| Error { addr, source })?;
         Ok(Self {
             listener,
             registry,
@@ -74,45 +77,48 @@ impl Admin {
 
     /// Serves until the task is dropped.
     pub async fn run(self) {
-        let shared = Arc::new(Shared {
+        let state = Arc::new(AdminState {
             registry: self.registry,
             ready: self.ready,
             shutdown: self.shutdown,
         });
         // Scrapers and probes need a handful of connections; a flood must
         // not exhaust the process's file descriptors.
-        let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let Ok((stream, peer)) = self.listener.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                continue;
-            };
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let service = service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move {
-                        Ok::<_, Infallible>(route(req.method(), req.uri().path(), peer, &shared))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+        accept_loop(
+            self.listener,
+            MAX_CONNECTIONS,
+            std::future::pending(),
+            |_refused| {},
+            move |stream, peer| {
+                let state = state.clone();
+                async move {
+                    let service = service_fn(move |req| {
+                        let state = state.clone();
+                        async move {
+                            Ok::<_, Infallible>(route(req.method(), req.uri().path(), peer, &state))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(std::time::Duration::from_secs(10))
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            },
+        )
+        .await;
     }
 }
 
-fn route(method: &Method, path: &str, peer: SocketAddr, shared: &Shared) -> Response<Full<Bytes>> {
-    let (registry, ready) = (&shared.registry, &shared.ready);
+fn route(
+    method: &Method,
+    path: &str,
+    peer: SocketAddr,
+    state: &AdminState,
+) -> Response<Full<Bytes>> {
+    let (registry, ready) = (&state.registry, &state.ready);
     if path == "/shutdown" {
-        let Some(shutdown) = &shared.shutdown else {
+        let Some(shutdown) = &state.shutdown else {
             return text(StatusCode::NOT_FOUND, "not found\n");
         };
         if method != Method::POST {
@@ -169,8 +175,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
 
-    fn shared(shutdown: Option<Arc<tokio::sync::Notify>>) -> Shared {
-        Shared {
+    fn state(shutdown: Option<Arc<tokio::sync::Notify>>) -> AdminState {
+        AdminState {
             registry: Registry::new(),
             ready: Arc::new(|| true),
             shutdown,
@@ -182,7 +188,7 @@ mod tests {
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
         let notify = Arc::new(tokio::sync::Notify::new());
-        let with = shared(Some(notify.clone()));
+        let with = state(Some(notify.clone()));
         assert_eq!(
             route(&Method::POST, "/shutdown", remote, &with).status(),
             StatusCode::FORBIDDEN
@@ -205,7 +211,7 @@ mod tests {
                 .await
                 .expect("notified");
         });
-        let without = shared(None);
+        let without = state(None);
         assert_eq!(
             route(&Method::POST, "/shutdown", local, &without).status(),
             StatusCode::NOT_FOUND

@@ -14,11 +14,12 @@ use prometheus::{IntGaugeVec, Opts, Registry};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::admin::{Admin, BindError};
+use crate::admin::{self, Admin};
 use crate::config::{Config, PolicyConfig, PolicySource};
 use crate::identity::reload::{self, CredentialsRx, Reloader};
 use crate::lifecycle::{self, Drained};
-use crate::policy::source::{self, PolicyRx, Publisher, files::FileSource};
+use crate::policy::publish::{self, PolicyRx, Publisher};
+use crate::policy::source::{self, files::FileSource};
 use crate::proxy::{self, Proxy};
 use crate::tls::MeshTls;
 
@@ -30,13 +31,13 @@ pub enum StartError {
     #[error(transparent)]
     Proxy(#[from] proxy::Error),
     #[error("admin server: {0}")]
-    Admin(#[from] BindError),
+    Admin(#[from] admin::Error),
     #[error("metrics registration failed: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("policy source: {0}")]
-    PolicySource(#[from] crate::policy::source::kube::Error),
+    KubeClient(#[from] crate::kube_client::Error),
 }
 
 /// Starts the policy source the config names and returns the compiled
@@ -45,7 +46,7 @@ async fn start_policy(
     config: &PolicyConfig,
     registry: &Registry,
 ) -> Result<(PolicyRx, Vec<JoinHandle<()>>), StartError> {
-    let metrics = source::Metrics::new(registry)?;
+    let metrics = publish::Metrics::new(registry)?;
     let (workload, settings) = (config.workload.clone(), config.settings.clone());
     if let PolicySource::None = config.source {
         return Ok((
@@ -74,7 +75,7 @@ async fn start_policy(
             tasks.push(tokio::spawn(files.run(tx.clone())));
         }
         PolicySource::Kubernetes { kubeconfig } => {
-            let client = source::kube::client(kubeconfig.as_deref()).await?;
+            let client = crate::kube_client::client(kubeconfig.as_deref()).await?;
             tasks.push(tokio::spawn(source::kube::run(
                 client,
                 workload.namespace.clone(),

@@ -17,13 +17,13 @@ use std::collections::BTreeMap;
 
 use crate::identity::SpiffeId;
 use crate::identity::reload::ReloadConfig;
-use crate::policy::{DefaultPolicy, Probe, Settings, Workload};
+use crate::policy::{DefaultPolicy, MtlsMode, Probe, Settings, Workload};
 use crate::proxy::{
-    InboundConfig, InboundTarget, Limits, MtlsMode, OutboundConfig, OutboundTarget, ProtocolMode,
-    ProxyConfig,
+    InboundConfig, InboundTarget, Limits, OutboundConfig, OutboundTarget, ProtocolMode, ProxyConfig,
 };
+use crate::runtime::LogFormat;
 use crate::tls::{KxGroup, TlsSettings};
-use crate::units::{serde_bytes, serde_duration};
+use crate::units::{keyword, list, port, serde_bytes, serde_duration};
 
 /// Default identity mount, as in DESIGN.md.
 pub const DEFAULT_IDENTITY_DIR: &str = "/var/run/outrider/identity";
@@ -205,13 +205,6 @@ pub struct LimitsSection {
     pub pool_max_idle_per_destination: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSection {
@@ -327,34 +320,78 @@ impl Default for LogSection {
 }
 
 /// Values given on the command line or in the environment; each replaces
-/// the file's value when set.
-#[derive(Debug, Clone, Default)]
+/// its key in the file and is parsed exactly as the file's value is, so a
+/// bad one exits 64 naming that key. This is the one list of proxy flags:
+/// `outrider proxy` flattens it into its arguments.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Overrides {
+    /// The identity directory (tls.crt, tls.key, ca.crt).
+    #[arg(long, env = "OUTRIDER_IDENTITY_DIR")]
     pub identity_dir: Option<PathBuf>,
+    /// The SPIFFE ID this workload's certificate must carry.
+    #[arg(long, env = "OUTRIDER_IDENTITY_ID")]
     pub identity_id: Option<String>,
+    /// strict or permissive.
+    #[arg(long, env = "OUTRIDER_MTLS_MODE")]
     pub mtls_mode: Option<String>,
+    #[arg(long, env = "OUTRIDER_INBOUND_LISTEN")]
     pub inbound_listen: Option<String>,
+    /// Static mode: forward inbound traffic to this address.
+    #[arg(long, env = "OUTRIDER_INBOUND_APP")]
     pub inbound_app: Option<String>,
+    /// detect or opaque.
+    #[arg(long, env = "OUTRIDER_INBOUND_PROTOCOL")]
     pub inbound_protocol: Option<String>,
+    #[arg(long, env = "OUTRIDER_OUTBOUND_LISTEN")]
     pub outbound_listen: Option<String>,
+    /// Static mode: send outbound traffic to this peer proxy.
+    #[arg(long, env = "OUTRIDER_OUTBOUND_PEER")]
     pub outbound_peer: Option<String>,
+    /// The SPIFFE ID the static peer must present.
+    #[arg(long, env = "OUTRIDER_OUTBOUND_PEER_ID")]
     pub outbound_peer_id: Option<String>,
+    /// detect or opaque.
+    #[arg(long, env = "OUTRIDER_OUTBOUND_PROTOCOL")]
     pub outbound_protocol: Option<String>,
+    #[arg(long, env = "OUTRIDER_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+    /// Enable TLS 1.3 session resumption.
+    #[arg(long, env = "OUTRIDER_TLS_RESUMPTION")]
     pub tls_resumption: Option<bool>,
+    /// Comma-separated key-exchange groups (x25519, secp256r1, secp384r1).
+    #[arg(long, env = "OUTRIDER_TLS_KEY_EXCHANGE")]
     pub tls_key_exchange: Option<String>,
+    /// A tracing filter such as `info` or `outrider=debug`.
+    #[arg(long, env = "OUTRIDER_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// plain or json.
+    #[arg(long, env = "OUTRIDER_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// The workload's namespace (default: the one in --identity-id).
+    #[arg(long, env = "OUTRIDER_WORKLOAD_NAMESPACE")]
     pub workload_namespace: Option<String>,
-    /// `key=value,key=value`.
+    /// The workload's labels, `key=value,key=value` (local mode).
+    #[arg(long, env = "OUTRIDER_WORKLOAD_LABELS")]
     pub workload_labels: Option<String>,
+    /// A downward-API file holding the workload's labels (cluster mode).
+    #[arg(long, env = "OUTRIDER_WORKLOAD_LABELS_FILE")]
     pub workload_labels_file: Option<PathBuf>,
+    /// none, files or kubernetes.
+    #[arg(long, env = "OUTRIDER_POLICY_SOURCE")]
     pub policy_source: Option<String>,
+    /// The directory of policy YAML (policy source `files`).
+    #[arg(long, env = "OUTRIDER_POLICY_DIR")]
     pub policy_dir: Option<PathBuf>,
+    /// allow-all, allow-authenticated, allow-same-namespace or deny.
+    #[arg(long, env = "OUTRIDER_POLICY_DEFAULT")]
     pub policy_default: Option<String>,
-    /// `PORT` or `PORT/path`, comma-separated.
+    /// Kubelet probes always allowed, `PORT` or `PORT/path`, comma-separated
+    /// (the injector fills it from the pod's probes).
+    #[arg(long, env = "OUTRIDER_POLICY_PROBES")]
     pub policy_probes: Option<String>,
-    /// Comma-separated ports.
+    /// Ports that skip protocol detection, comma-separated (replaces the
+    /// default list).
+    #[arg(long, env = "OUTRIDER_OPAQUE_PORTS")]
     pub opaque_ports: Option<String>,
 }
 
@@ -398,101 +435,174 @@ impl FileConfig {
         Self::from_yaml(&text)
     }
 
+    /// The file (or the defaults, without one) with `overrides` applied,
+    /// checked: everything `outrider proxy` runs with.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut file = match path {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        file.apply(overrides)?;
+        file.validate()
+    }
+
     /// Applies overrides; each one is parsed exactly like the file's value.
     pub fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
-        fn parse<T: serde::de::DeserializeOwned>(
+        /// Replaces `slot` with `value` parsed, naming `field` on failure.
+        fn set<T, V: ?Sized>(
+            slot: &mut T,
             field: &str,
-            value: &str,
-        ) -> Result<T, ConfigError> {
-            serde_yaml::from_value(serde_yaml::Value::String(value.to_string()))
-                .map_err(|e| invalid(field, format!("{value:?}: {e}")))
+            value: Option<&V>,
+            parse: impl FnOnce(&V) -> Result<T, String>,
+        ) -> Result<(), ConfigError> {
+            if let Some(value) = value {
+                *slot = parse(value).map_err(|reason| invalid(field, reason))?;
+            }
+            Ok(())
         }
-        if let Some(v) = &o.identity_dir {
-            self.identity.dir = v.clone();
+        fn some<T: serde::de::DeserializeOwned>(v: &str) -> Result<Option<T>, String> {
+            keyword(v).map(Some)
         }
-        if let Some(v) = &o.identity_id {
-            self.identity.id = Some(parse("identity.id", v)?);
-        }
-        if let Some(v) = &o.mtls_mode {
-            self.mtls_mode = parse("mtls_mode", v)?;
-        }
-        if let Some(v) = &o.inbound_listen {
-            self.inbound.listen = parse("inbound.listen", v)?;
-        }
-        if let Some(v) = &o.inbound_app {
-            self.inbound.app = Some(parse("inbound.app", v)?);
-        }
-        if let Some(v) = &o.inbound_protocol {
-            self.inbound.protocol = parse("inbound.protocol", v)?;
-        }
-        if let Some(v) = &o.outbound_listen {
-            self.outbound.listen = parse("outbound.listen", v)?;
-        }
-        if let Some(v) = &o.outbound_peer {
-            self.outbound.peer = Some(parse("outbound.peer", v)?);
-        }
-        if let Some(v) = &o.outbound_peer_id {
-            self.outbound.peer_id = Some(parse("outbound.peer_id", v)?);
-        }
-        if let Some(v) = &o.outbound_protocol {
-            self.outbound.protocol = parse("outbound.protocol", v)?;
-        }
-        if let Some(v) = &o.admin_listen {
-            self.admin.listen = parse("admin.listen", v)?;
-        }
-        if let Some(v) = o.tls_resumption {
-            self.tls.resumption = v;
-        }
-        if let Some(v) = &o.tls_key_exchange {
-            self.tls.key_exchange = v
-                .split(',')
-                .map(|g| parse("tls.key_exchange", g.trim()))
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(v) = &o.log_level {
-            self.log.level = v.clone();
-        }
-        if let Some(v) = &o.log_format {
-            self.log.format = parse("log.format", v)?;
-        }
-        if let Some(v) = &o.workload_namespace {
-            self.workload.namespace = Some(v.clone());
-        }
-        if let Some(v) = &o.workload_labels {
-            self.workload.labels =
-                parse_labels(v).map_err(|reason| invalid("workload.labels", reason))?;
-        }
-        if let Some(v) = &o.workload_labels_file {
-            self.workload.labels_file = Some(v.clone());
-        }
-        if let Some(v) = &o.policy_source {
-            self.policy.source = parse("policy.source", v)?;
-        }
-        if let Some(v) = &o.policy_dir {
-            self.policy.dir = Some(v.clone());
-        }
-        if let Some(v) = &o.policy_default {
-            self.policy.default = parse("policy.default", v)?;
-        }
-        if let Some(v) = &o.policy_probes {
-            self.policy.probes = v
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(|p| p.parse().map_err(|e| invalid("policy.probes", e)))
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(v) = &o.opaque_ports {
-            self.opaque_ports = v
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(|p| match p.parse::<u16>() {
-                    Ok(port) if port > 0 => Ok(port),
-                    _ => Err(invalid("opaque_ports", format!("{p:?} is not a port"))),
-                })
-                .collect::<Result<_, _>>()?;
-        }
+        let text = |v: &str| Ok(v.to_string());
+        let path = |v: &Path| Ok(v.to_path_buf());
+        set(
+            &mut self.identity.dir,
+            "identity.dir",
+            o.identity_dir.as_deref(),
+            path,
+        )?;
+        set(
+            &mut self.identity.id,
+            "identity.id",
+            o.identity_id.as_deref(),
+            some,
+        )?;
+        set(
+            &mut self.mtls_mode,
+            "mtls_mode",
+            o.mtls_mode.as_deref(),
+            keyword,
+        )?;
+        set(
+            &mut self.inbound.listen,
+            "inbound.listen",
+            o.inbound_listen.as_deref(),
+            keyword,
+        )?;
+        set(
+            &mut self.inbound.app,
+            "inbound.app",
+            o.inbound_app.as_deref(),
+            some,
+        )?;
+        set(
+            &mut self.inbound.protocol,
+            "inbound.protocol",
+            o.inbound_protocol.as_deref(),
+            keyword,
+        )?;
+        set(
+            &mut self.outbound.listen,
+            "outbound.listen",
+            o.outbound_listen.as_deref(),
+            keyword,
+        )?;
+        set(
+            &mut self.outbound.peer,
+            "outbound.peer",
+            o.outbound_peer.as_deref(),
+            some,
+        )?;
+        set(
+            &mut self.outbound.peer_id,
+            "outbound.peer_id",
+            o.outbound_peer_id.as_deref(),
+            some,
+        )?;
+        set(
+            &mut self.outbound.protocol,
+            "outbound.protocol",
+            o.outbound_protocol.as_deref(),
+            keyword,
+        )?;
+        set(
+            &mut self.admin.listen,
+            "admin.listen",
+            o.admin_listen.as_deref(),
+            keyword,
+        )?;
+        set(
+            &mut self.tls.resumption,
+            "tls.resumption",
+            o.tls_resumption.as_ref(),
+            |v| Ok(*v),
+        )?;
+        set(
+            &mut self.tls.key_exchange,
+            "tls.key_exchange",
+            o.tls_key_exchange.as_deref(),
+            |v| list(v, keyword),
+        )?;
+        set(
+            &mut self.log.level,
+            "log.level",
+            o.log_level.as_deref(),
+            text,
+        )?;
+        set(
+            &mut self.log.format,
+            "log.format",
+            o.log_format.as_deref(),
+            keyword,
+        )?;
+        set(
+            &mut self.workload.namespace,
+            "workload.namespace",
+            o.workload_namespace.as_deref(),
+            |v| Ok(Some(v.to_string())),
+        )?;
+        set(
+            &mut self.workload.labels,
+            "workload.labels",
+            o.workload_labels.as_deref(),
+            parse_labels,
+        )?;
+        set(
+            &mut self.workload.labels_file,
+            "workload.labels_file",
+            o.workload_labels_file.as_deref(),
+            |v| Ok(Some(v.to_path_buf())),
+        )?;
+        set(
+            &mut self.policy.source,
+            "policy.source",
+            o.policy_source.as_deref(),
+            keyword,
+        )?;
+        set(
+            &mut self.policy.dir,
+            "policy.dir",
+            o.policy_dir.as_deref(),
+            |v| Ok(Some(v.to_path_buf())),
+        )?;
+        set(
+            &mut self.policy.default,
+            "policy.default",
+            o.policy_default.as_deref(),
+            keyword,
+        )?;
+        set(
+            &mut self.policy.probes,
+            "policy.probes",
+            o.policy_probes.as_deref(),
+            parse_probes,
+        )?;
+        set(
+            &mut self.opaque_ports,
+            "opaque_ports",
+            o.opaque_ports.as_deref(),
+            parse_opaque_ports,
+        )?;
         Ok(())
     }
 
@@ -725,16 +835,27 @@ impl FileConfig {
 }
 
 /// `app=payments,tier=backend` into a map.
-pub(crate) fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
-    text.split(',')
-        .filter(|pair| !pair.trim().is_empty())
-        .map(|pair| {
-            pair.split_once('=')
-                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| format!("{pair:?} is not key=value"))
-        })
-        .collect()
+pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    list(text, |pair| {
+        pair.split_once('=')
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| format!("{pair:?} is not key=value"))
+    })
+    .map(|pairs| pairs.into_iter().collect())
+}
+
+/// `8080,9000/healthz`: probe exemptions as `OUTRIDER_POLICY_PROBES` and
+/// the injector's `outrider.dev/probes` annotation give them.
+pub fn parse_probes(text: &str) -> Result<Vec<Probe>, String> {
+    list(text, str::parse)
+}
+
+/// `3306,5432`: the ports that skip protocol detection, as
+/// `OUTRIDER_OPAQUE_PORTS` and the `outrider.dev/opaque-ports` annotation
+/// give them.
+pub fn parse_opaque_ports(text: &str) -> Result<BTreeSet<u16>, String> {
+    list(text, port).map(|ports| ports.into_iter().collect())
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use outrider::cli::{self, Cli, EXIT_BAD_INPUT};
+use outrider::cli::{self, Cli, EXIT_BAD_INPUT, UsageError};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -21,9 +21,15 @@ fn main() -> ExitCode {
     };
     match cli::run(cli) {
         Ok(code) => code,
-        Err(error) => {
-            eprintln!("outrider: {error:#}");
-            ExitCode::FAILURE
-        }
+        Err(error) => match error.downcast_ref::<UsageError>() {
+            Some(usage) => {
+                eprintln!("outrider: {usage}");
+                ExitCode::from(usage.exit_code())
+            }
+            None => {
+                eprintln!("outrider: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

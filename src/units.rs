@@ -1,5 +1,10 @@
-//! Human-friendly durations (`1h30m`, `250ms`) and byte sizes (`64KiB`)
-//! for flags and the config file, and their display.
+//! The small parsers every input shares: human-friendly durations
+//! (`1h30m`, `250ms`) and byte sizes (`64KiB`) and their display,
+//! keywords (`strict`, `allow-all`), comma-separated lists and ports.
+//!
+//! Flags, environment variables, the config file and the injector's
+//! annotations all go through these, so a value one of them accepts is a
+//! value the others accept too.
 
 use std::time::Duration;
 
@@ -90,6 +95,33 @@ pub fn parse_bytes(input: &str) -> Result<usize, UnitError> {
     value.checked_mul(factor).ok_or_else(|| fail("too large"))
 }
 
+/// A keyword of a serde enum (`strict`, `allow-all`, `json`), spelled as
+/// the config file spells it, aliases included.
+pub fn keyword<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    use serde::de::IntoDeserializer;
+    let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+        text.into_deserializer();
+    T::deserialize(de).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// Each item of a comma-separated list, trimmed; empty items (and an
+/// empty list) are skipped.
+pub fn list<T, E>(text: &str, item: impl Fn(&str) -> Result<T, E>) -> Result<Vec<T>, E> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(item)
+        .collect()
+}
+
+/// A TCP port, 1-65535.
+pub fn port(text: &str) -> Result<u16, String> {
+    match text.trim().parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(format!("{text:?} is not a port (1-65535)")),
+    }
+}
+
 /// `2026-11-29T02:19:31Z` for a unix timestamp.
 pub fn format_utc(unix_seconds: i64) -> String {
     match time::OffsetDateTime::from_unix_timestamp(unix_seconds) {
@@ -178,6 +210,31 @@ mod tests {
         assert_eq!(parse_bytes("1MiB").unwrap(), 1 << 20);
         assert!(parse_bytes("64kb").is_err());
         assert!(parse_bytes("KiB").is_err());
+    }
+
+    #[test]
+    fn keywords_parse_as_the_config_file_spells_them() {
+        use crate::policy::{DefaultPolicy, MtlsMode};
+        assert_eq!(keyword::<MtlsMode>("strict"), Ok(MtlsMode::Strict));
+        assert_eq!(keyword::<MtlsMode>("STRICT"), Ok(MtlsMode::Strict));
+        assert_eq!(
+            keyword::<DefaultPolicy>("allow-same-namespace"),
+            Ok(DefaultPolicy::AllowSameNamespace)
+        );
+        let error = keyword::<MtlsMode>("maybe").unwrap_err();
+        assert!(
+            error.contains("strict") && error.contains("maybe"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn lists_skip_blanks_and_stop_at_the_first_bad_item() {
+        assert_eq!(list(" 80, ,443,", port), Ok(vec![80, 443]));
+        assert_eq!(list("", port), Ok(vec![]));
+        assert!(list("80,http", port).unwrap_err().contains("http"));
+        assert!(port("0").is_err());
+        assert!(port("65536").is_err());
     }
 
     #[test]

@@ -1,250 +1,194 @@
-//! The mesh CA as the controller holds it: the issuer and trust bundle
-//! read from (or bootstrapped into) the Secret `outrider-ca`, checked
-//! before use, with the expiry dates the alerts watch.
-//!
-//! Secret layout (type `kubernetes.io/tls`, like Linkerd's issuer
-//! Secret): `tls.crt` the issuer certificate, `tls.key` its key (PKCS#8),
-//! `ca.crt` the trust bundle (one or more roots; several during anchor
-//! rotation). The trust anchor's key is not stored in the cluster.
+//! The CA as the controller holds it: the Secret `outrider-ca` read (or
+//! bootstrapped) through the API, checked by [`crate::ca::secret`] before
+//! use, the last good one kept when a new version fails; the webhook's
+//! serving certificate issued from it; and the expiry warnings.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::UnixTime;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
+use tokio::sync::watch;
 
-use crate::ca::inspect::{inspect, parse_bundle};
-use crate::ca::issuer::{self, SigningCa};
-use crate::ca::store::trust_domain_of;
-use crate::identity::{SpiffeId, TrustDomain};
+use super::{Controller, ControllerConfig, Error, webhook};
+use crate::ca::secret::{CA_SECRET, CaMaterial};
+use crate::units::format_utc;
 
-pub const CA_SECRET: &str = "outrider-ca";
-pub const ISSUER_CERT_KEY: &str = "tls.crt";
-pub const ISSUER_KEY_KEY: &str = "tls.key";
-pub const BUNDLE_KEY: &str = "ca.crt";
-
-#[derive(Debug, thiserror::Error)]
-pub enum CaError {
-    #[error("Secret {CA_SECRET} lacks {0}")]
-    Missing(&'static str),
-    #[error("Secret {CA_SECRET}: {0} is not UTF-8 PEM")]
-    NotPem(&'static str),
-    #[error("Secret {CA_SECRET}: the issuer is unusable: {0}")]
-    Issuer(String),
-    #[error("Secret {CA_SECRET}: the trust bundle is unusable: {0}")]
-    Bundle(String),
-    #[error(
-        "Secret {CA_SECRET}: the issuer's trust domain {found} is not the configured {expected}"
-    )]
-    TrustDomain { expected: String, found: String },
-    #[error(
-        "Secret {CA_SECRET}: a certificate issued by this issuer does not verify against the bundle: {0}"
-    )]
-    Chain(String),
-    #[error("cannot create a CA: {0}")]
-    Create(String),
-}
-
-/// A usable CA: everything checked.
-pub struct CaMaterial {
-    pub signing: SigningCa,
-    pub issuer_pem: String,
-    pub bundle_pem: String,
-    pub trust_domain: TrustDomain,
-    pub issuer_not_after: OffsetDateTime,
-    /// The soonest expiry among the bundle's roots.
-    pub anchor_not_after: OffsetDateTime,
-}
-
-impl std::fmt::Debug for CaMaterial {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CaMaterial")
-            .field("trust_domain", &self.trust_domain)
-            .field("issuer_not_after", &self.issuer_not_after)
-            .field("anchor_not_after", &self.anchor_not_after)
-            .finish_non_exhaustive()
+impl Controller {
+    fn ca_secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.config.namespace)
     }
-}
 
-fn text<'a>(data: &'a BTreeMap<String, Vec<u8>>, key: &'static str) -> Result<&'a str, CaError> {
-    let bytes = data.get(key).ok_or(CaError::Missing(key))?;
-    std::str::from_utf8(bytes).map_err(|_| CaError::NotPem(key))
-}
+    pub(super) fn current_ca(&self) -> Option<Arc<CaMaterial>> {
+        self.ca.borrow().clone()
+    }
 
-impl CaMaterial {
-    /// Reads and checks the Secret's data: the issuer key matches its
-    /// certificate, the trust domain is the configured one, and a
-    /// certificate it issues verifies against the bundle exactly as the
-    /// proxies will verify it. A CA that fails any of this is never used.
-    pub fn from_secret_data(
-        data: &BTreeMap<String, Vec<u8>>,
-        expected: &TrustDomain,
-        now: OffsetDateTime,
-    ) -> Result<Self, CaError> {
-        let issuer_pem = text(data, ISSUER_CERT_KEY)?.to_string();
-        let key_pem = text(data, ISSUER_KEY_KEY)?;
-        let bundle_pem = text(data, BUNDLE_KEY)?.to_string();
-        let signing = SigningCa::from_pem(&issuer_pem, key_pem)
-            .map_err(|e| CaError::Issuer(e.to_string()))?;
-        let trust_domain = trust_domain_of(&issuer_pem).map_err(CaError::Issuer)?;
-        if &trust_domain != expected {
-            return Err(CaError::TrustDomain {
-                expected: expected.to_string(),
-                found: trust_domain.to_string(),
-            });
-        }
-        let roots =
-            parse_bundle(bundle_pem.as_bytes()).map_err(|e| CaError::Bundle(e.to_string()))?;
-        let mut anchor_not_after: Option<OffsetDateTime> = None;
-        for root in &roots {
-            let not_after = not_after_of(root).map_err(CaError::Bundle)?;
-            anchor_not_after = Some(anchor_not_after.map_or(not_after, |t| t.min(not_after)));
-        }
-        let anchor_not_after = anchor_not_after.ok_or(CaError::Bundle("empty".into()))?;
-        let issuer_der = {
-            use rustls_pki_types::pem::PemObject;
-            rustls_pki_types::CertificateDer::from_pem_slice(issuer_pem.as_bytes())
-                .map_err(|e| CaError::Issuer(format!("{e:?}")))?
+    /// Reads (or bootstraps) the CA Secret; a changed Secret that fails
+    /// its checks is refused and the last good CA kept.
+    pub(super) async fn load_ca(&self) -> Result<(), Error> {
+        let secret = match self.ca_secrets().get_opt(CA_SECRET).await? {
+            Some(secret) => secret,
+            // Deleted while we hold a CA: a new anchor now would cut every
+            // proxy off from its peers until all had the new bundle. Keep
+            // the last good CA; recreating it is the operator's call.
+            None if self.current_ca().is_some() => {
+                self.metrics.ca_load_failure();
+                return Err(Error::CaSecretGone {
+                    namespace: self.config.namespace.clone(),
+                    name: CA_SECRET.into(),
+                });
+            }
+            None if self.config.bootstrap => self.bootstrap_ca().await?,
+            None => {
+                return Err(Error::CaSecretMissing {
+                    namespace: self.config.namespace.clone(),
+                    name: CA_SECRET.into(),
+                });
+            }
         };
-        let issuer_not_after = not_after_of(&issuer_der).map_err(CaError::Issuer)?;
-
-        // The self-check: issue, then verify like a peer would.
-        let probe_id = SpiffeId::parse(&format!(
-            "spiffe://{trust_domain}/ns/outrider-system/sa/ca-self-check"
-        ))
-        .map_err(|e| CaError::Issuer(e.to_string()))?;
-        let probe = signing
-            .issue(&probe_id, Duration::from_secs(300), now)
-            .map_err(|e| CaError::Issuer(e.to_string()))?;
-        inspect(
-            probe.chain_pem.as_bytes(),
-            Some(bundle_pem.as_bytes()),
-            unix(now),
+        let data = secret.data.unwrap_or_default();
+        if self.ca_data.lock().as_ref() == Some(&data) {
+            // Unchanged: fine if it was good, still refused if it was not.
+            return match self.current_ca() {
+                Some(_) => Ok(()),
+                None => Err(Error::CaUnusable {
+                    name: CA_SECRET.into(),
+                }),
+            };
+        }
+        let bytes: BTreeMap<String, Vec<u8>> =
+            data.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+        // Remembered either way, so the same bad data is not re-checked
+        // (and re-logged) every pass; the last good CA stays in force.
+        *self.ca_data.lock() = Some(data);
+        let material = CaMaterial::from_secret_data(
+            &bytes,
+            &self.config.trust_domain,
+            OffsetDateTime::now_utc(),
         )
-        .map_err(|e| CaError::Chain(e.to_string()))?;
-        Ok(Self {
-            signing,
-            issuer_pem,
-            bundle_pem,
-            trust_domain,
-            issuer_not_after,
-            anchor_not_after,
-        })
-    }
-
-    /// A new trust anchor and issuer, as Secret data. The anchor's key is
-    /// dropped: nothing in the cluster can mint a new issuer, which is the
-    /// point (see docs/operations.md for rotating the issuer).
-    pub fn bootstrap(
-        trust_domain: &TrustDomain,
-        anchor_lifetime: Duration,
-        issuer_lifetime: Duration,
-        now: OffsetDateTime,
-    ) -> Result<BTreeMap<String, String>, CaError> {
-        let fail = |e: issuer::IssueError| CaError::Create(e.to_string());
-        let root = issuer::new_trust_anchor(trust_domain, anchor_lifetime, now).map_err(fail)?;
-        let root_ca = SigningCa::from_pem(&root.cert_pem, &root.key_pem).map_err(fail)?;
-        let intermediate =
-            issuer::new_intermediate(trust_domain, &root_ca, issuer_lifetime, now).map_err(fail)?;
-        Ok(BTreeMap::from([
-            (ISSUER_CERT_KEY.to_string(), intermediate.cert_pem),
-            (ISSUER_KEY_KEY.to_string(), intermediate.key_pem),
-            (BUNDLE_KEY.to_string(), root.cert_pem),
-        ]))
-    }
-}
-
-pub fn unix(t: OffsetDateTime) -> UnixTime {
-    UnixTime::since_unix_epoch(Duration::from_secs(t.unix_timestamp().max(0) as u64))
-}
-
-/// The notAfter of a DER certificate.
-pub fn not_after_of(der: &[u8]) -> Result<OffsetDateTime, String> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
-    OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
-        .map_err(|e| e.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn td() -> TrustDomain {
-        TrustDomain::parse("cluster.local").unwrap()
-    }
-
-    fn bytes(data: BTreeMap<String, String>) -> BTreeMap<String, Vec<u8>> {
-        data.into_iter().map(|(k, v)| (k, v.into_bytes())).collect()
-    }
-
-    #[test]
-    fn a_bootstrapped_ca_loads_and_reports_its_expiry_dates() {
-        let now = OffsetDateTime::now_utc();
-        let data = CaMaterial::bootstrap(
-            &td(),
-            Duration::from_secs(3650 * 86400),
-            Duration::from_secs(365 * 86400),
-            now,
-        )
-        .unwrap();
-        let ca = CaMaterial::from_secret_data(&bytes(data), &td(), now).unwrap();
-        let year = time::Duration::days(365);
-        assert!((ca.issuer_not_after - (now + year)).abs() < time::Duration::minutes(2));
-        assert!(ca.anchor_not_after > ca.issuer_not_after);
-    }
-
-    #[test]
-    fn a_ca_that_would_issue_unverifiable_certificates_is_refused() {
-        let now = OffsetDateTime::now_utc();
-        let year = Duration::from_secs(365 * 86400);
-        let a = CaMaterial::bootstrap(&td(), year, year, now).unwrap();
-        let b = CaMaterial::bootstrap(&td(), year, year, now).unwrap();
-        // Issuer from one CA, bundle from another.
-        let mut mixed = a.clone();
-        mixed.insert(BUNDLE_KEY.into(), b[BUNDLE_KEY].clone());
-        let err = CaMaterial::from_secret_data(&bytes(mixed), &td(), now).unwrap_err();
-        assert!(matches!(err, CaError::Chain(_)), "{err}");
-        // A key that is not the issuer's.
-        let mut wrong_key = a.clone();
-        wrong_key.insert(ISSUER_KEY_KEY.into(), b[ISSUER_KEY_KEY].clone());
-        let err = CaMaterial::from_secret_data(&bytes(wrong_key), &td(), now).unwrap_err();
-        assert!(matches!(err, CaError::Issuer(_)), "{err}");
-        // Missing and garbage entries.
-        let mut missing = a.clone();
-        missing.remove(BUNDLE_KEY);
-        assert!(matches!(
-            CaMaterial::from_secret_data(&bytes(missing), &td(), now),
-            Err(CaError::Missing("ca.crt"))
-        ));
-        let mut garbage = a.clone();
-        garbage.insert(BUNDLE_KEY.into(), "not a certificate".into());
-        assert!(matches!(
-            CaMaterial::from_secret_data(&bytes(garbage), &td(), now),
-            Err(CaError::Bundle(_))
-        ));
-        // Another trust domain.
-        let other = TrustDomain::parse("example.org").unwrap();
-        assert!(matches!(
-            CaMaterial::from_secret_data(&bytes(a), &other, now),
-            Err(CaError::TrustDomain { .. })
-        ));
-    }
-
-    #[test]
-    fn a_bundle_with_two_roots_during_rotation_is_accepted() {
-        let now = OffsetDateTime::now_utc();
-        let year = Duration::from_secs(365 * 86400);
-        let old = CaMaterial::bootstrap(&td(), year, year, now).unwrap();
-        let new = CaMaterial::bootstrap(&td(), year * 2, year, now).unwrap();
-        let mut both = old.clone();
-        both.insert(
-            BUNDLE_KEY.into(),
-            format!("{}{}", old[BUNDLE_KEY], new[BUNDLE_KEY]),
+        .inspect_err(|_| self.metrics.ca_load_failure())?;
+        tracing::info!(
+            issuer_expires = %format_utc(material.issuer_not_after.unix_timestamp()),
+            anchor_expires = %format_utc(material.anchor_not_after.unix_timestamp()),
+            "Loaded the CA"
         );
-        let ca = CaMaterial::from_secret_data(&bytes(both), &td(), now).unwrap();
-        // The soonest-expiring root is the one to watch.
-        let one_year = now + time::Duration::days(365);
-        assert!((ca.anchor_not_after - one_year).abs() < time::Duration::minutes(2));
+        self.metrics
+            .set_ca_expiry(material.issuer_not_after, material.anchor_not_after);
+        self.ca.send_replace(Some(Arc::new(material)));
+        Ok(())
+    }
+
+    /// Creates the CA Secret with a new anchor and issuer; if another
+    /// replica won the race, theirs is the one returned.
+    async fn bootstrap_ca(&self) -> Result<Secret, Error> {
+        let data = CaMaterial::bootstrap(
+            &self.config.trust_domain,
+            self.config.anchor_lifetime,
+            self.config.issuer_lifetime,
+            OffsetDateTime::now_utc(),
+        )?;
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(CA_SECRET.into()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "outrider".to_string(),
+                )])),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(
+                data.into_iter()
+                    .map(|(k, v)| (k, ByteString(v.into_bytes())))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let api = self.ca_secrets();
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(created) => {
+                tracing::info!(
+                    secret = CA_SECRET,
+                    namespace = %self.config.namespace,
+                    "Bootstrapped a new trust anchor and issuer"
+                );
+                Ok(created)
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(api.get(CA_SECRET).await?),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A serving certificate for the webhook's Service names, from the
+    /// current CA.
+    pub(super) fn serving_key(&self) -> Result<Arc<CertifiedKey>, Error> {
+        let ca = self.current_ca().ok_or(Error::NoServingCert)?;
+        let service = &self.config.webhook_service;
+        let ns = &self.config.namespace;
+        let names = vec![
+            format!("{service}.{ns}.svc"),
+            format!("{service}.{ns}.svc.cluster.local"),
+        ];
+        let signed = ca.signing.issue_server_cert(
+            &names,
+            self.config.webhook_cert_lifetime,
+            OffsetDateTime::now_utc(),
+        )?;
+        let key =
+            webhook::certified_key(&signed.cert_pem, &signed.key_pem).map_err(Error::ServingKey)?;
+        self.metrics.issued("webhook", "serving");
+        Ok(key)
+    }
+}
+
+/// Reissues the webhook's certificate at a third of its lifetime and
+/// whenever the CA changes.
+pub(super) async fn refresh_serving_cert(
+    controller: Arc<Controller>,
+    serving: Arc<webhook::ServingCert>,
+    mut ca: watch::Receiver<Option<Arc<CaMaterial>>>,
+) {
+    let every = controller.config.webhook_cert_lifetime * 2 / 3;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            changed = ca.changed() => if changed.is_err() { return },
+        }
+        match controller.serving_key() {
+            Ok(key) => serving.replace(key),
+            Err(error) => {
+                tracing::error!(%error, "Cannot renew the webhook certificate; keeping the current one");
+            }
+        }
+    }
+}
+
+/// Logs (at most hourly) when the issuer or an anchor expires within the
+/// configured warning period.
+pub(super) fn warn_before_expiry(
+    config: &ControllerConfig,
+    ca: &CaMaterial,
+    last: &mut Option<tokio::time::Instant>,
+) {
+    if last.is_some_and(|t| t.elapsed() < Duration::from_secs(3600)) {
+        return;
+    }
+    let horizon = OffsetDateTime::now_utc() + config.expiry_warning;
+    for (what, at) in [
+        ("issuer", ca.issuer_not_after),
+        ("trust anchor", ca.anchor_not_after),
+    ] {
+        if at <= horizon {
+            tracing::warn!(
+                certificate = what,
+                expires = %format_utc(at.unix_timestamp()),
+                "The mesh CA expires soon: rotate it (docs/operations.md)"
+            );
+            *last = Some(tokio::time::Instant::now());
+        }
     }
 }

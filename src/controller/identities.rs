@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use super::ca::{CaMaterial, unix};
 use crate::ca::inspect::inspect;
 use crate::ca::issuer::IssuedSvid;
+use crate::ca::secret::{CaMaterial, unix};
 use crate::inject::pod::identity_secret_name;
 
 /// Labels on every identity Secret (what the controller lists by).
@@ -254,7 +254,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::controller::ca::CaMaterial;
+    use crate::ca::secret::CaMaterial;
     use crate::identity::{SpiffeId, TrustDomain};
 
     fn ca(now: OffsetDateTime) -> CaMaterial {

@@ -11,7 +11,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -20,6 +20,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use parking_lot::RwLock;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde::Deserialize;
@@ -29,6 +30,7 @@ use tokio::net::TcpListener;
 use super::metrics::ControllerMetrics;
 use crate::inject::config::INJECT;
 use crate::inject::{InjectConfig, Outcome, pod_patch};
+use crate::listener::accept_loop;
 
 pub const NAMESPACE_PATH: &str = "/inject/namespace";
 pub const POD_PATH: &str = "/inject/pod";
@@ -189,15 +191,13 @@ impl ServingCert {
     }
 
     pub fn replace(&self, key: Arc<CertifiedKey>) {
-        if let Ok(mut current) = self.current.write() {
-            *current = key;
-        }
+        *self.current.write() = key;
     }
 }
 
 impl ResolvesServerCert for ServingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().ok().map(|k| k.clone())
+        Some(self.current.read().clone())
     }
 }
 
@@ -235,37 +235,36 @@ pub async fn serve(
         };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            continue;
-        };
-        let acceptor = acceptor.clone();
-        let mesh = mesh.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Ok(Ok(tls)) = tokio::time::timeout(CLIENT_TIMEOUT, acceptor.accept(stream)).await
-            else {
-                return;
-            };
-            let service = service_fn(move |req| {
-                let mesh = mesh.clone();
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(handle(req, &mesh, &metrics, peer).await) }
-            });
-            // The header timeout also bounds an idle keep-alive connection.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(CLIENT_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
-        });
-    }
+    accept_loop(
+        listener,
+        MAX_CONNECTIONS,
+        std::future::pending(),
+        |_refused| {},
+        move |stream, peer| {
+            let acceptor = acceptor.clone();
+            let mesh = mesh.clone();
+            let metrics = metrics.clone();
+            async move {
+                let Ok(Ok(tls)) =
+                    tokio::time::timeout(CLIENT_TIMEOUT, acceptor.accept(stream)).await
+                else {
+                    return;
+                };
+                let service = service_fn(move |req| {
+                    let mesh = mesh.clone();
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, Infallible>(handle(req, &mesh, &metrics, peer).await) }
+                });
+                // The header timeout also bounds an idle keep-alive connection.
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(CLIENT_TIMEOUT)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            }
+        },
+    )
+    .await;
 }
 
 async fn handle(

@@ -12,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::proxy::http::CLIENT_ID_HEADER;
+use crate::proxy::headers::CLIENT_ID_HEADER;
 
 /// Serves `GET /...` with `<name> saw caller <x-outrider-client-id>` until
 /// the task is dropped; returns the bound address.

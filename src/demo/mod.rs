@@ -27,9 +27,9 @@ use rustls_pki_types::UnixTime;
 use crate::app::Sidecar;
 use crate::ca::secret_dir;
 use crate::ca::store::CaDir;
-use crate::cli::{build_runtime, init_tracing};
-use crate::config::{Config, FileConfig, LogFormat, Overrides};
+use crate::config::{Config, FileConfig, Overrides};
 use crate::identity::{Credentials, RawCredentials, SpiffeId, TrustDomain};
+use crate::runtime::{LogFormat, build_runtime, init_tracing};
 use crate::tls::{KxGroup, TlsSettings};
 
 const ROTATIONS: usize = 3;
@@ -89,7 +89,9 @@ fn check(ok: bool, step: &'static str, reason: impl FnOnce() -> String) -> StepR
     }
 }
 
-pub fn main(keep_running: bool) -> anyhow::Result<ExitCode> {
+/// Runs the demo on a runtime of its own; the exit code says whether every
+/// step passed.
+pub fn main(keep_running: bool) -> std::io::Result<ExitCode> {
     init_tracing("error", LogFormat::Plain);
     let runtime = build_runtime(1)?;
     runtime.block_on(async {
@@ -118,7 +120,18 @@ fn tls_settings() -> TlsSettings {
     }
 }
 
-fn issue(ca: &CaDir, id: &SpiffeId, out: &Path, extra_bundle: &str) -> anyhow::Result<String> {
+/// Why an identity could not be issued into a directory.
+#[derive(Debug, thiserror::Error)]
+enum IssueError {
+    #[error(transparent)]
+    Store(#[from] crate::ca::store::StoreError),
+    #[error(transparent)]
+    Sign(#[from] crate::ca::issuer::IssueError),
+    #[error(transparent)]
+    Write(#[from] secret_dir::WriteError),
+}
+
+fn issue(ca: &CaDir, id: &SpiffeId, out: &Path, extra_bundle: &str) -> Result<String, IssueError> {
     let svid = ca.signing_ca()?.issue(
         id,
         Duration::from_secs(86400),

@@ -107,25 +107,17 @@ impl FromStr for PortRange {
 
 /// Parses a comma-separated list of ports and ranges; empty means none.
 pub fn parse_ports(list: &str) -> Result<Vec<PortRange>, RuleError> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::parse)
-        .collect()
+    crate::units::list(list, str::parse)
 }
 
 /// Parses a comma-separated list of CIDRs (a bare address is a /32 or
 /// /128); empty means none.
 pub fn parse_cidrs(list: &str) -> Result<Vec<IpNet>, RuleError> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| RuleError::BadCidr(s.to_string()))
-        })
-        .collect()
+    crate::units::list(list, |s| {
+        s.parse::<IpNet>()
+            .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+            .map_err(|_| RuleError::BadCidr(s.to_string()))
+    })
 }
 
 /// What to capture and what to leave alone.

@@ -95,7 +95,11 @@ pub struct Denied {
 /// Decides one connection or request.
 pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, Denied> {
     let facts = Facts::of(req);
-    let probe = req.peer.is_none() && policy.probes.iter().any(|probe| probe.matches(req));
+    let probe = req.peer.is_none()
+        && policy
+            .probes
+            .iter()
+            .any(|probe| probe.port == req.port && probe_allows(probe, req.http));
     let plaintext_refused = req.peer.is_none() && policy.mtls_mode(req.port) == MtlsMode::Strict;
     decide(
         policy,
@@ -207,6 +211,30 @@ fn decide(
     }
 }
 
+/// Whether a probe exemption covers this request on its port: any
+/// connection for a port-only probe, else `GET`/`HEAD` of its exact path
+/// (the query ignored).
+pub fn probe_allows(probe: &Probe, http: Option<Http<'_>>) -> bool {
+    match (&probe.path, http) {
+        (None, _) => true,
+        (Some(path), Some(http)) => {
+            (http.method == "GET" || http.method == "HEAD")
+                && http.path.split('?').next() == Some(path.as_str())
+        }
+        (Some(_), None) => false,
+    }
+}
+
+/// Whether a connection without mesh TLS may go on to detection and the
+/// per-request decision on `port`: always on a PERMISSIVE port; on a
+/// STRICT one only where a kubelet probe is exempted, and then only the
+/// probe gets through ([`authorize`] denies the rest as `mtls-strict`).
+/// Deciding this before detection closes everything else at once.
+pub fn admits_plaintext(policy: &WorkloadPolicy, port: u16) -> bool {
+    policy.mtls_mode(port) == MtlsMode::Permissive
+        || policy.probes.iter().any(|probe| probe.port == port)
+}
+
 fn default_allows(policy: &WorkloadPolicy, peer: Option<&SpiffeId>) -> bool {
     match policy.default {
         DefaultPolicy::AllowAll => true,
@@ -315,7 +343,7 @@ impl CallerPolicy {
 
     /// Decides one request (`None`: the connection is opaque).
     pub fn decide(&self, http: Option<Http<'_>>) -> Result<Permit, Denied> {
-        let probe = self.probes.iter().any(|probe| probe.matches_request(http));
+        let probe = self.probes.iter().any(|probe| probe_allows(probe, http));
         decide(
             &self.policy,
             probe,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::authz::{AuditMatch, Decider, Http, Request, authorize};
 use super::index::{Settings, Workload, compile};
 use super::model::{Kind, PeerAuth, Policy};
-use super::source::{ObjectSet, parse_documents};
+use super::objects::{ObjectSet, parse_documents};
 use crate::identity::SpiffeId;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +22,7 @@ pub enum CheckError {
     #[error("{path}: {source}")]
     Parse {
         path: PathBuf,
-        source: super::source::ParseError,
+        source: super::objects::ParseError,
     },
 }
 

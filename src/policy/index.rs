@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::authz::{Http, Request};
 use super::model::{Action, DefaultPolicy, MtlsMode, PeerAuth, Policy, Selector};
 
 /// A kubelet probe that is always allowed from unauthenticated callers.
@@ -34,24 +33,6 @@ impl std::str::FromStr for Probe {
         match port.parse::<u16>() {
             Ok(port) if port > 0 => Ok(Probe { port, path }),
             _ => Err(format!("{text:?} is not PORT or PORT/path")),
-        }
-    }
-}
-
-impl Probe {
-    pub fn matches(&self, req: &Request<'_>) -> bool {
-        req.port == self.port && self.matches_request(req.http)
-    }
-
-    /// The path and method part of [`Probe::matches`].
-    pub fn matches_request(&self, http: Option<Http<'_>>) -> bool {
-        match (&self.path, http) {
-            (None, _) => true,
-            (Some(path), Some(http)) => {
-                (http.method == "GET" || http.method == "HEAD")
-                    && http.path.split('?').next() == Some(path.as_str())
-            }
-            (Some(_), None) => false,
         }
     }
 }

@@ -38,6 +38,15 @@ pub enum MtlsMode {
     Permissive,
 }
 
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::Permissive => "permissive",
+        }
+    }
+}
+
 /// What applies when no ALLOW policy selects a workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -51,6 +60,13 @@ pub enum DefaultPolicy {
 }
 
 impl DefaultPolicy {
+    pub const ALL: [Self; 4] = [
+        Self::AllowAll,
+        Self::AllowAuthenticated,
+        Self::AllowSameNamespace,
+        Self::Deny,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::AllowAll => "allow-all",

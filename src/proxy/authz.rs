@@ -7,13 +7,16 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+
 use super::metrics::{Direction, Metrics};
+use super::outcome::AuthzKind;
 use crate::identity::SpiffeId;
+use crate::policy::PolicyRx;
 use crate::policy::authz::{CallerFacts, CallerPolicy};
-use crate::policy::source::PolicyRx;
 use crate::policy::{Denied, Http, Permit, Request, authorize};
 
 /// A denial, audit match or ignored HTTP rule for a given (policy, caller,
@@ -28,8 +31,16 @@ pub struct Caller {
     pub port: u16,
 }
 
-/// (policy, caller, port, kind): one log line per key per minute.
-type LogKey = (String, String, u16, &'static str);
+/// What a rate-limited log line is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum LogTopic {
+    Denied(AuthzKind),
+    Audit,
+    HttpRulesOnOpaque,
+}
+
+/// (policy, caller, port, topic): one log line per key per minute.
+type LogKey = (String, String, u16, LogTopic);
 
 pub struct Enforcer {
     policy: PolicyRx,
@@ -56,12 +67,16 @@ impl Enforcer {
         let outcome = authorize(&policy, &request(caller, None));
         for id in &policy.http_only_rules {
             self.metrics.authz_http_rules_on_opaque(id);
-            if self.first_in_window((id.to_string(), String::new(), caller.port, "http-on-opaque"))
-            {
+            if self.first_in_window((
+                id.to_string(),
+                String::new(),
+                caller.port,
+                LogTopic::HttpRulesOnOpaque,
+            )) {
                 tracing::info!(policy = %id, port = caller.port, "Policy has HTTP conditions, which an opaque connection cannot meet: they never match in an ALLOW policy and always match in a DENY policy");
             }
         }
-        self.record("tcp", caller, &outcome, None);
+        self.record(AuthzKind::Tcp, caller, &outcome, None);
         outcome
     }
 
@@ -75,7 +90,7 @@ impl Enforcer {
             let policy = rx.borrow_and_update().clone();
             if let Err(denied) = authorize(&policy, &request(caller, None)) {
                 self.metrics
-                    .authz(Direction::Inbound, "tcp", &Err(denied.clone()));
+                    .authz(Direction::Inbound, AuthzKind::Tcp, &Err(denied.clone()));
                 self.metrics.authz_terminated(denied.by.label());
                 tracing::info!(
                     peer = caller
@@ -97,7 +112,7 @@ impl Enforcer {
 
     fn record(
         &self,
-        kind: &'static str,
+        kind: AuthzKind,
         caller: &Caller,
         outcome: &Result<Permit, Denied>,
         method: Option<&str>,
@@ -112,9 +127,13 @@ impl Enforcer {
             Err(d) => &d.audits,
         };
         for audit in audits {
-            if self.first_in_window((audit.id.to_string(), peer.to_string(), caller.port, "audit"))
-            {
-                tracing::info!(peer, source = %caller.source, port = caller.port, kind, method, policy = %audit.id, rule = audit.rule, allowed = outcome.is_ok(), "Audit policy matched");
+            if self.first_in_window((
+                audit.id.to_string(),
+                peer.to_string(),
+                caller.port,
+                LogTopic::Audit,
+            )) {
+                tracing::info!(peer, source = %caller.source, port = caller.port, kind = kind.as_str(), method, policy = %audit.id, rule = audit.rule, allowed = outcome.is_ok(), "Audit policy matched");
             }
         }
         let Err(denied) = outcome else { return };
@@ -122,14 +141,14 @@ impl Enforcer {
             denied.by.label().to_string(),
             peer.to_string(),
             caller.port,
-            kind,
+            LogTopic::Denied(kind),
         );
         if self.first_in_window(key) {
             tracing::info!(
                 peer,
                 source = %caller.source,
                 port = caller.port,
-                kind,
+                kind = kind.as_str(),
                 method,
                 policy = denied.by.label(),
                 "Denied by policy"
@@ -141,9 +160,7 @@ impl Enforcer {
     /// [`LOG_EVERY`] (and notes that it is being written now).
     fn first_in_window(&self, key: LogKey) -> bool {
         let now = Instant::now();
-        let Ok(mut logged) = self.logged.lock() else {
-            return false;
-        };
+        let mut logged = self.logged.lock();
         if logged
             .get(&key)
             .is_some_and(|at| now.duration_since(*at) < LOG_EVERY)
@@ -180,7 +197,7 @@ impl ConnectionAuthz {
     pub fn check_http(&self, method: &str, path: &str) -> Result<Permit, Denied> {
         let outcome = self.view().decide(Some(Http { method, path }));
         self.enforcer
-            .record("http", &self.caller, &outcome, Some(method));
+            .record(AuthzKind::Http, &self.caller, &outcome, Some(method));
         outcome
     }
 
@@ -189,10 +206,7 @@ impl ConnectionAuthz {
         let current = self.enforcer.policy.borrow().clone();
         // Only this connection's requests share the lock, for the time of
         // a pointer comparison.
-        let mut cached = self
-            .view
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cached = self.view.lock();
         match &*cached {
             Some(view) if Arc::ptr_eq(view.policy(), &current) => view.clone(),
             _ => {

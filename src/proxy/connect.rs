@@ -7,15 +7,16 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::io::{Activity, MeteredIo, UpstreamIo};
 use super::metrics::{ConnMetrics, Direction, Metrics};
+use super::outcome::{ConnError, HandshakeFailure};
 use super::tls_status::{NoTlsReason, TlsStatus};
 use super::{MtlsMode, TlsRx};
 use crate::identity::SpiffeId;
@@ -27,10 +28,10 @@ pub enum ConnectError {
     Timeout { addr: SocketAddr, timeout: Duration },
     #[error("cannot connect to {addr}: {source}")]
     Io { addr: SocketAddr, source: io::Error },
-    #[error("mTLS handshake with {addr} failed: {reason}")]
+    #[error("mTLS handshake with {addr} failed: {}", reason.as_str())]
     Handshake {
         addr: SocketAddr,
-        reason: &'static str,
+        reason: HandshakeFailure,
     },
     #[error("{addr} did not negotiate the mesh protocol")]
     NotMeshProtocol { addr: SocketAddr },
@@ -39,17 +40,17 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    /// A bounded label for `connection_errors_total{reason}` and the
-    /// `x-outrider-error` response header.
-    pub fn reason(&self) -> &'static str {
+    /// What `connection_errors_total{reason}` and the `x-outrider-error`
+    /// response header say about it.
+    pub fn reason(&self) -> ConnError {
         match self {
-            Self::Timeout { .. } => "connect_timeout",
+            Self::Timeout { .. } => ConnError::ConnectTimeout,
             Self::Io { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused => {
-                "connect_refused"
+                ConnError::ConnectRefused
             }
-            Self::Io { .. } => "connect_error",
-            Self::Handshake { .. } | Self::NotMeshProtocol { .. } => "upstream_tls_failed",
-            Self::NoIdentity => "no_identity",
+            Self::Io { .. } => ConnError::ConnectFailed,
+            Self::Handshake { .. } | Self::NotMeshProtocol { .. } => ConnError::UpstreamTlsFailed,
+            Self::NoIdentity => ConnError::NoIdentity,
         }
     }
 }
@@ -220,7 +221,7 @@ impl MeshConnector {
                 let (_, session) = tls.get_ref();
                 if session.alpn_protocol() != Some(MESH_ALPN) {
                     self.metrics
-                        .handshake_failed(Direction::Outbound, "alpn_mismatch");
+                        .handshake_failed(Direction::Outbound, HandshakeFailure::AlpnMismatch);
                     return Err(ConnectError::NotMeshProtocol { addr: dst });
                 }
                 let server_id = session
@@ -231,10 +232,10 @@ impl MeshConnector {
                     // The verifier accepted a chain whose leaf it cannot
                     // name: refuse rather than guess.
                     self.metrics
-                        .handshake_failed(Direction::Outbound, "unknown_peer");
+                        .handshake_failed(Direction::Outbound, HandshakeFailure::UnknownPeer);
                     return Err(ConnectError::Handshake {
                         addr: dst,
-                        reason: "unknown_peer",
+                        reason: HandshakeFailure::UnknownPeer,
                     });
                 };
                 self.metrics.handshake_ok(Direction::Outbound);
@@ -251,17 +252,17 @@ impl MeshConnector {
             Ok(Err(error)) => error,
             Err(_elapsed) => io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"),
         };
-        let reason = handshake_failure_reason(&error);
+        let reason = HandshakeFailure::Tls(handshake_failure_reason(&error));
         self.metrics.handshake_failed(Direction::Outbound, reason);
         let kind = peer_kind(&error);
         let fall_back = self.may_fall_back()
             && (kind == PeerKind::NotTls || (kind == PeerKind::ForeignTls && app_tls));
         if fall_back {
-            tracing::info!(%dst, reason, "Destination has no proxy; sending plaintext (permissive mode)");
+            tracing::info!(%dst, reason = reason.as_str(), "Destination has no proxy; sending plaintext (permissive mode)");
             self.remember_unmeshed(dst);
             return self.plaintext(dst).await;
         }
-        tracing::debug!(%dst, reason, %error, "Outbound mTLS handshake failed");
+        tracing::debug!(%dst, reason = reason.as_str(), %error, "Outbound mTLS handshake failed");
         Err(ConnectError::Handshake { addr: dst, reason })
     }
 
@@ -270,9 +271,7 @@ impl MeshConnector {
     }
 
     fn known_unmeshed(&self, dst: SocketAddr) -> bool {
-        let Ok(mut unmeshed) = self.unmeshed.lock() else {
-            return false;
-        };
+        let mut unmeshed = self.unmeshed.lock();
         match unmeshed.get(&dst) {
             Some(until) if *until > Instant::now() => true,
             Some(_) => {
@@ -284,13 +283,12 @@ impl MeshConnector {
     }
 
     fn remember_unmeshed(&self, dst: SocketAddr) {
-        if let Ok(mut unmeshed) = self.unmeshed.lock() {
-            // Bounded: forget everything rather than grow without limit.
-            if unmeshed.len() >= 4096 {
-                unmeshed.clear();
-            }
-            unmeshed.insert(dst, Instant::now() + self.fallback_ttl);
+        let mut unmeshed = self.unmeshed.lock();
+        // Bounded: forget everything rather than grow without limit.
+        if unmeshed.len() >= 4096 {
+            unmeshed.clear();
         }
+        unmeshed.insert(dst, Instant::now() + self.fallback_ttl);
     }
 
     async fn plaintext(&self, dst: SocketAddr) -> Result<Connected, ConnectError> {

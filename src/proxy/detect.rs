@@ -4,7 +4,9 @@
 //! connection carries a TLS ClientHello (and whether it asks for the mesh
 //! ALPN), HTTP/1.x, HTTP/2 with prior knowledge, or something else.
 //! [`read_and_classify`] feeds it from a socket with a deadline, so a
-//! client that never speaks costs at most the detection timeout.
+//! client that never speaks costs at most the detection timeout;
+//! [`app_protocol`] is the one rule for the application protocol after
+//! the mesh hop, on both sides.
 
 use std::io;
 use std::time::Duration;
@@ -29,6 +31,37 @@ pub enum Protocol {
     Http2,
     /// Anything else: copied as opaque bytes.
     Unknown,
+}
+
+impl Protocol {
+    /// The HTTP version hyper serves this protocol with; `None` for
+    /// anything relayed as opaque bytes.
+    pub fn http_version(self) -> Option<Version> {
+        match self {
+            Self::Http1 => Some(Version::Http1),
+            Self::Http2 => Some(Version::Http2),
+            Self::Tls(_) | Self::Unknown => None,
+        }
+    }
+}
+
+/// The HTTP version of a downstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+impl Version {
+    /// The `protocol_detections_total{protocol}` label of a connection
+    /// served as HTTP with this version, or relayed opaque (`None`).
+    pub fn label(version: Option<Self>) -> &'static str {
+        match version {
+            Some(Self::Http1) => "http1",
+            Some(Self::Http2) => "http2",
+            None => "opaque",
+        }
+    }
 }
 
 /// The ALPN extension of a ClientHello, as far as the mesh cares.
@@ -234,6 +267,33 @@ pub async fn read_and_classify<T: AsyncRead + Unpin>(
             Ok(Ok(_)) => continue,
             Ok(Err(e)) => return Err(e),
         }
+    }
+}
+
+/// The application protocol of a connection after the mesh hop (or of an
+/// outbound connection): `Unknown` at once on an opaque port, so
+/// server-speaks-first protocols are not held back; otherwise what the
+/// first bytes say within `timeout`, a timeout reported to `timed_out`
+/// and treated as opaque. `None` when the client closed (or the read
+/// failed) before anything could be decided.
+pub async fn app_protocol<T: AsyncRead + Unpin>(
+    io: &mut T,
+    prefix: &mut BytesMut,
+    opaque: bool,
+    timeout: Duration,
+    max: usize,
+    timed_out: impl FnOnce(),
+) -> Option<Protocol> {
+    if opaque {
+        return Some(Protocol::Unknown);
+    }
+    match read_and_classify(io, prefix, timeout, max).await {
+        Ok(Detection::Detected(protocol)) => Some(protocol),
+        Ok(Detection::TimedOut) => {
+            timed_out();
+            Some(Protocol::Unknown)
+        }
+        Ok(Detection::Closed) | Err(_) => None,
     }
 }
 

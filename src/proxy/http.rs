@@ -1,96 +1,114 @@
 //! HTTP/1.1 and HTTP/2 proxying through hyper, after the mesh hop.
 //!
 //! One downstream connection is served by a hyper server whose service
-//! forwards every request to a fixed destination through the [`Pool`].
-//! Header hygiene (hop-by-hop headers, the caller-identity header) and the
-//! mapping of forwarding errors to responses happen here and nowhere else.
-//! Upgrades (WebSocket and friends) are relayed as a byte tunnel once both
-//! sides have switched protocols.
+//! forwards every request to a fixed destination through the [`Pool`]:
+//! authorization on the inbound [`Side`], header hygiene
+//! ([`super::headers`]), the way upstream ([`route`], pure), and errors
+//! turned into responses ([`super::respond`]). Upgrades (WebSocket and
+//! friends) are relayed as a byte tunnel once both sides have switched
+//! protocols.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::authz::{Caller, ConnectionAuthz, Enforcer};
+use super::detect::Version;
+use super::headers::{is_grpc, is_upgrade_request, set_client_id, strip_hop_by_hop};
 use super::io::Activity;
+use super::mesh_proto::{ORIG_PROTO_HEADER, http1_to_mesh_http2, mesh_http2_to_http1};
 use super::metrics::{Direction, HttpMetrics, Metrics};
-use super::pool::{ForwardError, Pool, Release, Route, Sent, Version};
+use super::outcome::ConnOutcome;
+use super::pool::{Pool, Route, Sent};
+use super::respond::{ProxyBody, error_response, forbidden};
 use super::tls_status::{NoTlsReason, TlsStatus};
 use crate::lifecycle::Watch;
-
-/// Set on inbound requests to the caller's SPIFFE ID, after removing any
-/// value the caller sent.
-pub static CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-outrider-client-id");
-/// Set on responses the proxy generates itself, naming why.
-pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-outrider-error");
-/// Marks an HTTP/1 request that travels between proxies as HTTP/2, with
-/// its original version, so the inbound proxy can turn it back.
-pub static ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("x-outrider-orig-proto");
 
 /// Serves the HTTP connections of one listener, forwarding every request
 /// through one pool.
 pub struct HttpServer {
-    pub direction: Direction,
     pub pool: Arc<Pool>,
     pub metrics: Metrics,
     pub max_header_bytes: usize,
     pub idle_timeout: Duration,
 }
 
+/// Which side of the proxy a connection is on, with what that side knows
+/// about its caller.
+pub enum Side {
+    /// From the local application, to a destination.
+    Outbound,
+    /// From a caller, to the local application.
+    Inbound {
+        /// The downstream connection's mesh status.
+        tls: TlsStatus,
+        /// The caller-identity header value `tls` implies (computed once).
+        client_id: Option<HeaderValue>,
+        /// Who is calling, and what judges each request.
+        authz: ConnectionAuthz,
+    },
+}
+
+impl Side {
+    pub fn inbound(tls: TlsStatus, enforcer: Arc<Enforcer>, caller: Caller) -> Self {
+        let client_id = tls
+            .peer_id()
+            .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
+        Self::Inbound {
+            tls,
+            client_id,
+            authz: ConnectionAuthz::new(enforcer, caller),
+        }
+    }
+
+    pub fn direction(&self) -> Direction {
+        match self {
+            Self::Outbound => Direction::Outbound,
+            Self::Inbound { .. } => Direction::Inbound,
+        }
+    }
+
+    /// The downstream connection's mesh status, inbound.
+    fn downstream_tls(&self) -> Option<&TlsStatus> {
+        match self {
+            Self::Outbound => None,
+            Self::Inbound { tls, .. } => Some(tls),
+        }
+    }
+}
+
 impl HttpServer {
     /// Serves one downstream connection whose requests all go to `dst`;
-    /// returns how it ended. `inbound` is given on the inbound side: it
-    /// decides the caller-identity header and authorizes each request.
+    /// returns how it ended.
     pub async fn serve<I>(
         &self,
         io: I,
         version: Version,
         dst: SocketAddr,
-        inbound: Option<InboundCaller>,
+        side: Side,
         activity: Arc<Activity>,
         drain: &Watch,
-    ) -> &'static str
+    ) -> ConnOutcome
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (downstream, authz) = match inbound {
-            Some(InboundCaller {
-                tls,
-                enforcer,
-                caller,
-            }) => {
-                let header = tls
-                    .peer_id()
-                    .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
-                (
-                    Some((tls, header)),
-                    Some(ConnectionAuthz::new(enforcer, caller)),
-                )
-            }
-            None => (None, None),
-        };
         let forward = Arc::new(HttpForward {
-            direction: self.direction,
+            http_metrics: HttpMetrics::new(self.metrics.clone(), side.direction()),
+            side,
             version,
             dst,
             pool: self.pool.clone(),
             metrics: self.metrics.clone(),
-            http_metrics: HttpMetrics::new(self.metrics.clone(), self.direction),
-            downstream,
-            authz,
             activity,
             idle_timeout: self.idle_timeout,
             drain: drain.clone(),
@@ -99,292 +117,54 @@ impl HttpServer {
     }
 }
 
-/// The inbound side's facts about a downstream connection.
-pub struct InboundCaller {
-    pub tls: TlsStatus,
-    pub enforcer: Arc<Enforcer>,
-    pub caller: Caller,
-}
-
 /// Everything the service needs for one downstream connection.
-pub struct HttpForward {
-    direction: Direction,
+struct HttpForward {
+    side: Side,
     version: Version,
     dst: SocketAddr,
     pool: Arc<Pool>,
     metrics: Metrics,
     http_metrics: HttpMetrics,
-    /// Inbound only: the mesh status of the downstream connection, and the
-    /// caller-identity header value it implies (computed once).
-    downstream: Option<(TlsStatus, Option<HeaderValue>)>,
-    /// Inbound only: who is calling, and what judges each request.
-    authz: Option<ConnectionAuthz>,
     activity: Arc<Activity>,
     idle_timeout: Duration,
+    /// Cloned into upgrade tunnels, so draining waits for them too.
     drain: Watch,
 }
 
-// === ProxyBody ===
-
-/// A response body: streamed from upstream, or generated by the proxy.
-pub enum ProxyBody {
-    Upstream {
-        body: Incoming,
-        release: Option<Release>,
-        ended: bool,
-    },
-    Synthetic(Full<Bytes>),
+/// What [`route`] looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteFacts {
+    /// The downstream connection's version.
+    pub version: Version,
+    pub direction: Direction,
+    /// Inbound, from a peer proxy over mesh mTLS.
+    pub from_mesh_peer: bool,
+    /// An HTTP/1 `Upgrade` request.
+    pub upgrade: bool,
+    /// A `CONNECT` request.
+    pub connect: bool,
+    /// Outbound: the destination is not known to be without a proxy.
+    pub mesh_http2_possible: bool,
+    /// The request carries [`ORIG_PROTO_HEADER`].
+    pub converted: bool,
 }
 
-impl ProxyBody {
-    pub fn synthetic(text: impl Into<Bytes>) -> Self {
-        Self::Synthetic(Full::new(text.into()))
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            Self::Upstream { body, ended, .. } => {
-                let poll = Pin::new(body).poll_frame(cx);
-                if let Poll::Ready(None) = poll {
-                    *ended = true;
-                }
-                poll
-            }
-            Self::Synthetic(full) => Pin::new(full)
-                .poll_frame(cx)
-                .map_err(|never| match never {}),
+/// How a request travels upstream.
+pub fn route(f: RouteFacts) -> Route {
+    match f.version {
+        // Tunnels need an HTTP/1 connection of their own.
+        Version::Http1 if f.upgrade || f.connect => Route::Http1 { upgrade: f.upgrade },
+        // Between proxies, HTTP/1 rides one multiplexed HTTP/2
+        // connection instead of a connection per concurrent request.
+        Version::Http1 if f.direction == Direction::Outbound && f.mesh_http2_possible => {
+            Route::Http1OverHttp2
         }
+        Version::Http1 => Route::Http1 { upgrade: false },
+        // The peer proxy carried an HTTP/1 request over HTTP/2: the
+        // application gets it back as HTTP/1.
+        Version::Http2 if f.from_mesh_peer && f.converted => Route::Http1 { upgrade: false },
+        Version::Http2 => Route::Http2,
     }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Upstream { body, ended, .. } => *ended || body.is_end_stream(),
-            Self::Synthetic(full) => full.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Upstream { body, .. } => body.size_hint(),
-            Self::Synthetic(full) => full.size_hint(),
-        }
-    }
-}
-
-impl Drop for ProxyBody {
-    fn drop(&mut self) {
-        // The upstream connection can carry another request only if this
-        // response was read to its end.
-        if let Self::Upstream {
-            body,
-            release,
-            ended,
-        } = self
-        {
-            if *ended || body.is_end_stream() {
-                if let Some(release) = release.take() {
-                    release.release();
-                }
-            }
-        }
-    }
-}
-
-// === header hygiene ===
-
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Removes hop-by-hop headers (and those the `Connection` header names).
-/// For an upgrade, `Upgrade` survives and `Connection: upgrade` is kept.
-/// `TE: trailers` survives for gRPC over HTTP/2.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if !(upgrade && name == header::UPGRADE) {
-                headers.remove(name);
-            }
-        }
-        headers.remove(header::CONNECTION);
-    }
-    let te_trailers = headers
-        .remove(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TRANSFER_ENCODING,
-        &header::TRAILER,
-    ] {
-        headers.remove(name);
-    }
-    if !upgrade {
-        headers.remove(header::UPGRADE);
-    }
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-}
-
-/// Replaces whatever the caller claimed with the identity we verified
-/// (`None` for a caller without one).
-pub fn set_client_id(headers: &mut HeaderMap, client_id: Option<&HeaderValue>) {
-    match client_id {
-        Some(value) => {
-            headers.insert(CLIENT_ID_HEADER.clone(), value.clone());
-        }
-        None => {
-            headers.remove(&CLIENT_ID_HEADER);
-        }
-    }
-}
-
-/// Puts an HTTP/1 request in HTTP/2 form for the hop to a peer proxy: the
-/// authority moves from `Host` (or the destination address) into the URI,
-/// and the original version travels in [`ORIG_PROTO_HEADER`].
-pub fn http1_to_mesh_http2<B>(req: &mut Request<B>, dst: SocketAddr) {
-    let original = if req.version() == http::Version::HTTP_10 {
-        "HTTP/1.0"
-    } else {
-        "HTTP/1.1"
-    };
-    if req.uri().authority().is_none() {
-        let host = req.headers_mut().remove(header::HOST);
-        let authority = host
-            .as_ref()
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<http::uri::Authority>().ok())
-            .unwrap_or_else(|| {
-                http::uri::Authority::try_from(dst.to_string().as_str())
-                    .unwrap_or_else(|_| http::uri::Authority::from_static("localhost"))
-            });
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(authority);
-        parts.path_and_query = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-        if let Ok(uri) = http::Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
-        }
-    } else {
-        req.headers_mut().remove(header::HOST);
-    }
-    req.headers_mut().insert(
-        ORIG_PROTO_HEADER.clone(),
-        HeaderValue::from_static(original),
-    );
-    *req.version_mut() = http::Version::HTTP_2;
-}
-
-/// Turns a request that [`http1_to_mesh_http2`] converted back into HTTP/1
-/// for the application. Returns false (and changes nothing) when the
-/// request was not converted.
-pub fn mesh_http2_to_http1<B>(req: &mut Request<B>) -> bool {
-    if req.headers_mut().remove(&ORIG_PROTO_HEADER).is_none() {
-        return false;
-    }
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(host) = req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            req.headers_mut().insert(header::HOST, host);
-        }
-    }
-    let origin_form = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    *req.uri_mut() = http::Uri::from(origin_form);
-    *req.version_mut() = http::Version::HTTP_11;
-    true
-}
-
-fn is_upgrade_request<B>(req: &Request<B>) -> bool {
-    req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-}
-
-fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// The one place forwarding errors become responses. gRPC callers get a
-/// trailers-only `UNAVAILABLE` so their client libraries see a status.
-pub fn error_response(error: &ForwardError, grpc: bool) -> Response<ProxyBody> {
-    use super::connect::ConnectError;
-    let status = match error.root() {
-        ForwardError::Connect(ConnectError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
-        ForwardError::Connect(ConnectError::NoIdentity) => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::BAD_GATEWAY,
-    };
-    synthetic_response(status, error.reason(), grpc, 14)
-}
-
-/// A response the proxy writes itself. `grpc_status` is used for gRPC
-/// callers in place of the HTTP status.
-pub fn synthetic_response(
-    status: StatusCode,
-    reason: &'static str,
-    grpc: bool,
-    grpc_status: u8,
-) -> Response<ProxyBody> {
-    let mut response = if grpc {
-        let mut r = Response::new(ProxyBody::synthetic(Bytes::new()));
-        let headers = r.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert("grpc-status", HeaderValue::from(u16::from(grpc_status)));
-        headers.insert("grpc-message", HeaderValue::from_static(reason));
-        r
-    } else {
-        let mut r = Response::new(ProxyBody::synthetic(format!("outrider: {reason}\n")));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        r
-    };
-    response
-        .headers_mut()
-        .insert(ERROR_HEADER.clone(), HeaderValue::from_static(reason));
-    response
 }
 
 // === impl HttpForward ===
@@ -392,26 +172,20 @@ pub fn synthetic_response(
 impl HttpForward {
     async fn forward(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
-        if let Some(authz) = &self.authz {
-            if authz
+        if let Side::Inbound { authz, tls, .. } = &self.side
+            && authz
                 .check_http(req.method().as_str(), req.uri().path())
                 .is_err()
-            {
-                // The body names nothing: which policy denied goes to the
-                // log and the metrics only.
-                let response =
-                    synthetic_response(StatusCode::FORBIDDEN, "forbidden", is_grpc(&req), 7);
-                if let Some((tls, _)) = &self.downstream {
-                    self.http_metrics
-                        .record(tls, response.status().as_u16(), start.elapsed());
-                }
-                return response;
-            }
+        {
+            let response = forbidden(is_grpc(&req));
+            self.http_metrics
+                .record(tls, response.status().as_u16(), start.elapsed());
+            return response;
         }
         let upgrade = self.version == Version::Http1 && is_upgrade_request(&req);
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
-        if let Some((_, client_id)) = &self.downstream {
+        if let Side::Inbound { client_id, .. } = &self.side {
             set_client_id(req.headers_mut(), client_id.as_ref());
         }
         let grpc = is_grpc(&req);
@@ -419,29 +193,26 @@ impl HttpForward {
         // client must not make a pooled upstream connection single-use, and
         // an HTTP/1.0 upstream must not close the downstream connection.
         let downstream_version = req.version();
-        let mesh_peer = matches!(&self.downstream, Some((TlsStatus::Mtls(_), _)));
-        let route = match self.version {
-            Version::Http1 if upgrade || req.method() == http::Method::CONNECT => {
-                Route::Http1 { upgrade }
+        let direction = self.side.direction();
+        let route = route(RouteFacts {
+            version: self.version,
+            direction,
+            from_mesh_peer: matches!(self.side.downstream_tls(), Some(TlsStatus::Mtls(_))),
+            upgrade,
+            connect: req.method() == http::Method::CONNECT,
+            mesh_http2_possible: direction == Direction::Outbound
+                && self.pool.mesh_http2_possible(self.dst),
+            converted: req.headers().contains_key(&ORIG_PROTO_HEADER),
+        });
+        match (route, self.version) {
+            (Route::Http1OverHttp2, _) => http1_to_mesh_http2(&mut req, self.dst),
+            (Route::Http1 { .. }, Version::Http2) => {
+                mesh_http2_to_http1(&mut req);
             }
-            // Between proxies, HTTP/1 rides one multiplexed HTTP/2
-            // connection instead of a connection per concurrent request.
-            Version::Http1
-                if self.direction == Direction::Outbound
-                    && self.pool.mesh_http2_possible(self.dst) =>
-            {
-                http1_to_mesh_http2(&mut req, self.dst);
-                Route::Http1OverHttp2
-            }
-            Version::Http1 => Route::Http1 { upgrade: false },
-            Version::Http2 if mesh_peer && mesh_http2_to_http1(&mut req) => {
-                Route::Http1 { upgrade: false }
-            }
-            Version::Http2 => {
+            _ => {
                 req.headers_mut().remove(&ORIG_PROTO_HEADER);
-                Route::Http2
             }
-        };
+        }
         if let Route::Http1 { .. } = route {
             *req.version_mut() = http::Version::HTTP_11;
         }
@@ -473,31 +244,31 @@ impl HttpForward {
                 (response, tls)
             }
             Err(error) => {
-                self.metrics
-                    .connection_error(self.direction, error.reason());
-                tracing::debug!(direction = self.direction.as_str(), dst = %self.dst, %error, "Request failed");
+                self.metrics.connection_error(direction, error.reason());
+                tracing::debug!(direction = direction.as_str(), dst = %self.dst, %error, "Request failed");
                 (
                     error_response(&error, grpc),
                     TlsStatus::NoTls(NoTlsReason::NoConnection),
                 )
             }
         };
-        let tls = self
-            .downstream
-            .as_ref()
-            .map_or(&upstream_tls, |(tls, _)| tls);
+        // Inbound requests are counted by the caller's status, outbound
+        // ones by the upstream connection's.
+        let tls = self.side.downstream_tls().unwrap_or(&upstream_tls);
         self.http_metrics
             .record(tls, response.status().as_u16(), start.elapsed());
         response
     }
 }
 
+/// Relays an upgraded connection as bytes until either side closes or it
+/// idles. `drain_guard` is held so the proxy's drain waits for it.
 async fn tunnel(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     activity: Arc<Activity>,
     idle: Duration,
-    _drain: Watch,
+    drain_guard: Watch,
 ) {
     let (Ok(downstream), Ok(upstream)) = tokio::join!(downstream, upstream) else {
         return;
@@ -508,6 +279,7 @@ async fn tunnel(
         _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => {}
         _ = activity.idle_for(idle) => {}
     }
+    drop(drain_guard);
 }
 
 /// A hyper connection future that can be asked to finish gracefully.
@@ -546,7 +318,7 @@ async fn serve<I>(
     max_header_bytes: usize,
     idle_timeout: Duration,
     drain: &Watch,
-) -> &'static str
+) -> ConnOutcome
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -579,28 +351,28 @@ where
     }
 }
 
-async fn drive<C, E>(conn: C, activity: &Activity, idle: Duration, drain: &Watch) -> &'static str
+async fn drive<C, E>(conn: C, activity: &Activity, idle: Duration, drain: &Watch) -> ConnOutcome
 where
     C: GracefulConnection<Output = Result<(), E>>,
 {
     tokio::pin!(conn);
-    let mut closing: Option<&'static str> = None;
+    let mut closing: Option<ConnOutcome> = None;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
                 return match (result, closing) {
                     (_, Some(why)) => why,
-                    (Ok(()), None) => "ok",
-                    (Err(_), None) => "error",
+                    (Ok(()), None) => ConnOutcome::Ok,
+                    (Err(_), None) => ConnOutcome::Error,
                 };
             }
             _ = drain.signaled(), if closing.is_none() => {
                 conn.as_mut().shut_down();
-                closing = Some("drained");
+                closing = Some(ConnOutcome::Drained);
             }
             _ = activity.idle_for(idle), if closing.is_none() => {
                 conn.as_mut().shut_down();
-                closing = Some("idle_timeout");
+                closing = Some(ConnOutcome::IdleTimeout);
             }
         }
     }

@@ -19,24 +19,27 @@ use tokio_rustls::TlsAcceptor;
 
 use super::authz::{Caller, Enforcer};
 use super::connect::{AppConnector, Connect};
-use super::detect::{Alpn, Detection, Protocol, read_and_classify};
-use super::http::{HttpServer, InboundCaller};
+use super::detect::{Alpn, Detection, Protocol, app_protocol, read_and_classify};
+use super::http::{HttpServer, Side};
 use super::io::{Activity, MeteredIo, Rewind};
 use super::metrics::{Direction, Metrics};
 use super::orig_dst::original_dst;
-use super::pool::{Pool, Version};
+use super::outcome::{ConnError, ConnOutcome, HandshakeFailure};
+use super::pool::Pool;
 use super::tls_status::{NoTlsReason, TlsStatus};
 use super::{
-    Error, Handler, InboundConfig, InboundTarget, Limits, Listener, MAX_DETECT_BYTES, MtlsMode,
-    ProtocolMode, ProxyConfig, TlsRx, bind, http_server,
+    Error, Handler, InboundConfig, InboundTarget, Limits, Listener, MAX_DETECT_BYTES, ProtocolMode,
+    ProxyConfig, TlsRx, bind, http_server,
 };
 use crate::lifecycle::Watch;
-use crate::policy::source::PolicyRx;
+use crate::policy::authz::admits_plaintext;
+use crate::policy::{MtlsMode, PolicyRx};
 use crate::tls::handshake_failure_reason;
 
 const DIRECTION: Direction = Direction::Inbound;
 
-pub struct Shared {
+/// The inbound listener's shared state: what every connection needs.
+pub struct Inbound {
     local: SocketAddr,
     target: InboundTarget,
     protocol: ProtocolMode,
@@ -49,52 +52,55 @@ pub struct Shared {
     enforcer: Arc<Enforcer>,
 }
 
-/// Binds the inbound listener.
-pub async fn listener(
-    config: &InboundConfig,
-    proxy: &ProxyConfig,
-    tls: TlsRx,
-    policy: PolicyRx,
-    metrics: Metrics,
-) -> Result<Listener<Shared>, Error> {
-    let (listener, local) = bind(config.listen).await?;
-    let limits = proxy.limits.clone();
-    let app = Arc::new(AppConnector {
-        connect_timeout: limits.connect_timeout,
-    });
-    let pool = Pool::new(
-        app.clone(),
-        limits.app_pool_idle_timeout,
-        limits.pool_max_idle_per_destination,
-    );
-    Ok(Listener::new(
-        listener,
-        local,
-        DIRECTION,
-        limits.max_connections,
-        metrics.clone(),
-        Shared {
+impl Inbound {
+    /// Binds the inbound listener.
+    pub async fn bind(
+        config: &InboundConfig,
+        proxy: &ProxyConfig,
+        tls: TlsRx,
+        policy: PolicyRx,
+        metrics: Metrics,
+    ) -> Result<Listener<Self>, Error> {
+        let (listener, local) = bind(config.listen).await?;
+        let limits = proxy.limits.clone();
+        let app = Arc::new(AppConnector {
+            connect_timeout: limits.connect_timeout,
+        });
+        let pool = Pool::new(
+            app.clone(),
+            limits.app_pool_idle_timeout,
+            limits.pool_max_idle_per_destination,
+        );
+        pool.spawn_eviction();
+        Ok(Listener::new(
+            listener,
             local,
-            target: config.target.clone(),
-            protocol: config.protocol,
-            opaque_ports: proxy.opaque_ports.clone(),
-            http: http_server(DIRECTION, pool, metrics.clone(), &limits),
-            limits,
-            tls,
-            enforcer: Arc::new(Enforcer::new(policy, metrics.clone())),
-            metrics,
-            app,
-        },
-    ))
+            DIRECTION,
+            limits.max_connections,
+            metrics.clone(),
+            Self {
+                local,
+                target: config.target.clone(),
+                protocol: config.protocol,
+                opaque_ports: proxy.opaque_ports.clone(),
+                http: http_server(pool, metrics.clone(), &limits),
+                limits,
+                tls,
+                enforcer: Arc::new(Enforcer::new(policy, metrics.clone())),
+                metrics,
+                app,
+            },
+        ))
+    }
 }
 
-impl Handler for Shared {
+impl Handler for Inbound {
     async fn handle(self: Arc<Self>, stream: TcpStream, client: SocketAddr, drain: Watch) {
         self.serve(stream, client, drain).await
     }
 }
 
-impl Shared {
+impl Inbound {
     async fn serve(&self, stream: TcpStream, client: SocketAddr, drain: Watch) {
         let app_addr = match &self.target {
             InboundTarget::App(addr) => *addr,
@@ -106,7 +112,8 @@ impl Shared {
         if app_addr == self.local {
             // Sent straight to the listener, not redirected: forwarding it
             // would connect the proxy to itself.
-            self.metrics.connection_error(DIRECTION, "loop_detected");
+            self.metrics
+                .connection_error(DIRECTION, ConnError::LoopDetected);
             return;
         }
         let _open = self.metrics.accepted(DIRECTION);
@@ -156,17 +163,9 @@ impl Shared {
         // Not mesh TLS: the client has no proxy (or is the kubelet). On a
         // strict port only the kubelet's probes may get further, and the
         // authorization decision lets nothing else through.
-        let probe_port = || {
-            self.enforcer
-                .policy()
-                .borrow()
-                .probes
-                .iter()
-                .any(|probe| probe.port == app_addr.port())
-        };
-        if strict && !probe_port() {
+        if !admits_plaintext(&self.enforcer.policy().borrow(), app_addr.port()) {
             self.metrics
-                .connection_error(DIRECTION, "plaintext_refused");
+                .connection_error(DIRECTION, ConnError::PlaintextRefused);
             tracing::debug!(%client, "Refused a connection without mesh TLS (strict mode)");
             return;
         }
@@ -209,7 +208,8 @@ impl Shared {
         drain: Watch,
     ) {
         let Some(mesh) = self.tls.borrow().clone() else {
-            self.metrics.handshake_failed(DIRECTION, "no_identity");
+            self.metrics
+                .handshake_failed(DIRECTION, HandshakeFailure::NoIdentity);
             return;
         };
         let accept = TlsAcceptor::from(mesh.server_config()).accept(io);
@@ -217,12 +217,14 @@ impl Shared {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
                 let reason = handshake_failure_reason(&error);
-                self.metrics.handshake_failed(DIRECTION, reason);
+                self.metrics
+                    .handshake_failed(DIRECTION, HandshakeFailure::Tls(reason));
                 tracing::debug!(%client, reason, %error, "Inbound mTLS handshake failed");
                 return;
             }
             Err(_) => {
-                self.metrics.handshake_failed(DIRECTION, "timeout");
+                self.metrics
+                    .handshake_failed(DIRECTION, HandshakeFailure::Timeout);
                 return;
             }
         };
@@ -234,7 +236,8 @@ impl Shared {
                 .and_then(|leaf| mesh.client_id(leaf))
         };
         let Some(peer) = peer else {
-            self.metrics.handshake_failed(DIRECTION, "unknown_peer");
+            self.metrics
+                .handshake_failed(DIRECTION, HandshakeFailure::UnknownPeer);
             return;
         };
         drop(mesh);
@@ -249,24 +252,17 @@ impl Shared {
         tls.get_mut().0.get_mut().set_counters(conn.bytes());
 
         let mut prefix = BytesMut::new();
-        let protocol = if self.is_opaque(app_addr) {
-            Protocol::Unknown
-        } else {
-            match read_and_classify(
-                &mut tls,
-                &mut prefix,
-                self.limits.detect_timeout,
-                MAX_DETECT_BYTES,
-            )
-            .await
-            {
-                Ok(Detection::Detected(p)) => p,
-                Ok(Detection::TimedOut) => {
-                    self.metrics.detect_timeout(DIRECTION);
-                    Protocol::Unknown
-                }
-                Ok(Detection::Closed) | Err(_) => return,
-            }
+        let Some(protocol) = app_protocol(
+            &mut tls,
+            &mut prefix,
+            self.is_opaque(app_addr),
+            self.limits.detect_timeout,
+            MAX_DETECT_BYTES,
+            || self.metrics.detect_timeout(DIRECTION),
+        )
+        .await
+        else {
+            return;
         };
         let result = self
             .forward(
@@ -296,53 +292,37 @@ impl Shared {
         app_addr: SocketAddr,
         activity: Arc<Activity>,
         drain: Watch,
-    ) -> &'static str
+    ) -> ConnOutcome
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let version = match protocol {
-            Protocol::Http1 => Some(Version::Http1),
-            Protocol::Http2 => Some(Version::Http2),
-            Protocol::Tls(_) | Protocol::Unknown => None,
-        };
-        self.metrics.protocol(DIRECTION, protocol_label(version));
+        let version = protocol.http_version();
+        self.metrics.protocol(DIRECTION, version);
         match version {
             Some(version) => {
-                let inbound = InboundCaller {
-                    tls,
-                    enforcer: self.enforcer.clone(),
-                    caller,
-                };
+                let side = Side::inbound(tls, self.enforcer.clone(), caller);
                 self.http
-                    .serve(io, version, app_addr, Some(inbound), activity, &drain)
+                    .serve(io, version, app_addr, side, activity, &drain)
                     .await
             }
             None => {
                 // Opaque: judged now, and again at every policy change.
                 if self.enforcer.check_tcp(&caller).is_err() {
-                    return "denied";
+                    return ConnOutcome::Denied;
                 }
                 let upstream = match self.app.connect(app_addr).await {
                     Ok(upstream) => upstream,
                     Err(error) => {
                         self.metrics.connection_error(DIRECTION, error.reason());
                         tracing::debug!(%app_addr, %error, "Cannot reach the application");
-                        return "error";
+                        return ConnOutcome::Error;
                     }
                 };
                 tokio::select! {
                     result = super::tcp::relay(io, upstream.io, &activity, self.limits.idle_timeout) => result,
-                    _ = self.enforcer.denied_later(&caller) => "terminated",
+                    _ = self.enforcer.denied_later(&caller) => ConnOutcome::Terminated,
                 }
             }
         }
-    }
-}
-
-pub(super) fn protocol_label(version: Option<Version>) -> &'static str {
-    match version {
-        Some(Version::Http1) => "http1",
-        Some(Version::Http2) => "http2",
-        None => "opaque",
     }
 }

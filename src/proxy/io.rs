@@ -154,10 +154,6 @@ impl<T> MeteredIo<T> {
         self.flush(0);
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     fn flush(&mut self, threshold: u64) {
         let Some(counters) = &self.counters else {
             return;

@@ -6,14 +6,17 @@
 //! bounded by the number of service accounts that talk to this workload.
 //! Never addresses, paths or hosts.
 
-use std::sync::Mutex;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
+use super::detect::Version;
 use super::io::ByteCounters;
+use super::outcome::{AuthzKind, ConnError, ConnOutcome, HandshakeFailure};
 use super::tls_status::TlsStatus;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +62,7 @@ pub struct Metrics {
 pub struct ConnMetrics {
     metrics: Metrics,
     labels: [String; 4],
-    result: &'static str,
+    result: ConnOutcome,
 }
 
 const TCP_LABELS: &[&str] = &["direction", "tls", "no_tls_reason", "peer_id"];
@@ -178,14 +181,14 @@ impl Metrics {
     pub fn authz(
         &self,
         direction: Direction,
-        kind: &str,
+        kind: AuthzKind,
         outcome: &Result<crate::policy::Permit, crate::policy::Denied>,
     ) {
         let (decision, by, audits) = match outcome {
             Ok(permit) => ("allow", &permit.by, &permit.audits),
             Err(denied) => ("deny", &denied.by, &denied.audits),
         };
-        let dir = direction.as_str();
+        let (dir, kind) = (direction.as_str(), kind.as_str());
         self.authz_decisions
             .with_label_values(&[dir, kind, decision, by.label()])
             .inc();
@@ -218,7 +221,7 @@ impl Metrics {
         ConnMetrics {
             metrics: self.clone(),
             labels,
-            result: "ok",
+            result: ConnOutcome::Ok,
         }
     }
 
@@ -248,9 +251,9 @@ impl Metrics {
             .inc();
     }
 
-    pub fn handshake_failed(&self, direction: Direction, reason: &str) {
+    pub fn handshake_failed(&self, direction: Direction, reason: HandshakeFailure) {
         self.tls_handshake_failures
-            .with_label_values(&[direction.as_str(), reason])
+            .with_label_values(&[direction.as_str(), reason.as_str()])
             .inc();
     }
 
@@ -260,15 +263,16 @@ impl Metrics {
             .inc();
     }
 
-    pub fn protocol(&self, direction: Direction, protocol: &str) {
+    /// Counts a connection served as HTTP of `version`, or opaque (`None`).
+    pub fn protocol(&self, direction: Direction, version: Option<Version>) {
         self.protocols
-            .with_label_values(&[direction.as_str(), protocol])
+            .with_label_values(&[direction.as_str(), Version::label(version)])
             .inc();
     }
 
-    pub fn connection_error(&self, direction: Direction, reason: &str) {
+    pub fn connection_error(&self, direction: Direction, reason: ConnError) {
         self.connection_errors
-            .with_label_values(&[direction.as_str(), reason])
+            .with_label_values(&[direction.as_str(), reason.as_str()])
             .inc();
     }
 
@@ -307,9 +311,7 @@ impl HttpMetrics {
 
     /// Counts one request and its response.
     pub fn record(&self, tls: &TlsStatus, status: u16, elapsed: Duration) {
-        let Ok(mut cached) = self.cached.lock() else {
-            return;
-        };
+        let mut cached = self.cached.lock();
         let series = match cached.as_mut() {
             Some(series) if series.tls == *tls => series,
             _ => cached.insert(self.metrics.http_series(self.direction, tls)),
@@ -360,9 +362,8 @@ impl ConnMetrics {
         }
     }
 
-    /// How the connection ended (`ok`, `error`, `idle_timeout`, ...);
-    /// recorded when this value is dropped.
-    pub fn set_result(&mut self, result: &'static str) {
+    /// How the connection ended; recorded when this value is dropped.
+    pub fn set_result(&mut self, result: ConnOutcome) {
         self.result = result;
     }
 }
@@ -372,7 +373,7 @@ impl Drop for ConnMetrics {
         let l = self.labels();
         self.metrics
             .tcp_close
-            .with_label_values(&[l[0], l[1], l[2], l[3], self.result])
+            .with_label_values(&[l[0], l[1], l[2], l[3], self.result.as_str()])
             .inc();
     }
 }

@@ -10,13 +10,17 @@
 mod authz;
 mod connect;
 mod detect;
-pub mod http;
+pub mod headers;
+mod http;
 mod inbound;
 mod io;
+mod mesh_proto;
 pub mod metrics;
 mod orig_dst;
 mod outbound;
+pub mod outcome;
 mod pool;
+mod respond;
 mod tcp;
 mod tls_status;
 
@@ -27,17 +31,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 pub use connect::ExpectedPeer;
 pub use detect::{Alpn, Protocol, classify};
 pub use metrics::{Direction, Metrics};
 pub use tls_status::{NoTlsReason, TlsStatus};
 
+use self::inbound::Inbound;
+use self::outbound::Outbound;
+use self::outcome::ConnError;
 use crate::identity::SpiffeId;
 use crate::lifecycle::Watch;
-pub use crate::policy::MtlsMode;
-use crate::policy::source::PolicyRx;
+use crate::listener::{Refused, accept_loop};
+use crate::policy::{MtlsMode, PolicyRx};
 use crate::tls::MeshTls;
 
 /// The TLS material in use; `None` until an identity is loaded.
@@ -128,8 +135,8 @@ pub enum Error {
 
 /// The bound listeners, ready to serve.
 pub struct Proxy {
-    inbound: Option<Listener<inbound::Shared>>,
-    outbound: Option<Listener<outbound::Shared>>,
+    inbound: Option<Listener<Inbound>>,
+    outbound: Option<Listener<Outbound>>,
 }
 
 /// Serves one accepted connection.
@@ -175,17 +182,32 @@ impl<H: Handler> Listener<H> {
         self.local
     }
 
+    /// Accepts until draining starts; each connection is handled with a
+    /// [`Watch`] of its own, so the drain waits for it.
     async fn run(self, drain: Watch) {
-        let handler = self.handler;
+        let (handler, direction, metrics) = (self.handler, self.direction, self.metrics);
+        let stop = drain.clone();
         accept_loop(
             self.listener,
-            self.direction,
             self.max_connections,
-            self.metrics,
-            drain,
-            move |stream, client, drain| handler.clone().handle(stream, client, drain),
+            async move { stop.signaled().await },
+            |refused| match refused {
+                Refused::AcceptFailed(error) => {
+                    tracing::warn!(direction = direction.as_str(), %error, "Accept failed");
+                    metrics.connection_error(direction, ConnError::AcceptFailed);
+                }
+                Refused::AtCapacity(client) => {
+                    tracing::debug!(direction = direction.as_str(), %client, "Connection limit reached; closing");
+                    metrics.connection_error(direction, ConnError::MaxConnections);
+                }
+            },
+            |stream, client| {
+                let _ = stream.set_nodelay(true);
+                handler.clone().handle(stream, client, drain.clone())
+            },
         )
         .await;
+        tracing::debug!(direction = direction.as_str(), "Listener closed");
     }
 }
 
@@ -198,13 +220,11 @@ impl Proxy {
         metrics: Metrics,
     ) -> Result<Self, Error> {
         let inbound = match &config.inbound {
-            Some(c) => {
-                Some(inbound::listener(c, config, tls.clone(), policy, metrics.clone()).await?)
-            }
+            Some(c) => Some(Inbound::bind(c, config, tls.clone(), policy, metrics.clone()).await?),
             None => None,
         };
         let outbound = match &config.outbound {
-            Some(c) => Some(outbound::listener(c, config, tls, metrics).await?),
+            Some(c) => Some(Outbound::bind(c, config, tls, metrics).await?),
             None => None,
         };
         Ok(Self { inbound, outbound })
@@ -251,62 +271,11 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
 }
 
 /// The HTTP side of a listener, from the proxy's limits.
-fn http_server(
-    direction: Direction,
-    pool: Arc<pool::Pool>,
-    metrics: Metrics,
-    limits: &Limits,
-) -> http::HttpServer {
+fn http_server(pool: Arc<pool::Pool>, metrics: Metrics, limits: &Limits) -> http::HttpServer {
     http::HttpServer {
-        direction,
         pool,
         metrics,
         max_header_bytes: limits.max_header_bytes,
         idle_timeout: limits.idle_timeout,
     }
-}
-
-/// Accepts connections until draining, enforcing the connection limit and
-/// handing each one to `serve` on its own task.
-async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    direction: Direction,
-    max_connections: usize,
-    metrics: Metrics,
-    drain: Watch,
-    serve: F,
-) where
-    F: Fn(TcpStream, SocketAddr, Watch) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let limit = Arc::new(Semaphore::new(max_connections));
-    loop {
-        let (stream, client) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead
-                    // of spinning, and keep serving.
-                    tracing::warn!(direction = direction.as_str(), %error, "Accept failed");
-                    metrics.connection_error(direction, "accept_failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = drain.signaled() => break,
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            metrics.connection_error(direction, "max_connections");
-            tracing::debug!(direction = direction.as_str(), %client, "Connection limit reached; closing");
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let task = serve(stream, client, drain.clone());
-        tokio::spawn(async move {
-            task.await;
-            drop(permit);
-        });
-    }
-    tracing::debug!(direction = direction.as_str(), "Listener closed");
 }

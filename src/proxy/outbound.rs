@@ -14,13 +14,13 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 
 use super::connect::{ExpectedPeer, MeshConnector};
-use super::detect::{Detection, Protocol, read_and_classify};
-use super::http::HttpServer;
-use super::inbound::protocol_label;
+use super::detect::{Protocol, app_protocol};
+use super::http::{HttpServer, Side};
 use super::io::{Activity, MeteredIo, Rewind};
 use super::metrics::{Direction, Metrics};
 use super::orig_dst::original_dst;
-use super::pool::{Pool, Version};
+use super::outcome::ConnError;
+use super::pool::Pool;
 use super::{
     Error, Handler, Limits, Listener, MAX_DETECT_BYTES, OutboundConfig, OutboundTarget,
     ProtocolMode, ProxyConfig, TlsRx, bind, http_server,
@@ -29,7 +29,8 @@ use crate::lifecycle::Watch;
 
 const DIRECTION: Direction = Direction::Outbound;
 
-pub struct Shared {
+/// The outbound listener's shared state: what every connection needs.
+pub struct Outbound {
     local: SocketAddr,
     target: OutboundTarget,
     protocol: ProtocolMode,
@@ -40,59 +41,62 @@ pub struct Shared {
     connector: Arc<MeshConnector>,
 }
 
-/// Binds the outbound listener.
-pub async fn listener(
-    config: &OutboundConfig,
-    proxy: &ProxyConfig,
-    tls: TlsRx,
-    metrics: Metrics,
-) -> Result<Listener<Shared>, Error> {
-    let (listener, local) = bind(config.listen).await?;
-    let limits = proxy.limits.clone();
-    let expected = match &config.target {
-        OutboundTarget::Peer { id: Some(id), .. } => ExpectedPeer::Id(id.clone()),
-        _ => ExpectedPeer::SameTrustDomain,
-    };
-    let connector = Arc::new(MeshConnector::new(
-        tls,
-        expected,
-        proxy.mtls_mode,
-        limits.connect_timeout,
-        limits.handshake_timeout,
-        proxy.plaintext_fallback_ttl,
-        metrics.clone(),
-    ));
-    let pool = Pool::new(
-        connector.clone(),
-        limits.peer_pool_idle_timeout,
-        limits.pool_max_idle_per_destination,
-    );
-    Ok(Listener::new(
-        listener,
-        local,
-        DIRECTION,
-        limits.max_connections,
-        metrics.clone(),
-        Shared {
+impl Outbound {
+    /// Binds the outbound listener.
+    pub async fn bind(
+        config: &OutboundConfig,
+        proxy: &ProxyConfig,
+        tls: TlsRx,
+        metrics: Metrics,
+    ) -> Result<Listener<Self>, Error> {
+        let (listener, local) = bind(config.listen).await?;
+        let limits = proxy.limits.clone();
+        let expected = match &config.target {
+            OutboundTarget::Peer { id: Some(id), .. } => ExpectedPeer::Id(id.clone()),
+            _ => ExpectedPeer::SameTrustDomain,
+        };
+        let connector = Arc::new(MeshConnector::new(
+            tls,
+            expected,
+            proxy.mtls_mode,
+            limits.connect_timeout,
+            limits.handshake_timeout,
+            proxy.plaintext_fallback_ttl,
+            metrics.clone(),
+        ));
+        let pool = Pool::new(
+            connector.clone(),
+            limits.peer_pool_idle_timeout,
+            limits.pool_max_idle_per_destination,
+        );
+        pool.spawn_eviction();
+        Ok(Listener::new(
+            listener,
             local,
-            target: config.target.clone(),
-            protocol: config.protocol,
-            opaque_ports: proxy.opaque_ports.clone(),
-            http: http_server(DIRECTION, pool, metrics.clone(), &limits),
-            limits,
-            metrics,
-            connector,
-        },
-    ))
+            DIRECTION,
+            limits.max_connections,
+            metrics.clone(),
+            Self {
+                local,
+                target: config.target.clone(),
+                protocol: config.protocol,
+                opaque_ports: proxy.opaque_ports.clone(),
+                http: http_server(pool, metrics.clone(), &limits),
+                limits,
+                metrics,
+                connector,
+            },
+        ))
+    }
 }
 
-impl Handler for Shared {
+impl Handler for Outbound {
     async fn handle(self: Arc<Self>, stream: TcpStream, _client: SocketAddr, drain: Watch) {
         self.serve(stream, drain).await
     }
 }
 
-impl Shared {
+impl Outbound {
     async fn serve(&self, stream: TcpStream, drain: Watch) {
         let dst = match &self.target {
             OutboundTarget::Peer { addr, .. } => *addr,
@@ -102,7 +106,8 @@ impl Shared {
             },
         };
         if dst == self.local {
-            self.metrics.connection_error(DIRECTION, "loop_detected");
+            self.metrics
+                .connection_error(DIRECTION, ConnError::LoopDetected);
             return;
         }
         let _open = self.metrics.accepted(DIRECTION);
@@ -110,38 +115,29 @@ impl Shared {
         let mut io = MeteredIo::new(stream, activity.clone());
         let mut prefix = BytesMut::new();
 
-        let protocol =
-            if self.protocol == ProtocolMode::Opaque || self.opaque_ports.contains(&dst.port()) {
-                // Server-speaks-first protocols live here: connect at once.
-                Protocol::Unknown
-            } else {
-                match read_and_classify(
-                    &mut io,
-                    &mut prefix,
-                    self.limits.detect_timeout,
-                    MAX_DETECT_BYTES,
-                )
-                .await
-                {
-                    Ok(Detection::Detected(p)) => p,
-                    Ok(Detection::TimedOut) => {
-                        self.metrics.detect_timeout(DIRECTION);
-                        Protocol::Unknown
-                    }
-                    Ok(Detection::Closed) | Err(_) => return,
-                }
-            };
-        let io = Rewind::new(prefix.freeze(), io);
-        let version = match protocol {
-            Protocol::Http1 => Some(Version::Http1),
-            Protocol::Http2 => Some(Version::Http2),
-            _ => None,
+        // Server-speaks-first protocols live on opaque ports: connect at
+        // once, without waiting for the client.
+        let opaque =
+            self.protocol == ProtocolMode::Opaque || self.opaque_ports.contains(&dst.port());
+        let Some(protocol) = app_protocol(
+            &mut io,
+            &mut prefix,
+            opaque,
+            self.limits.detect_timeout,
+            MAX_DETECT_BYTES,
+            || self.metrics.detect_timeout(DIRECTION),
+        )
+        .await
+        else {
+            return;
         };
-        self.metrics.protocol(DIRECTION, protocol_label(version));
+        let io = Rewind::new(prefix.freeze(), io);
+        let version = protocol.http_version();
+        self.metrics.protocol(DIRECTION, version);
 
         if let Some(version) = version {
             self.http
-                .serve(io, version, dst, None, activity, &drain)
+                .serve(io, version, dst, Side::Outbound, activity, &drain)
                 .await;
             return;
         }

@@ -12,18 +12,28 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::connect::{Connect, ConnectError, Connected};
+use super::mesh_proto::mesh_http2_to_http1;
 use super::metrics::ConnMetrics;
+use super::outcome::{ConnError, ConnOutcome};
 use super::tls_status::TlsStatus;
+
+/// How long a just-released HTTP/1 connection may take to become ready
+/// again: its connection task runs as soon as it is scheduled.
+const RELEASED_READY_WAIT: Duration = Duration::from_millis(100);
+/// HTTP/2 PINGs on idle mesh connections, so a dead peer is noticed
+/// before a request is sent on its connection.
+const MESH_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -34,16 +44,13 @@ pub enum ForwardError {
     /// The failure of a connect that several requests waited on.
     #[error(transparent)]
     Shared(Arc<ForwardError>),
-    #[error("connection pool lock poisoned")]
-    Poisoned,
 }
 
 impl ForwardError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> ConnError {
         match self.root() {
             Self::Connect(e) => e.reason(),
-            Self::Http(_) => "upstream_http_error",
-            Self::Shared(_) | Self::Poisoned => "internal_error",
+            Self::Http(_) | Self::Shared(_) => ConnError::UpstreamHttpError,
         }
     }
 
@@ -56,13 +63,6 @@ impl ForwardError {
     }
 }
 
-/// HTTP version of a downstream connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
-    Http1,
-    Http2,
-}
-
 /// How a request travels upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -73,8 +73,8 @@ pub enum Route {
     Http2,
     /// An HTTP/1 request carried over the shared HTTP/2 connection to a
     /// peer proxy (already converted by the caller with
-    /// [`super::http::http1_to_mesh_http2`]), or turned back and sent as
-    /// HTTP/1 when the destination turns out to have no proxy.
+    /// [`super::mesh_proto::http1_to_mesh_http2`]), or turned back and
+    /// sent as HTTP/1 when the destination turns out to have no proxy.
     Http1OverHttp2,
 }
 
@@ -91,49 +91,47 @@ struct State {
     http2: HashMap<SocketAddr, Http2Slot>,
 }
 
-/// A destination's shared HTTP/2 connection, or the connect in progress.
-enum Http2Slot {
-    Ready(http2::SendRequest<Incoming>, TlsStatus),
-    Connecting(watch::Receiver<Option<Outcome>>),
+/// A multiplexed connection and the TLS status of its peer.
+#[derive(Clone)]
+struct Http2Conn {
+    sender: http2::SendRequest<Incoming>,
+    tls: TlsStatus,
 }
 
-/// How a shared connect ended, for the requests that waited on it.
+/// A destination's place for its shared HTTP/2 connection.
+enum Http2Slot {
+    Ready(Http2Conn),
+    /// One request is connecting; the others wait for what it finds.
+    Connecting(watch::Receiver<Option<Found>>),
+}
+
+/// What the connect for a destination's shared slot found, as every
+/// request that waited on it sees it.
 #[derive(Clone)]
-enum Outcome {
-    Ready(http2::SendRequest<Incoming>, TlsStatus),
-    /// The destination has no proxy: use HTTP/1.
+enum Found {
+    Mesh(Http2Conn),
+    /// The destination has no proxy: requests go as HTTP/1.
     Plaintext,
     Failed(Arc<ForwardError>),
 }
 
-/// Whether a request connects for everyone or waits for another's connect.
-enum Role {
-    Connect(watch::Sender<Option<Outcome>>),
-    Wait(watch::Receiver<Option<Outcome>>),
-}
-
-/// What [`Pool::shared_http2`] hands a request.
-enum SharedConn {
+/// Where a request on the HTTP/2 path is sent.
+enum Upstream {
     Http2 {
-        sender: http2::SendRequest<Incoming>,
-        tls: TlsStatus,
-        /// From the pool rather than just connected (so may be stale).
+        conn: Http2Conn,
+        /// From the slot rather than just connected (so may be stale).
         reused: bool,
     },
-    /// This request's own connect found plaintext: send on it as HTTP/1.
-    Http1 {
-        sender: http1::SendRequest<Incoming>,
-        tls: TlsStatus,
-    },
-    /// Another request's connect found plaintext.
-    UseHttp1,
+    /// The destination has no proxy: HTTP/1, on this new connection when
+    /// the request found that out itself, else from the pool.
+    Http1(Option<(http1::SendRequest<Incoming>, TlsStatus)>),
 }
 
-/// A new connection for the shared HTTP/2 slot: HTTP/2 to a peer proxy, or
-/// HTTP/1 when the destination answered in plaintext (no proxy).
-enum Shared {
-    Http2(http2::SendRequest<Incoming>, TlsStatus),
-    Http1(http1::SendRequest<Incoming>, TlsStatus),
+/// What a request does about the shared slot.
+enum Turn {
+    Ready(Http2Conn),
+    Wait(watch::Receiver<Option<Found>>),
+    Connect(watch::Sender<Option<Found>>),
 }
 
 struct IdleHttp1 {
@@ -168,9 +166,7 @@ impl Release {
         if self.sender.is_closed() {
             return;
         }
-        let Ok(mut state) = pool.state.lock() else {
-            return;
-        };
+        let mut state = pool.state.lock();
         let idle = state.http1.entry(self.dst).or_default();
         if idle.len() < pool.max_idle_per_destination {
             idle.push(IdleHttp1 {
@@ -190,28 +186,31 @@ impl Pool {
         idle_timeout: Duration,
         max_idle_per_destination: usize,
     ) -> Arc<Self> {
-        let pool = Arc::new(Self {
+        Arc::new(Self {
             connector,
             idle_timeout,
             max_idle_per_destination,
             state: Mutex::new(State::default()),
-        });
-        let weak = Arc::downgrade(&pool);
+        })
+    }
+
+    /// Drops expired and closed connections every idle period, until the
+    /// pool is gone.
+    pub fn spawn_eviction(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let every = self.idle_timeout.max(Duration::from_secs(1));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(idle_timeout.max(Duration::from_secs(1)));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 let Some(pool) = weak.upgrade() else { break };
                 pool.evict_idle();
             }
         });
-        pool
     }
 
     fn evict_idle(&self) {
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
+        let mut state = self.state.lock();
         let now = Instant::now();
         state.http1.retain(|_, idle| {
             idle.retain(|c| {
@@ -220,7 +219,7 @@ impl Pool {
             !idle.is_empty()
         });
         state.http2.retain(|_, slot| match slot {
-            Http2Slot::Ready(sender, _) => !sender.is_closed(),
+            Http2Slot::Ready(conn) => !conn.sender.is_closed(),
             Http2Slot::Connecting(rx) => rx.has_changed().is_ok(),
         });
     }
@@ -248,8 +247,7 @@ impl Pool {
     ) -> Result<Sent, ForwardError> {
         match route {
             Route::Http1 { upgrade } => self.send_http1(dst, req, upgrade).await,
-            Route::Http2 => self.send_http2(dst, req, false).await,
-            Route::Http1OverHttp2 => self.send_http2(dst, req, true).await,
+            Route::Http2 | Route::Http1OverHttp2 => self.send_http2(dst, req, route).await,
         }
     }
 
@@ -299,10 +297,7 @@ impl Pool {
         dst: SocketAddr,
     ) -> Option<(http1::SendRequest<Incoming>, TlsStatus)> {
         loop {
-            let mut conn = {
-                let mut state = self.state.lock().ok()?;
-                state.http1.get_mut(&dst)?.pop()?
-            };
+            let mut conn = self.state.lock().http1.get_mut(&dst)?.pop()?;
             if conn.sender.is_closed() || conn.since.elapsed() >= self.idle_timeout {
                 continue;
             }
@@ -311,7 +306,7 @@ impl Pool {
             }
             // Released a moment ago; its connection task has not yet
             // caught up. It becomes ready as soon as it runs.
-            match tokio::time::timeout(Duration::from_millis(100), conn.sender.ready()).await {
+            match tokio::time::timeout(RELEASED_READY_WAIT, conn.sender.ready()).await {
                 Ok(Ok(())) => return Some((conn.sender, conn.tls)),
                 _ => continue,
             }
@@ -325,24 +320,20 @@ impl Pool {
         handshake_http1(self.connector.connect(dst).await?).await
     }
 
-    /// `converted`: `req` is an HTTP/1 request already put in HTTP/2 form
-    /// for a peer proxy; should the destination turn out to have no proxy,
-    /// it is turned back and sent as HTTP/1.
+    /// Sends on the destination's shared HTTP/2 connection. A request
+    /// routed [`Route::Http1OverHttp2`] is turned back and sent as HTTP/1
+    /// should the destination turn out to have no proxy.
     async fn send_http2(
         self: &Arc<Self>,
         dst: SocketAddr,
         mut req: Request<Incoming>,
-        converted: bool,
+        route: Route,
     ) -> Result<Sent, ForwardError> {
         loop {
-            let (mut sender, tls, reused) = match self.shared_http2(dst, converted).await? {
-                SharedConn::Http2 {
-                    sender,
-                    tls,
-                    reused,
-                } => (sender, tls, reused),
-                SharedConn::Http1 { mut sender, tls } => {
-                    super::http::mesh_http2_to_http1(&mut req);
+            let (mut conn, reused) = match self.shared_http2(dst, route).await? {
+                Upstream::Http2 { conn, reused } => (conn, reused),
+                Upstream::Http1(Some((mut sender, tls))) => {
+                    mesh_http2_to_http1(&mut req);
                     let response = sender
                         .try_send_request(req)
                         .await
@@ -354,28 +345,23 @@ impl Pool {
                         release,
                     });
                 }
-                SharedConn::UseHttp1 => {
-                    super::http::mesh_http2_to_http1(&mut req);
+                Upstream::Http1(None) => {
+                    mesh_http2_to_http1(&mut req);
                     return self.send_http1(dst, req, false).await;
                 }
             };
-            match sender.try_send_request(req).await {
+            match conn.sender.try_send_request(req).await {
                 Ok(response) => {
                     return Ok(Sent {
                         response,
-                        tls,
+                        tls: conn.tls,
                         release: None,
                     });
                 }
                 Err(mut error) => match error.take_message() {
                     // Never written: the shared connection had gone away.
                     Some(unsent) if reused => {
-                        if let Ok(mut state) = self.state.lock() {
-                            if matches!(state.http2.get(&dst), Some(Http2Slot::Ready(s, _)) if s.is_closed())
-                            {
-                                state.http2.remove(&dst);
-                            }
-                        }
+                        self.forget_closed(dst);
                         req = unsent;
                     }
                     _ => return Err(error.into_error().into()),
@@ -385,111 +371,110 @@ impl Pool {
     }
 
     /// The destination's shared HTTP/2 connection. Only one task connects
-    /// at a time; the others wait for its outcome, so a burst of requests
-    /// to a new destination opens one connection, not one each.
-    async fn shared_http2(
-        &self,
-        dst: SocketAddr,
-        converted: bool,
-    ) -> Result<SharedConn, ForwardError> {
+    /// at a time; the others wait for what it finds, so a burst of
+    /// requests to a new destination opens one connection, not one each.
+    async fn shared_http2(&self, dst: SocketAddr, route: Route) -> Result<Upstream, ForwardError> {
         loop {
-            let role = {
-                let mut state = self.state.lock().map_err(|_| ForwardError::Poisoned)?;
-                let waiting = match state.http2.get(&dst) {
-                    Some(Http2Slot::Ready(sender, tls)) if !sender.is_closed() => {
-                        return Ok(SharedConn::Http2 {
-                            sender: sender.clone(),
-                            tls: tls.clone(),
-                            reused: true,
-                        });
-                    }
-                    // A connect in progress whose task is still alive.
-                    Some(Http2Slot::Connecting(rx)) if rx.has_changed().is_ok() => Some(rx.clone()),
-                    _ => None,
-                };
-                match waiting {
-                    Some(rx) => Role::Wait(rx),
-                    None => {
-                        let (tx, rx) = watch::channel(None);
-                        state.http2.insert(dst, Http2Slot::Connecting(rx));
-                        Role::Connect(tx)
-                    }
+            // Decided under the lock, acted on after it.
+            let mut found = match self.join_or_claim(dst) {
+                Turn::Ready(conn) => {
+                    return Ok(Upstream::Http2 { conn, reused: true });
                 }
+                Turn::Wait(rx) => rx,
+                Turn::Connect(tx) => return self.connect_for_all(dst, route, tx).await,
             };
-            let mut rx = match role {
-                Role::Wait(rx) => rx,
-                Role::Connect(tx) => return self.connect_http2_for_all(dst, converted, tx).await,
-            };
-            let outcome = match rx.wait_for(Option::is_some).await {
+            let outcome = match found.wait_for(Option::is_some).await {
                 Ok(outcome) => outcome.clone(),
                 // The connecting request was cancelled: try again.
                 Err(_) => continue,
             };
             return match outcome {
-                Some(Outcome::Ready(sender, tls)) => Ok(SharedConn::Http2 {
-                    sender,
-                    tls,
+                Some(Found::Mesh(conn)) => Ok(Upstream::Http2 {
+                    conn,
                     reused: false,
                 }),
-                Some(Outcome::Plaintext) => Ok(SharedConn::UseHttp1),
-                Some(Outcome::Failed(error)) => Err(ForwardError::Shared(error)),
+                Some(Found::Plaintext) => Ok(Upstream::Http1(None)),
+                Some(Found::Failed(error)) => Err(ForwardError::Shared(error)),
                 None => continue,
             };
         }
     }
 
-    async fn connect_http2_for_all(
+    /// Empties the slot if its connection has closed.
+    fn forget_closed(&self, dst: SocketAddr) {
+        let mut state = self.state.lock();
+        if matches!(state.http2.get(&dst), Some(Http2Slot::Ready(c)) if c.sender.is_closed()) {
+            state.http2.remove(&dst);
+        }
+    }
+
+    /// The slot's connection if it has a live one; else the connect in
+    /// progress to wait for; else the right to connect, claimed.
+    fn join_or_claim(&self, dst: SocketAddr) -> Turn {
+        let mut state = self.state.lock();
+        match state.http2.get(&dst) {
+            Some(Http2Slot::Ready(conn)) if !conn.sender.is_closed() => Turn::Ready(conn.clone()),
+            // A connect in progress whose task is still alive.
+            Some(Http2Slot::Connecting(rx)) if rx.has_changed().is_ok() => Turn::Wait(rx.clone()),
+            _ => {
+                let (tx, rx) = watch::channel(None);
+                state.http2.insert(dst, Http2Slot::Connecting(rx));
+                Turn::Connect(tx)
+            }
+        }
+    }
+
+    /// Connects for the slot and tells the waiting requests what it found.
+    async fn connect_for_all(
         &self,
         dst: SocketAddr,
-        converted: bool,
-        tx: watch::Sender<Option<Outcome>>,
-    ) -> Result<SharedConn, ForwardError> {
-        let result = self.connect_shared(dst, converted).await;
-        let mut state = self.state.lock().map_err(|_| ForwardError::Poisoned)?;
+        route: Route,
+        found: watch::Sender<Option<Found>>,
+    ) -> Result<Upstream, ForwardError> {
+        let result = self.connect_shared(dst, route).await;
+        let mut state = self.state.lock();
         match result {
-            Ok(Shared::Http2(sender, tls)) => {
-                state
-                    .http2
-                    .insert(dst, Http2Slot::Ready(sender.clone(), tls.clone()));
-                tx.send_replace(Some(Outcome::Ready(sender.clone(), tls.clone())));
-                Ok(SharedConn::Http2 {
-                    sender,
-                    tls,
-                    reused: false,
-                })
+            Ok(Upstream::Http2 { conn, reused }) => {
+                state.http2.insert(dst, Http2Slot::Ready(conn.clone()));
+                found.send_replace(Some(Found::Mesh(conn.clone())));
+                Ok(Upstream::Http2 { conn, reused })
             }
-            Ok(Shared::Http1(sender, tls)) => {
+            Ok(http1) => {
                 state.http2.remove(&dst);
-                tx.send_replace(Some(Outcome::Plaintext));
-                Ok(SharedConn::Http1 { sender, tls })
+                found.send_replace(Some(Found::Plaintext));
+                Ok(http1)
             }
             Err(error) => {
                 state.http2.remove(&dst);
                 let error = Arc::new(error);
-                tx.send_replace(Some(Outcome::Failed(error.clone())));
+                found.send_replace(Some(Found::Failed(error.clone())));
                 Err(ForwardError::Shared(error))
             }
         }
     }
 
+    /// A new connection for the slot: HTTP/2 to a peer proxy, or HTTP/1
+    /// when an HTTP/1 request found the destination in plaintext.
     async fn connect_shared(
         &self,
         dst: SocketAddr,
-        http1_if_plaintext: bool,
-    ) -> Result<Shared, ForwardError> {
+        route: Route,
+    ) -> Result<Upstream, ForwardError> {
         let connected = self.connector.connect(dst).await?;
-        if http1_if_plaintext && connected.tls.peer_id().is_none() {
-            let (sender, tls) = handshake_http1(connected).await?;
-            return Ok(Shared::Http1(sender, tls));
+        if route == Route::Http1OverHttp2 && connected.tls.peer_id().is_none() {
+            return Ok(Upstream::Http1(Some(handshake_http1(connected).await?)));
         }
         let Connected { io, tls, metrics } = connected;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_interval(Some(MESH_KEEPALIVE_INTERVAL))
             .handshake(TokioIo::new(io))
             .await?;
         spawn_connection(conn, metrics);
-        Ok(Shared::Http2(sender, tls))
+        Ok(Upstream::Http2 {
+            conn: Http2Conn { sender, tls },
+            reused: false,
+        })
     }
 }
 
@@ -512,7 +497,7 @@ fn spawn_connection<E>(
         let mut metrics = metrics;
         if conn.await.is_err() {
             if let Some(m) = metrics.as_mut() {
-                m.set_result("error");
+                m.set_result(ConnOutcome::Error);
             }
         }
     });

@@ -5,26 +5,27 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::io::Activity;
+use super::outcome::ConnOutcome;
 
 /// Copies until both directions have closed (a half-close is passed on as
 /// a write shutdown), an error occurs, or nothing moves for `idle`.
-/// Returns how it ended, for the `tcp_close_total{result}` label.
+/// Returns how it ended.
 pub async fn relay<D, U>(
     mut downstream: D,
     mut upstream: U,
     activity: &Activity,
     idle: Duration,
-) -> &'static str
+) -> ConnOutcome
 where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => match result {
-            Ok(_) => "ok",
-            Err(_) => "error",
+            Ok(_) => ConnOutcome::Ok,
+            Err(_) => ConnOutcome::Error,
         },
-        _ = activity.idle_for(idle) => "idle_timeout",
+        _ = activity.idle_for(idle) => ConnOutcome::IdleTimeout,
     }
 }
 
@@ -52,7 +53,7 @@ mod tests {
         let mut reply = Vec::new();
         client.read_to_end(&mut reply).await.unwrap();
         assert_eq!(reply, b"reply after half-close");
-        assert_eq!(relay.await.unwrap(), "ok");
+        assert_eq!(relay.await.unwrap(), ConnOutcome::Ok);
     }
 
     #[tokio::test(start_paused = true)]
@@ -61,6 +62,6 @@ mod tests {
         let (upstream, _server) = tokio::io::duplex(1024);
         let activity = Activity::new();
         let ended = relay(downstream, upstream, &activity, Duration::from_millis(10)).await;
-        assert_eq!(ended, "idle_timeout");
+        assert_eq!(ended, ConnOutcome::IdleTimeout);
     }
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::proxy::http::CLIENT_ID_HEADER;
+use crate::proxy::headers::CLIENT_ID_HEADER;
 
 fn describe(req: &Request<Incoming>) -> String {
     let caller = req

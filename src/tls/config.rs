@@ -7,7 +7,9 @@
 //! agree on the same certificate and bundle.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use rustls::client::Resumption;
@@ -143,7 +145,7 @@ impl MeshTls {
     /// The client config for connections that expect `expected`, built on
     /// first use.
     pub fn client_config(&self, expected: &PeerExpectation) -> Result<Arc<ClientConfig>, Error> {
-        let mut clients = self.clients.lock().map_err(|_| Error::Poisoned)?;
+        let mut clients = self.clients.lock();
         if let Some((config, _)) = clients.get(expected) {
             return Ok(config.clone());
         }
@@ -186,10 +188,11 @@ impl MeshTls {
     /// The SPIFFE ID of a server a client config built here accepted (same
     /// contract as [`Self::client_id`]).
     pub fn server_id(&self, expected: &PeerExpectation, end_entity: &[u8]) -> Option<SpiffeId> {
-        let cached = {
-            let clients = self.clients.lock().ok()?;
-            clients.get(expected)?.1.peer_id(end_entity)
-        };
+        let cached = self
+            .clients
+            .lock()
+            .get(expected)
+            .and_then(|(_, verifier)| verifier.peer_id(end_entity));
         cached.or_else(|| id_of_verified(end_entity))
     }
 }

@@ -23,8 +23,6 @@ pub enum Error {
     Config(rustls::Error),
     #[error("no key-exchange group configured")]
     NoKeyExchange,
-    #[error("TLS client cache lock poisoned")]
-    Poisoned,
 }
 
 /// A bounded label saying why a handshake failed, for

@@ -16,8 +16,10 @@
 //! every hit.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -107,23 +109,23 @@ impl SpiffeVerifier {
             now,
             self.skew,
         )?;
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= CACHE_CAPACITY {
-                cache.clear();
-            }
-            cache.insert(
-                end_entity.to_vec(),
-                CachedLeaf {
-                    leaf: leaf.clone(),
-                    verified_at: now.as_secs(),
-                },
-            );
+        let mut cache = self.cache.lock();
+        if cache.len() >= CACHE_CAPACITY {
+            cache.clear();
         }
+        cache.insert(
+            end_entity.to_vec(),
+            CachedLeaf {
+                leaf: leaf.clone(),
+                verified_at: now.as_secs(),
+            },
+        );
+        drop(cache);
         Ok(leaf)
     }
 
     fn cached(&self, end_entity: &[u8], now: UnixTime) -> Option<SvidLeaf> {
-        let cache = self.cache.lock().ok()?;
+        let cache = self.cache.lock();
         let hit = cache.get(end_entity)?;
         (now.as_secs().saturating_sub(hit.verified_at) < CACHE_TTL.as_secs())
             .then(|| hit.leaf.clone())
@@ -131,8 +133,10 @@ impl SpiffeVerifier {
 
     /// The ID of a leaf this verifier accepted during a handshake.
     fn peer_id(&self, end_entity: &[u8]) -> Option<SpiffeId> {
-        let cache = self.cache.lock().ok()?;
-        cache.get(end_entity).map(|hit| hit.leaf.id.clone())
+        self.cache
+            .lock()
+            .get(end_entity)
+            .map(|hit| hit.leaf.id.clone())
     }
 
     fn verify_signature(

@@ -15,8 +15,9 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{Notify, mpsc};
 
-use super::{Metrics, ObjectSet, Update, parse_documents};
 use crate::policy::model::Object;
+use crate::policy::objects::{ObjectSet, parse_documents};
+use crate::policy::publish::{Metrics, Update};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -8,7 +8,6 @@
 //! the API server is unreachable the last complete state stays in force.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use futures_util::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject};
@@ -17,42 +16,10 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource};
 use tokio::sync::mpsc;
 
-use super::{Metrics, ObjectSet, Update, object_from_value};
 use crate::policy::crd::{AuthorizationPolicy, PeerAuthentication};
 use crate::policy::model::{Kind, Object};
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot read kubeconfig {path}: {reason}")]
-    Kubeconfig { path: String, reason: String },
-    #[error("cannot configure the Kubernetes client: {0}")]
-    Client(String),
-}
-
-/// A client from an explicit kubeconfig, or inferred the usual way
-/// (`KUBECONFIG`, `~/.kube/config`, in-cluster service account).
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let fail = |reason: String| Error::Kubeconfig {
-                path: path.display().to_string(),
-                reason,
-            };
-            let kubeconfig =
-                kube::config::Kubeconfig::read_from(path).map_err(|e| fail(e.to_string()))?;
-            kube::Config::from_custom_kubeconfig(
-                kubeconfig,
-                &kube::config::KubeConfigOptions::default(),
-            )
-            .await
-            .map_err(|e| fail(e.to_string()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| Error::Client(e.to_string()))?,
-    };
-    Client::try_from(config).map_err(|e| Error::Client(e.to_string()))
-}
+use crate::policy::objects::{ObjectSet, object_from_value};
+use crate::policy::publish::{Metrics, Update};
 
 /// The state of one kind's watch.
 #[derive(Default)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{Notify, mpsc};
 
-use super::Update;
+use crate::policy::publish::Update;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {reason}")]

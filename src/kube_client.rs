@@ -1,0 +1,41 @@
+//! The Kubernetes client every kube-rs user here starts from: the
+//! controller, and the proxy's direct policy source.
+//!
+//! One place decides how a kubeconfig is found, so the two cannot drift.
+
+use std::path::Path;
+
+use kube::Client;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read kubeconfig {path}: {reason}")]
+    Kubeconfig { path: String, reason: String },
+    #[error("cannot configure the Kubernetes client: {0}")]
+    Client(String),
+}
+
+/// A client from an explicit kubeconfig, or inferred the usual way
+/// (`KUBECONFIG`, `~/.kube/config`, in-cluster service account).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let fail = |reason: String| Error::Kubeconfig {
+                path: path.display().to_string(),
+                reason,
+            };
+            let kubeconfig =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| fail(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .map_err(|e| fail(e.to_string()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| Error::Client(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(|e| Error::Client(e.to_string()))
+}
