@@ -1,29 +1,33 @@
-//! The proxy's configuration: a YAML file, overridden by flags and
-//! environment variables, parsed once into typed values.
+//! The proxy's configuration: a YAML file ([`file`]), overridden by flags
+//! and environment variables ([`overrides`]), checked and parsed once into
+//! the typed values each component runs with ([`Config`]).
 //!
-//! Every field has a default except the workload's own SPIFFE ID. Unknown
-//! keys are errors (a typo must not silently fall back to a default), and
+//! Every field has a default except the workload's own SPIFFE ID, and
 //! every error names the offending field. `docs/configuration.md`
 //! documents each key.
 
-use std::collections::BTreeSet;
+mod file;
+mod overrides;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-use std::collections::BTreeMap;
-
+pub use self::file::{
+    AdminSection, FileConfig, IdentitySection, InboundSection, LimitsSection, LogSection,
+    OutboundSection, PolicySection, PolicySourceKind, TlsSection, WorkloadSection,
+};
+pub use self::overrides::Overrides;
 use crate::identity::SpiffeId;
 use crate::identity::reload::ReloadConfig;
-use crate::policy::{DefaultPolicy, MtlsMode, Probe, Settings, Workload};
+use crate::policy::{Probe, Settings, Workload};
 use crate::proxy::{
-    InboundConfig, InboundTarget, Limits, OutboundConfig, OutboundTarget, ProtocolMode, ProxyConfig,
+    InboundConfig, InboundTarget, Limits, OutboundConfig, OutboundTarget, ProxyConfig,
 };
-use crate::runtime::LogFormat;
-use crate::tls::{KxGroup, TlsSettings};
-use crate::units::{keyword, list, port, serde_bytes, serde_duration};
+use crate::runtime::check_log_level;
+use crate::tls::TlsSettings;
+use crate::units::{list, port};
 
 /// Default identity mount, as in DESIGN.md.
 pub const DEFAULT_IDENTITY_DIR: &str = "/var/run/outrider/identity";
@@ -45,77 +49,6 @@ fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// The file's shape. Every section and key is optional.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FileConfig {
-    pub identity: IdentitySection,
-    pub tls: TlsSection,
-    pub mtls_mode: MtlsMode,
-    pub inbound: InboundSection,
-    pub outbound: OutboundSection,
-    pub admin: AdminSection,
-    pub opaque_ports: BTreeSet<u16>,
-    #[serde(with = "serde_duration")]
-    pub plaintext_fallback_ttl: Duration,
-    pub limits: LimitsSection,
-    #[serde(with = "serde_duration")]
-    pub shutdown_grace_period: Duration,
-    pub log: LogSection,
-    pub workload: WorkloadSection,
-    pub policy: PolicySection,
-}
-
-/// Who this workload is, for selecting policies.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct WorkloadSection {
-    /// Defaults to the namespace in `identity.id`.
-    pub namespace: Option<String>,
-    /// Fixed labels (local mode).
-    pub labels: BTreeMap<String, String>,
-    /// A downward-API labels file, watched (cluster mode).
-    pub labels_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicySourceKind {
-    None,
-    Files,
-    Kubernetes,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PolicySection {
-    pub source: PolicySourceKind,
-    /// `files`: the directory of policy YAML.
-    pub dir: Option<PathBuf>,
-    /// `kubernetes`: a kubeconfig; default: the usual inference.
-    pub kubeconfig: Option<PathBuf>,
-    pub default: DefaultPolicy,
-    pub probes: Vec<Probe>,
-    #[serde(with = "serde_duration")]
-    pub reload_debounce: Duration,
-    #[serde(with = "serde_duration")]
-    pub poll_interval: Duration,
-}
-
-impl Default for PolicySection {
-    fn default() -> Self {
-        Self {
-            source: PolicySourceKind::None,
-            dir: None,
-            kubeconfig: None,
-            default: DefaultPolicy::AllowAll,
-            probes: Vec::new(),
-            reload_debounce: Duration::from_millis(100),
-            poll_interval: Duration::from_secs(2),
-        }
-    }
-}
-
 /// Where policies come from, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySource {
@@ -133,266 +66,6 @@ pub struct PolicyConfig {
     pub settings: Settings,
     pub reload_debounce: Duration,
     pub poll_interval: Duration,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct IdentitySection {
-    pub dir: PathBuf,
-    pub id: Option<SpiffeId>,
-    #[serde(with = "serde_duration")]
-    pub clock_skew: Duration,
-    #[serde(with = "serde_duration")]
-    pub reload_debounce: Duration,
-    #[serde(with = "serde_duration")]
-    pub reload_poll_interval: Duration,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TlsSection {
-    #[serde(with = "serde_duration")]
-    pub handshake_timeout: Duration,
-    pub resumption: bool,
-    pub key_exchange: Vec<KxGroup>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct InboundSection {
-    pub enabled: bool,
-    pub listen: SocketAddr,
-    /// Static mode: forward to this address instead of the original
-    /// destination.
-    pub app: Option<SocketAddr>,
-    pub protocol: ProtocolMode,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OutboundSection {
-    pub enabled: bool,
-    pub listen: SocketAddr,
-    /// Static mode: send everything to this peer proxy.
-    pub peer: Option<SocketAddr>,
-    /// The identity the static peer must present.
-    pub peer_id: Option<SpiffeId>,
-    pub protocol: ProtocolMode,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AdminSection {
-    pub listen: SocketAddr,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LimitsSection {
-    #[serde(with = "serde_duration")]
-    pub connect_timeout: Duration,
-    #[serde(with = "serde_duration")]
-    pub detect_timeout: Duration,
-    #[serde(with = "serde_duration")]
-    pub idle_timeout: Duration,
-    pub max_connections: usize,
-    #[serde(with = "serde_bytes")]
-    pub max_header_bytes: usize,
-    #[serde(with = "serde_duration")]
-    pub app_pool_idle_timeout: Duration,
-    #[serde(with = "serde_duration")]
-    pub peer_pool_idle_timeout: Duration,
-    pub pool_max_idle_per_destination: usize,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogSection {
-    pub level: String,
-    pub format: LogFormat,
-}
-
-// === defaults ===
-
-fn addr(s: &str) -> SocketAddr {
-    s.parse()
-        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
-}
-
-impl Default for FileConfig {
-    fn default() -> Self {
-        Self {
-            identity: IdentitySection::default(),
-            tls: TlsSection::default(),
-            mtls_mode: MtlsMode::Permissive,
-            inbound: InboundSection::default(),
-            outbound: OutboundSection::default(),
-            admin: AdminSection::default(),
-            opaque_ports: DEFAULT_OPAQUE_PORTS.into_iter().collect(),
-            plaintext_fallback_ttl: Duration::from_secs(60),
-            limits: LimitsSection::default(),
-            shutdown_grace_period: Duration::from_secs(30),
-            log: LogSection::default(),
-            workload: WorkloadSection::default(),
-            policy: PolicySection::default(),
-        }
-    }
-}
-
-impl Default for IdentitySection {
-    fn default() -> Self {
-        Self {
-            dir: PathBuf::from(DEFAULT_IDENTITY_DIR),
-            id: None,
-            clock_skew: Duration::from_secs(60),
-            reload_debounce: Duration::from_millis(100),
-            reload_poll_interval: Duration::from_secs(10),
-        }
-    }
-}
-
-impl Default for TlsSection {
-    fn default() -> Self {
-        Self {
-            handshake_timeout: Duration::from_secs(10),
-            resumption: false,
-            key_exchange: vec![KxGroup::X25519, KxGroup::Secp256r1],
-        }
-    }
-}
-
-impl Default for InboundSection {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            listen: addr("0.0.0.0:4143"),
-            app: None,
-            protocol: ProtocolMode::Detect,
-        }
-    }
-}
-
-impl Default for OutboundSection {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            listen: addr("127.0.0.1:4140"),
-            peer: None,
-            peer_id: None,
-            protocol: ProtocolMode::Detect,
-        }
-    }
-}
-
-impl Default for AdminSection {
-    fn default() -> Self {
-        Self {
-            listen: addr("0.0.0.0:4191"),
-        }
-    }
-}
-
-impl Default for LimitsSection {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(1),
-            detect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(3600),
-            max_connections: 10_000,
-            max_header_bytes: 64 * 1024,
-            // Below the keep-alive timeouts of common servers (Node.js: 5 s),
-            // so we never reuse a connection the application is closing.
-            app_pool_idle_timeout: Duration::from_secs(3),
-            // Peer proxies keep idle connections for `idle_timeout` (1 h).
-            peer_pool_idle_timeout: Duration::from_secs(60),
-            pool_max_idle_per_destination: 256,
-        }
-    }
-}
-
-impl Default for LogSection {
-    fn default() -> Self {
-        Self {
-            level: "info".into(),
-            format: LogFormat::Plain,
-        }
-    }
-}
-
-/// Values given on the command line or in the environment; each replaces
-/// its key in the file and is parsed exactly as the file's value is, so a
-/// bad one exits 64 naming that key. This is the one list of proxy flags:
-/// `outrider proxy` flattens it into its arguments.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Overrides {
-    /// The identity directory (tls.crt, tls.key, ca.crt).
-    #[arg(long, env = "OUTRIDER_IDENTITY_DIR")]
-    pub identity_dir: Option<PathBuf>,
-    /// The SPIFFE ID this workload's certificate must carry.
-    #[arg(long, env = "OUTRIDER_IDENTITY_ID")]
-    pub identity_id: Option<String>,
-    /// strict or permissive.
-    #[arg(long, env = "OUTRIDER_MTLS_MODE")]
-    pub mtls_mode: Option<String>,
-    #[arg(long, env = "OUTRIDER_INBOUND_LISTEN")]
-    pub inbound_listen: Option<String>,
-    /// Static mode: forward inbound traffic to this address.
-    #[arg(long, env = "OUTRIDER_INBOUND_APP")]
-    pub inbound_app: Option<String>,
-    /// detect or opaque.
-    #[arg(long, env = "OUTRIDER_INBOUND_PROTOCOL")]
-    pub inbound_protocol: Option<String>,
-    #[arg(long, env = "OUTRIDER_OUTBOUND_LISTEN")]
-    pub outbound_listen: Option<String>,
-    /// Static mode: send outbound traffic to this peer proxy.
-    #[arg(long, env = "OUTRIDER_OUTBOUND_PEER")]
-    pub outbound_peer: Option<String>,
-    /// The SPIFFE ID the static peer must present.
-    #[arg(long, env = "OUTRIDER_OUTBOUND_PEER_ID")]
-    pub outbound_peer_id: Option<String>,
-    /// detect or opaque.
-    #[arg(long, env = "OUTRIDER_OUTBOUND_PROTOCOL")]
-    pub outbound_protocol: Option<String>,
-    #[arg(long, env = "OUTRIDER_ADMIN_LISTEN")]
-    pub admin_listen: Option<String>,
-    /// Enable TLS 1.3 session resumption.
-    #[arg(long, env = "OUTRIDER_TLS_RESUMPTION")]
-    pub tls_resumption: Option<bool>,
-    /// Comma-separated key-exchange groups (x25519, secp256r1, secp384r1).
-    #[arg(long, env = "OUTRIDER_TLS_KEY_EXCHANGE")]
-    pub tls_key_exchange: Option<String>,
-    /// A tracing filter such as `info` or `outrider=debug`.
-    #[arg(long, env = "OUTRIDER_LOG_LEVEL")]
-    pub log_level: Option<String>,
-    /// plain or json.
-    #[arg(long, env = "OUTRIDER_LOG_FORMAT")]
-    pub log_format: Option<String>,
-    /// The workload's namespace (default: the one in --identity-id).
-    #[arg(long, env = "OUTRIDER_WORKLOAD_NAMESPACE")]
-    pub workload_namespace: Option<String>,
-    /// The workload's labels, `key=value,key=value` (local mode).
-    #[arg(long, env = "OUTRIDER_WORKLOAD_LABELS")]
-    pub workload_labels: Option<String>,
-    /// A downward-API file holding the workload's labels (cluster mode).
-    #[arg(long, env = "OUTRIDER_WORKLOAD_LABELS_FILE")]
-    pub workload_labels_file: Option<PathBuf>,
-    /// none, files or kubernetes.
-    #[arg(long, env = "OUTRIDER_POLICY_SOURCE")]
-    pub policy_source: Option<String>,
-    /// The directory of policy YAML (policy source `files`).
-    #[arg(long, env = "OUTRIDER_POLICY_DIR")]
-    pub policy_dir: Option<PathBuf>,
-    /// allow-all, allow-authenticated, allow-same-namespace or deny.
-    #[arg(long, env = "OUTRIDER_POLICY_DEFAULT")]
-    pub policy_default: Option<String>,
-    /// Kubelet probes always allowed, `PORT` or `PORT/path`, comma-separated
-    /// (the injector fills it from the pod's probes).
-    #[arg(long, env = "OUTRIDER_POLICY_PROBES")]
-    pub policy_probes: Option<String>,
-    /// Ports that skip protocol detection, comma-separated (replaces the
-    /// default list).
-    #[arg(long, env = "OUTRIDER_OPAQUE_PORTS")]
-    pub opaque_ports: Option<String>,
 }
 
 /// Everything the `proxy` subcommand runs with, validated.
@@ -444,166 +117,6 @@ impl FileConfig {
         };
         file.apply(overrides)?;
         file.validate()
-    }
-
-    /// Applies overrides; each one is parsed exactly like the file's value.
-    pub fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
-        /// Replaces `slot` with `value` parsed, naming `field` on failure.
-        fn set<T, V: ?Sized>(
-            slot: &mut T,
-            field: &str,
-            value: Option<&V>,
-            parse: impl FnOnce(&V) -> Result<T, String>,
-        ) -> Result<(), ConfigError> {
-            if let Some(value) = value {
-                *slot = parse(value).map_err(|reason| invalid(field, reason))?;
-            }
-            Ok(())
-        }
-        fn some<T: serde::de::DeserializeOwned>(v: &str) -> Result<Option<T>, String> {
-            keyword(v).map(Some)
-        }
-        let text = |v: &str| Ok(v.to_string());
-        let path = |v: &Path| Ok(v.to_path_buf());
-        set(
-            &mut self.identity.dir,
-            "identity.dir",
-            o.identity_dir.as_deref(),
-            path,
-        )?;
-        set(
-            &mut self.identity.id,
-            "identity.id",
-            o.identity_id.as_deref(),
-            some,
-        )?;
-        set(
-            &mut self.mtls_mode,
-            "mtls_mode",
-            o.mtls_mode.as_deref(),
-            keyword,
-        )?;
-        set(
-            &mut self.inbound.listen,
-            "inbound.listen",
-            o.inbound_listen.as_deref(),
-            keyword,
-        )?;
-        set(
-            &mut self.inbound.app,
-            "inbound.app",
-            o.inbound_app.as_deref(),
-            some,
-        )?;
-        set(
-            &mut self.inbound.protocol,
-            "inbound.protocol",
-            o.inbound_protocol.as_deref(),
-            keyword,
-        )?;
-        set(
-            &mut self.outbound.listen,
-            "outbound.listen",
-            o.outbound_listen.as_deref(),
-            keyword,
-        )?;
-        set(
-            &mut self.outbound.peer,
-            "outbound.peer",
-            o.outbound_peer.as_deref(),
-            some,
-        )?;
-        set(
-            &mut self.outbound.peer_id,
-            "outbound.peer_id",
-            o.outbound_peer_id.as_deref(),
-            some,
-        )?;
-        set(
-            &mut self.outbound.protocol,
-            "outbound.protocol",
-            o.outbound_protocol.as_deref(),
-            keyword,
-        )?;
-        set(
-            &mut self.admin.listen,
-            "admin.listen",
-            o.admin_listen.as_deref(),
-            keyword,
-        )?;
-        set(
-            &mut self.tls.resumption,
-            "tls.resumption",
-            o.tls_resumption.as_ref(),
-            |v| Ok(*v),
-        )?;
-        set(
-            &mut self.tls.key_exchange,
-            "tls.key_exchange",
-            o.tls_key_exchange.as_deref(),
-            |v| list(v, keyword),
-        )?;
-        set(
-            &mut self.log.level,
-            "log.level",
-            o.log_level.as_deref(),
-            text,
-        )?;
-        set(
-            &mut self.log.format,
-            "log.format",
-            o.log_format.as_deref(),
-            keyword,
-        )?;
-        set(
-            &mut self.workload.namespace,
-            "workload.namespace",
-            o.workload_namespace.as_deref(),
-            |v| Ok(Some(v.to_string())),
-        )?;
-        set(
-            &mut self.workload.labels,
-            "workload.labels",
-            o.workload_labels.as_deref(),
-            parse_labels,
-        )?;
-        set(
-            &mut self.workload.labels_file,
-            "workload.labels_file",
-            o.workload_labels_file.as_deref(),
-            |v| Ok(Some(v.to_path_buf())),
-        )?;
-        set(
-            &mut self.policy.source,
-            "policy.source",
-            o.policy_source.as_deref(),
-            keyword,
-        )?;
-        set(
-            &mut self.policy.dir,
-            "policy.dir",
-            o.policy_dir.as_deref(),
-            |v| Ok(Some(v.to_path_buf())),
-        )?;
-        set(
-            &mut self.policy.default,
-            "policy.default",
-            o.policy_default.as_deref(),
-            keyword,
-        )?;
-        set(
-            &mut self.policy.probes,
-            "policy.probes",
-            o.policy_probes.as_deref(),
-            parse_probes,
-        )?;
-        set(
-            &mut self.opaque_ports,
-            "opaque_ports",
-            o.opaque_ports.as_deref(),
-            parse_opaque_ports,
-        )?;
-        Ok(())
     }
 
     /// Checks what types alone cannot and builds the typed config.
@@ -689,10 +202,7 @@ impl FileConfig {
                 "equals outbound.listen: the proxy would forward to itself",
             ));
         }
-        self.log
-            .level
-            .parse::<tracing_subscriber::filter::Targets>()
-            .map_err(|e| invalid("log.level", e.to_string()))?;
+        check_log_level(&self.log.level).map_err(|e| invalid("log.level", e))?;
         let policy = self.policy_config(&id)?;
 
         let proxy = ProxyConfig {

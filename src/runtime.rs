@@ -18,6 +18,9 @@ pub enum LogFormat {
 /// Checks a log filter such as `info` or `warn,outrider=debug`: the one
 /// rule the proxy, the controller and the injector's annotation share.
 pub fn check_log_level(level: &str) -> Result<(), String> {
+    if level.trim().is_empty() {
+        return Err("must not be empty (info, debug, warn,outrider=debug, ...)".into());
+    }
     level
         .parse::<tracing_subscriber::filter::Targets>()
         .map(|_| ())
@@ -93,5 +96,6 @@ mod tests {
         assert_eq!(check_log_level("info"), Ok(()));
         assert_eq!(check_log_level("warn,outrider=debug"), Ok(()));
         assert!(check_log_level("outrider=loud").is_err());
+        assert!(check_log_level(" ").is_err());
     }
 }

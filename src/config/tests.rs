@@ -1,4 +1,7 @@
+use super::file::addr;
 use super::*;
+use crate::policy::{DefaultPolicy, MtlsMode};
+use crate::tls::KxGroup;
 
 const ID: &str = "identity:\n  id: spiffe://cluster.local/ns/shop/sa/orders\n";
 

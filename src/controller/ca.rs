@@ -138,8 +138,7 @@ impl Controller {
             self.config.webhook_cert_lifetime,
             OffsetDateTime::now_utc(),
         )?;
-        let key =
-            webhook::certified_key(&signed.cert_pem, &signed.key_pem).map_err(Error::ServingKey)?;
+        let key = webhook::certified_key(&signed.cert_pem, &signed.key_pem)?;
         self.metrics.issued("webhook", "serving");
         Ok(key)
     }

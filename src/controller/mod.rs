@@ -104,7 +104,7 @@ pub enum Error {
     #[error("Secret {name} is unusable (unchanged since it was refused)")]
     CaUnusable { name: String },
     #[error("cannot load the webhook certificate: {0}")]
-    ServingKey(String),
+    ServingKey(#[from] webhook::KeyError),
     #[error("cannot issue the webhook's serving certificate (see the log)")]
     NoServingCert,
     #[error("a controller task ended unexpectedly (see the log)")]

@@ -149,7 +149,7 @@ pub(super) async fn reconcile_forever(
         let leader = *leading.borrow();
         controller.metrics.set_leader(leader);
         if let Err(error) = controller.load_ca().await {
-            tracing::warn!(%error, "CA Secret unusable; keeping the last good CA");
+            tracing::warn!(%error, reason = error.label(), "CA Secret unusable; keeping the last good CA");
         }
         let Some(current) = controller.current_ca() else {
             next = tokio::time::Instant::now() + Duration::from_secs(1);
@@ -244,6 +244,7 @@ async fn reconcile_once(
                         namespace = %service_account.namespace,
                         service_account = %service_account.name,
                         %error,
+                        reason = error.label(),
                         "Cannot write the identity Secret; retrying"
                     );
                 } else {

@@ -201,18 +201,27 @@ impl ResolvesServerCert for ServingCert {
     }
 }
 
+/// Why a serving certificate could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("not PEM: {0}")]
+    Pem(String),
+    #[error("unusable key: {0}")]
+    Key(#[from] rustls::Error),
+}
+
 /// Builds a rustls key from PEM chain and key.
-pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, String> {
+pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, KeyError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{e:?}"))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("{e:?}"))?;
+        .map_err(|e| KeyError::Pem(format!("{e:?}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| KeyError::Pem(format!("{e:?}")))?;
     let signing = crate::crypto::provider()
         .key_provider
-        .load_private_key(key)
-        .map_err(|e| e.to_string())?;
+        .load_private_key(key)?;
     Ok(Arc::new(CertifiedKey::new(chain, signing)))
 }
 

@@ -6,10 +6,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{parse_opaque_ports, parse_probes};
 use crate::identity::TrustDomain;
+use crate::init::backend::Mode as IptablesMode;
 use crate::init::rules::{parse_cidrs, parse_ports};
 use crate::policy::index::Probe;
 use crate::policy::model::{DefaultPolicy, MtlsMode};
+use crate::runtime::{LogFormat, check_log_level};
+use crate::units::keyword;
 
 /// The annotation prefix; every key below lives under it.
 pub const PREFIX: &str = "outrider.dev/";
@@ -115,8 +119,8 @@ fn bad(field: &str, reason: impl ToString) -> ValueError {
 }
 
 impl InjectConfig {
-    /// Checks every value the way the proxy and `init` will parse it, so a
-    /// bad value fails at install, not in every pod.
+    /// Checks every value with the parser the proxy and `init` will use on
+    /// it, so a bad value fails at install, not in every pod.
     pub fn validate(&self) -> Result<(), ValueError> {
         TrustDomain::parse(&self.trust_domain).map_err(|e| bad("trustDomain", e))?;
         if self.image.trim().is_empty() {
@@ -131,11 +135,10 @@ impl InjectConfig {
                 "expected Always, IfNotPresent or Never",
             ));
         }
-        keyword::<MtlsMode>("mtlsMode", &self.mtls_mode)?;
-        keyword::<DefaultPolicy>("defaultPolicy", &self.default_policy)?;
-        if !matches!(self.log_format.as_str(), "plain" | "json") {
-            return Err(bad("logFormat", "expected plain or json"));
-        }
+        keyword::<MtlsMode>(&self.mtls_mode).map_err(|e| bad("mtlsMode", e))?;
+        keyword::<DefaultPolicy>(&self.default_policy).map_err(|e| bad("defaultPolicy", e))?;
+        keyword::<LogFormat>(&self.log_format).map_err(|e| bad("logFormat", e))?;
+        check_log_level(&self.log_level).map_err(|e| bad("logLevel", e))?;
         if !(1..=i64::from(u32::MAX)).contains(&self.proxy_uid) {
             return Err(bad("proxyUid", "must be a non-root UID"));
         }
@@ -143,28 +146,13 @@ impl InjectConfig {
         parse_ports(&self.skip_outbound_ports).map_err(|e| bad("skipOutboundPorts", e))?;
         parse_cidrs(&self.skip_outbound_cidrs).map_err(|e| bad("skipOutboundCidrs", e))?;
         if let Some(ports) = &self.opaque_ports {
-            port_list("opaquePorts", ports)?;
+            parse_opaque_ports(ports).map_err(|e| bad("opaquePorts", e))?;
         }
-        if !matches!(self.iptables_mode.as_str(), "auto" | "nft" | "legacy") {
-            return Err(bad("iptablesMode", "expected auto, nft or legacy"));
-        }
+        self.iptables_mode
+            .parse::<IptablesMode>()
+            .map_err(|e| bad("iptablesMode", e))?;
         Ok(())
     }
-}
-
-fn keyword<T: serde::de::DeserializeOwned>(field: &str, value: &str) -> Result<T, ValueError> {
-    serde_yaml::from_value(serde_yaml::Value::String(value.to_string()))
-        .map_err(|e| bad(field, format!("{value:?}: {e}")))
-}
-
-fn port_list(field: &str, list: &str) -> Result<(), ValueError> {
-    for port in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match port.parse::<u16>() {
-            Ok(p) if p > 0 => {}
-            _ => return Err(bad(field, format!("{port:?} is not a port"))),
-        }
-    }
-    Ok(())
 }
 
 /// The values for one pod: the mesh's, with its annotations applied.
@@ -200,7 +188,7 @@ pub fn pod_settings(
                 }
             }
             "proxy-version" => {}
-            "sidecar-mode" => m.sidecar_mode = keyword(key, &value)?,
+            "sidecar-mode" => m.sidecar_mode = keyword(&value).map_err(|e| bad(key, e))?,
             "skip-inbound-ports" => m.skip_inbound_ports = value,
             "skip-outbound-ports" => m.skip_outbound_ports = value,
             "skip-outbound-cidrs" => m.skip_outbound_cidrs = value,
@@ -211,14 +199,7 @@ pub fn pod_settings(
             "proxy-memory-request" => m.resources.memory_request = Some(value),
             "proxy-cpu-limit" => m.resources.cpu_limit = Some(value),
             "proxy-memory-limit" => m.resources.memory_limit = Some(value),
-            "probes" => {
-                settings.extra_probes = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|p| !p.is_empty())
-                    .map(|p| p.parse::<Probe>().map_err(|e| bad(key, e)))
-                    .collect::<Result<_, _>>()?;
-            }
+            "probes" => settings.extra_probes = parse_probes(&value).map_err(|e| bad(key, e))?,
             _ => return Err(bad(key, "unknown outrider annotation")),
         }
     }
@@ -228,15 +209,11 @@ pub fn pod_settings(
     parse_ports(&m.skip_outbound_ports).map_err(|e| bad("outrider.dev/skip-outbound-ports", e))?;
     parse_cidrs(&m.skip_outbound_cidrs).map_err(|e| bad("outrider.dev/skip-outbound-cidrs", e))?;
     if let Some(ports) = &m.opaque_ports {
-        port_list("outrider.dev/opaque-ports", ports)?;
+        parse_opaque_ports(ports).map_err(|e| bad("outrider.dev/opaque-ports", e))?;
     }
-    keyword::<DefaultPolicy>("outrider.dev/default-policy", &m.default_policy)?;
-    if m.log_level.is_empty() || m.log_level.contains(char::is_whitespace) {
-        return Err(bad(
-            "outrider.dev/log-level",
-            "expected a level such as info",
-        ));
-    }
+    keyword::<DefaultPolicy>(&m.default_policy)
+        .map_err(|e| bad("outrider.dev/default-policy", e))?;
+    check_log_level(&m.log_level).map_err(|e| bad("outrider.dev/log-level", e))?;
     for (field, quantity) in [
         ("outrider.dev/proxy-cpu-request", &m.resources.cpu_request),
         (
@@ -353,6 +330,7 @@ mod tests {
             ("outrider.dev/proxy-cpu-limit", "lots"),
             ("outrider.dev/inject", "yes"),
             ("outrider.dev/probes", "/healthz"),
+            ("outrider.dev/log-level", "outrider=loud"),
         ] {
             let err =
                 pod_settings(&InjectConfig::default(), &annotations(&[(key, value)])).unwrap_err();

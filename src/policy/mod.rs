@@ -13,6 +13,7 @@ pub mod authz;
 pub mod check;
 pub mod crd;
 pub mod index;
+pub mod judge;
 pub mod model;
 pub mod objects;
 pub mod publish;

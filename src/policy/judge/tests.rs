@@ -2,6 +2,7 @@
 //! of broken ones.
 
 use super::*;
+use crate::policy::model::Kind;
 
 fn object(kind: Kind, name: &str, spec: &str) -> Object {
     Object {
