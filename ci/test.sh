@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need,
-# then checks formatting and lints and runs every test (unit, black-box,
-# the real Prometheus scrape). CI runs exactly this (.ci/run).
+# then checks formatting and lints, runs every test (unit, black-box, the
+# real Prometheus scrape, interception in network namespaces), and builds
+# and runs the container image from the Dockerfile (ci/image.sh). CI runs
+# exactly this (.ci/run), as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,3 +54,5 @@ export KUBERNETES_VALIDATE="$tools/venv/bin/kubernetes-validate"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
+# The image, from the Dockerfile, around the binary the tests just built.
+ci/image.sh target/debug/outrider

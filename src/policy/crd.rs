@@ -39,6 +39,7 @@ const NAMESPACE_RULE: &str = "self.all(n, n.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9
     namespaced,
     doc = "An outrider AuthorizationPolicy: who may call the selected workloads.",
     shortname = "opa",
+    category = "outrider",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -190,6 +191,7 @@ pub struct Operation {
     namespaced,
     doc = "An outrider PeerAuthentication: whether the selected workloads accept plaintext.",
     shortname = "opeerauth",
+    category = "outrider",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]

@@ -110,6 +110,30 @@ fn peer_authentication_port_keys_must_be_ports() {
 }
 
 #[test]
+fn kinds_have_short_names_and_the_outrider_category_so_they_never_clash_with_istio() {
+    // With Istio installed, `kubectl get authorizationpolicy` is ambiguous;
+    // `kubectl get outrider` and these short names are not.
+    let istio_short_names = ["ap", "pa", "ra"];
+    let mut seen = Vec::new();
+    for crd in [AuthorizationPolicy::crd(), PeerAuthentication::crd()] {
+        let names = &crd.spec.names;
+        assert_eq!(
+            names.categories.as_deref(),
+            Some(&["outrider".to_string()][..]),
+            "{}",
+            names.kind
+        );
+        let short = names.short_names.clone().unwrap_or_default();
+        assert!(!short.is_empty(), "{} has no short name", names.kind);
+        for name in short {
+            assert!(!istio_short_names.contains(&name.as_str()), "{name}");
+            assert!(!seen.contains(&name), "{name} used twice");
+            seen.push(name);
+        }
+    }
+}
+
+#[test]
 fn the_yaml_round_trips_through_serde() {
     let yaml = crds_yaml().unwrap();
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
