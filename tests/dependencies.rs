@@ -110,7 +110,10 @@ fn every_dev_dependency_is_used_by_some_test_or_bench() {
 #[test]
 fn the_check_sees_a_use_and_not_a_lookalike() {
     assert!(uses("use httparse::Request;", "httparse"));
-    assert!(uses("let x = tower_service::Service::call;", "tower-service"));
+    assert!(uses(
+        "let x = tower_service::Service::call;",
+        "tower-service"
+    ));
     assert!(!uses("let x = my_http::get();", "http"));
     assert!(!uses("crate::policy::source::kube::run", "kube"));
     let manifest = "[dependencies]\na = \"1\"\n# note\nb-c = { version = \"2\" }\n\n[dev-dependencies]\nd = \"3\"\n";

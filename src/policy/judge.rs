@@ -24,8 +24,7 @@ use serde_json::Value;
 
 use super::crd;
 use super::model::{
-    Action, Match, MtlsMode, Object, Operation, Pattern, PeerAuth, Policy, Rule, Selector,
-    Source,
+    Action, Match, MtlsMode, Object, Operation, Pattern, PeerAuth, Policy, Rule, Selector, Source,
 };
 use crate::identity::SpiffeId;
 
@@ -322,7 +321,6 @@ impl Policy {
             problems,
         }
     }
-
 }
 
 // === PeerAuthentication conversion ===

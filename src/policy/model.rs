@@ -11,7 +11,6 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-
 /// Whether plaintext is accepted from, and sent to, workloads without a
 /// proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -90,7 +89,6 @@ impl Selector {
             Self::Labels(wanted) => wanted.iter().all(|(k, v)| labels.get(k) == Some(v)),
         }
     }
-
 }
 
 /// `*`, `exact`, `prefix*` or `*suffix`.
