@@ -165,8 +165,8 @@ fn parse_group(text: &str) -> (Vec<Vec<String>>, usize) {
         if trimmed.starts_with('}') || trimmed.is_empty() {
             return (out, at + 1);
         }
-        if trimmed.starts_with('{') {
-            let (group, used) = parse_group(&trimmed[1..]);
+        if let Some(inner) = trimmed.strip_prefix('{') {
+            let (group, used) = parse_group(inner);
             out.extend(group);
             at += 1 + used;
             continue;

@@ -11,7 +11,9 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -60,16 +62,13 @@ impl ControllerProcess {
                     if line.contains("\"Controller listening\"") {
                         let _ = tx.send(line.clone());
                     }
-                    logs.lock().expect("logs").push(line);
+                    logs.lock().push(line);
                 }
             });
         }
         let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) else {
             let _ = child.kill();
-            panic!(
-                "controller did not start: {}",
-                logs.lock().unwrap().join("\n")
-            );
+            panic!("controller did not start: {}", logs.lock().join("\n"));
         };
         let event: Value = serde_json::from_str(&line).expect("json log");
         let addr = |f: &str| event[f].as_str().unwrap().parse().unwrap();
@@ -82,7 +81,7 @@ impl ControllerProcess {
     }
 
     fn logs(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
+        self.logs.lock().join("\n")
     }
 
     async fn metrics(&self) -> String {

@@ -9,7 +9,9 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -105,7 +107,7 @@ async fn a_policy_file_change_flips_a_live_client_to_denied_within_a_second() {
         tokio::spawn(async move {
             loop {
                 let code = status(outbound, "/api/pay").await;
-                seen.lock().unwrap().push((Instant::now(), code));
+                seen.lock().push((Instant::now(), code));
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -123,7 +125,6 @@ async fn a_policy_file_change_flips_a_live_client_to_denied_within_a_second() {
     .unwrap();
     let flipped = common::eventually(Duration::from_secs(5), async || {
         seen.lock()
-            .unwrap()
             .iter()
             .find(|(at, code)| *at > written && *code == 403)
             .map(|(at, _)| *at)
@@ -132,7 +133,7 @@ async fn a_policy_file_change_flips_a_live_client_to_denied_within_a_second() {
     .expect("never denied");
     tokio::time::sleep(Duration::from_millis(100)).await;
     recorder.abort();
-    let seen = seen.lock().unwrap().clone();
+    let seen = seen.lock().clone();
     assert!(
         seen.iter().any(|(at, code)| *at < written && *code == 200),
         "was allowed before"

@@ -23,7 +23,7 @@ struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
-    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    errors: Arc<parking_lot::Mutex<Vec<String>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -32,7 +32,7 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let errors = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for per_conn in [false, true, false, true] {
             let (stop, ok, failed, errors) =
@@ -53,7 +53,7 @@ impl Load {
                     match result {
                         Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
-                            errors.lock().unwrap().push(e);
+                            errors.lock().push(e);
                             failed.fetch_add(1, Ordering::Relaxed)
                         }
                     };
@@ -74,7 +74,7 @@ impl Load {
         for t in self.tasks {
             t.await.unwrap();
         }
-        let errors = self.errors.lock().unwrap().clone();
+        let errors = self.errors.lock().clone();
         (
             self.ok.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),

@@ -10,7 +10,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -154,15 +156,15 @@ impl FakeApiServer {
                 });
             }
         });
-        *self.task.lock().expect("task") = Some(task);
+        *self.task.lock() = Some(task);
     }
 
     /// Stops answering and drops every open watch.
     pub fn vanish(&self) {
-        if let Some(task) = self.task.lock().expect("task").take() {
+        if let Some(task) = self.task.lock().take() {
             task.abort();
         }
-        self.state.lock().expect("state").watchers.clear();
+        self.state.lock().watchers.clear();
     }
 
     /// Listens again on the same port.
@@ -187,13 +189,13 @@ impl FakeApiServer {
             .as_str()
             .expect("name")
             .to_string();
-        let mut state = self.state.lock().expect("state");
+        let mut state = self.state.lock();
         store(&mut state, (plural.to_string(), namespace, name), object);
     }
 
     /// Deletes every object of `plural` called `name`, in any namespace.
     pub fn delete(&self, plural: &str, name: &str) {
-        let mut state = self.state.lock().expect("state");
+        let mut state = self.state.lock();
         let keys: Vec<Key> = state
             .objects
             .keys()
@@ -207,7 +209,7 @@ impl FakeApiServer {
 
     /// The object, if it exists.
     pub fn get(&self, plural: &str, namespace: &str, name: &str) -> Option<Value> {
-        let state = self.state.lock().expect("state");
+        let state = self.state.lock();
         state
             .objects
             .get(&(plural.to_string(), namespace.to_string(), name.to_string()))
@@ -216,7 +218,7 @@ impl FakeApiServer {
 
     /// Every object of `plural` (in every namespace).
     pub fn all(&self, plural: &str) -> Vec<Value> {
-        let state = self.state.lock().expect("state");
+        let state = self.state.lock();
         state
             .objects
             .iter()
@@ -227,7 +229,7 @@ impl FakeApiServer {
 
     /// Sends a bookmark on every open watch.
     pub fn bookmark(&self) {
-        let mut state = self.state.lock().expect("state");
+        let mut state = self.state.lock();
         let version = state.version.to_string();
         state.watchers.retain(|w| {
             let bookmark = json!({"type": "BOOKMARK", "object": {
@@ -240,7 +242,7 @@ impl FakeApiServer {
     /// Expires every version seen so far: open watches get a `410 Gone`
     /// error event and must relist.
     pub fn expire_versions(&self) {
-        let mut state = self.state.lock().expect("state");
+        let mut state = self.state.lock();
         state.version += 1;
         state.oldest = state.version;
         for watcher in state.watchers.drain(..) {
@@ -250,23 +252,22 @@ impl FakeApiServer {
 
     /// How many lists and watches were served (relists show up here).
     pub fn requests(&self) -> (u64, u64) {
-        let state = self.state.lock().expect("state");
+        let state = self.state.lock();
         (state.lists, state.watches)
     }
 
     /// Every request served so far.
     pub fn seen(&self) -> Vec<Seen> {
-        self.state.lock().expect("state").seen.clone()
+        self.state.lock().seen.clone()
     }
 
     /// The next `method` request on `plural` gets `status` instead of
     /// being served (409 for a conflict, 500, ...).
     pub fn fail_next(&self, method: &str, plural: &str, status: u16) {
-        self.state.lock().expect("state").failures.push_back((
-            method.to_string(),
-            plural.to_string(),
-            status,
-        ));
+        self.state
+            .lock()
+            .failures
+            .push_back((method.to_string(), plural.to_string(), status));
     }
 }
 
@@ -432,7 +433,7 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             status_body(404, "NotFound", "no route"),
         );
     };
-    let mut state = state.lock().expect("state");
+    let mut state = state.lock();
     state.seen.push(Seen {
         method: method.to_string(),
         path: path.clone(),

@@ -7,7 +7,9 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use outrider::identity::SpiffeId;
@@ -162,7 +164,7 @@ impl ProxyProcess {
                     if line.contains("\"Listeners bound\"") {
                         let _ = bound_tx.send(line.clone());
                     }
-                    logs.lock().expect("logs").push(line);
+                    logs.lock().push(line);
                 }
             });
         }
@@ -170,10 +172,7 @@ impl ProxyProcess {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                panic!(
-                    "proxy did not bind; logs:\n{}",
-                    logs.lock().expect("logs").join("\n")
-                );
+                panic!("proxy did not bind; logs:\n{}", logs.lock().join("\n"));
             }
         };
         let event: serde_json::Value = serde_json::from_str(&line).expect("json log line");
@@ -205,7 +204,7 @@ impl ProxyProcess {
     }
 
     pub fn logs(&self) -> String {
-        self.logs.lock().expect("logs").join("\n")
+        self.logs.lock().join("\n")
     }
 
     pub async fn metrics(&self) -> String {
