@@ -27,18 +27,33 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
             tokio::spawn(async move { apps::http1_get(outbound, &format!("/slow/{i}")).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // All three are at the server (its app takes 1.5 s to answer).
+    let arrived = common::eventually(Duration::from_secs(5), async || {
+        let open = server
+            .metric("outrider_tcp_open_connections", &[("direction", "inbound")])
+            .await;
+        let accepted = client
+            .metric(
+                "outrider_tcp_open_connections",
+                &[("direction", "outbound")],
+            )
+            .await;
+        (open >= 1.0 && accepted >= 3.0).then_some(())
+    })
+    .await;
+    assert!(arrived.is_some(), "requests never reached the server");
     server.sigterm();
     client.sigterm();
 
     // Draining: no new connections are accepted.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
+    let refused = common::eventually(Duration::from_secs(5), async || {
         tokio::net::TcpStream::connect(server.inbound())
             .await
-            .is_err(),
-        "still accepting after SIGTERM"
-    );
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "still accepting after SIGTERM");
     let (status, body) = apps::http1_get(server.admin, "/ready").await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (503, "not ready\n"));
 

@@ -103,14 +103,7 @@ pub fn object_from_value(
 mod tests {
     use super::*;
 
-    const ALLOW: &str = r#"
-apiVersion: security.outrider.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-orders}
-spec:
-  action: ALLOW
-  rules: [{from: [{principals: ["spiffe://cluster.local/ns/shop/sa/orders"]}]}]
-"#;
+    use crate::test_util::ALLOW_ORDERS as ALLOW;
 
     #[test]
     fn documents_are_read_like_kubectl_apply_reads_them() {

@@ -25,7 +25,6 @@ use super::io::{Activity, MeteredIo, Rewind};
 use super::metrics::{Direction, Metrics};
 use super::orig_dst::original_dst;
 use super::outcome::{ConnError, ConnOutcome, HandshakeFailure};
-use super::pool::Pool;
 use super::tls_status::{NoTlsReason, TlsStatus};
 use super::{
     Error, Handler, InboundConfig, InboundTarget, Limits, Listener, MAX_DETECT_BYTES, ProtocolMode,
@@ -66,12 +65,6 @@ impl Inbound {
         let app = Arc::new(AppConnector {
             connect_timeout: limits.connect_timeout,
         });
-        let pool = Pool::new(
-            app.clone(),
-            limits.app_pool_idle_timeout,
-            limits.pool_max_idle_per_destination,
-        );
-        pool.spawn_eviction();
         Ok(Listener::new(
             listener,
             local,
@@ -83,7 +76,12 @@ impl Inbound {
                 target: config.target.clone(),
                 protocol: config.protocol,
                 opaque_ports: proxy.opaque_ports.clone(),
-                http: http_server(pool, metrics.clone(), &limits),
+                http: http_server(
+                    app.clone(),
+                    limits.app_pool_idle_timeout,
+                    metrics.clone(),
+                    &limits,
+                ),
                 limits,
                 tls,
                 enforcer: Arc::new(Enforcer::new(policy, metrics.clone())),

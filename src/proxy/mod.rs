@@ -270,8 +270,20 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
     Ok((listener, local))
 }
 
-/// The HTTP side of a listener, from the proxy's limits.
-fn http_server(pool: Arc<pool::Pool>, metrics: Metrics, limits: &Limits) -> http::HttpServer {
+/// The HTTP side of a listener: a pool of connections made by
+/// `connector`, idle ones retired after `pool_idle_timeout`.
+fn http_server(
+    connector: Arc<dyn connect::Connect>,
+    pool_idle_timeout: Duration,
+    metrics: Metrics,
+    limits: &Limits,
+) -> http::HttpServer {
+    let pool = pool::Pool::new(
+        connector,
+        pool_idle_timeout,
+        limits.pool_max_idle_per_destination,
+    );
+    pool.spawn_eviction();
     http::HttpServer {
         pool,
         metrics,

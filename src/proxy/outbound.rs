@@ -20,7 +20,6 @@ use super::io::{Activity, MeteredIo, Rewind};
 use super::metrics::{Direction, Metrics};
 use super::orig_dst::original_dst;
 use super::outcome::ConnError;
-use super::pool::Pool;
 use super::{
     Error, Handler, Limits, Listener, MAX_DETECT_BYTES, OutboundConfig, OutboundTarget,
     ProtocolMode, ProxyConfig, TlsRx, bind, http_server,
@@ -64,12 +63,6 @@ impl Outbound {
             proxy.plaintext_fallback_ttl,
             metrics.clone(),
         ));
-        let pool = Pool::new(
-            connector.clone(),
-            limits.peer_pool_idle_timeout,
-            limits.pool_max_idle_per_destination,
-        );
-        pool.spawn_eviction();
         Ok(Listener::new(
             listener,
             local,
@@ -81,7 +74,12 @@ impl Outbound {
                 target: config.target.clone(),
                 protocol: config.protocol,
                 opaque_ports: proxy.opaque_ports.clone(),
-                http: http_server(pool, metrics.clone(), &limits),
+                http: http_server(
+                    connector.clone(),
+                    limits.peer_pool_idle_timeout,
+                    metrics.clone(),
+                    &limits,
+                ),
                 limits,
                 metrics,
                 connector,

@@ -11,6 +11,18 @@ pub mod fake_apiserver;
 pub mod golden;
 pub mod tls;
 
+/// An ALLOW policy without a namespace, letting `shop/orders` call every
+/// workload of the namespace it is read into: the policy source tests'
+/// common document.
+pub const ALLOW_ORDERS: &str = r#"
+apiVersion: security.outrider.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: allow-orders}
+spec:
+  action: ALLOW
+  rules: [{from: [{principals: ["spiffe://cluster.local/ns/shop/sa/orders"]}]}]
+"#;
+
 use std::time::Duration;
 
 /// Polls `check` until it returns `Some`, for at most `timeout`.

@@ -5,14 +5,7 @@ use prometheus::Registry;
 use super::files::FileSource;
 use crate::policy::publish::Metrics;
 
-const ALLOW: &str = r#"
-apiVersion: security.outrider.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-orders}
-spec:
-  action: ALLOW
-  rules: [{from: [{principals: ["spiffe://cluster.local/ns/shop/sa/orders"]}]}]
-"#;
+use crate::test_util::ALLOW_ORDERS as ALLOW;
 
 fn metrics() -> Metrics {
     Metrics::new(&Registry::new()).unwrap()
