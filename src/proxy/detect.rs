@@ -3,6 +3,13 @@
 //! [`classify`] is pure and decides from a byte prefix whether a
 //! connection carries a TLS ClientHello (and whether it asks for the mesh
 //! ALPN), HTTP/1.x, HTTP/2 with prior knowledge, or something else.
+//!
+//! One rule for ambiguous bytes: a stream whose first word could be an
+//! HTTP method followed by whitespace is HTTP-shaped, and an HTTP-shaped
+//! stream is either a request line we serve (strictly `METHOD SP target
+//! SP HTTP/1.0|1.1`) or [`Protocol::MalformedHttp`], refused with 400 and
+//! never relayed: lenient application servers parse what a strict
+//! detector would pass through as opaque bytes, headers and all.
 //! [`read_and_classify`] feeds it from a socket with a deadline, so a
 //! client that never speaks costs at most the detection timeout;
 //! [`app_protocol`] is the one rule for the application protocol after
@@ -17,8 +24,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use crate::tls::MESH_ALPN;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// An HTTP/1 request line longer than this is not worth waiting for.
-const MAX_REQUEST_LINE: usize = 8 * 1024;
+/// An HTTP/1 request line longer than this is refused.
+pub const MAX_REQUEST_LINE: usize = 8 * 1024;
+/// The longest first word that may still be an HTTP method (the longest
+/// registered one, `UPDATEREDIRECTREF`, has 17 letters).
+const MAX_METHOD: usize = 32;
 /// TLS records carry at most 2^14 bytes of plaintext (RFC 8446 §5.1).
 const MAX_TLS_RECORD: usize = 16 * 1024 + 256;
 
@@ -29,6 +39,11 @@ pub enum Protocol {
     Tls(Alpn),
     Http1,
     Http2,
+    /// Starts the way an HTTP request does (a method-like word, then
+    /// whitespace) but is not a request line this proxy serves: a bad
+    /// version, odd separators, a request line over [`MAX_REQUEST_LINE`].
+    /// Refused with 400; never relayed.
+    MalformedHttp,
     /// Anything else: copied as opaque bytes.
     Unknown,
 }
@@ -40,7 +55,7 @@ impl Protocol {
         match self {
             Self::Http1 => Some(Version::Http1),
             Self::Http2 => Some(Version::Http2),
-            Self::Tls(_) | Self::Unknown => None,
+            Self::Tls(_) | Self::MalformedHttp | Self::Unknown => None,
         }
     }
 }
@@ -80,9 +95,12 @@ pub enum Alpn {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detection {
     Detected(Protocol),
-    /// The client sent nothing (or not enough) before the deadline; the
-    /// connection is treated as opaque.
-    TimedOut,
+    /// The client stopped (the deadline passed, or it half-closed) with
+    /// part of a prefix; what [`stalled`] makes of it.
+    Stalled(Stalled),
+    /// The client sent nothing before the deadline. It may be waiting for
+    /// a server that speaks first; see `proxy::first_word`.
+    Silent,
     /// The client closed before sending a byte.
     Closed,
 }
@@ -111,39 +129,109 @@ pub fn classify(prefix: &[u8]) -> Progress {
 }
 
 fn classify_http1(prefix: &[u8]) -> Progress {
-    // METHOD SP request-target SP HTTP/1.x CRLF
-    let line_end = prefix.iter().position(|&b| b == b'\n');
-    let line = match line_end {
-        Some(end) => &prefix[..end],
-        None => prefix,
-    };
-    let method_end = line.iter().position(|&b| b == b' ');
-    let method = &line[..method_end.unwrap_or(line.len())];
-    // Reject early on the first byte that cannot be part of a method token,
-    // so binary protocols are not held back waiting for a newline.
-    if !method.iter().all(|&b| is_tchar(b)) || method.len() > 32 {
+    let method = prefix.iter().take_while(|&&b| is_tchar(b)).count();
+    // A first byte that cannot start a method, or a first word too long
+    // to be one: some other protocol, decided at once so binary protocols
+    // are not held back.
+    if method == 0 || method > MAX_METHOD {
         return Progress::Done(Protocol::Unknown);
     }
-    let Some(_) = line_end else {
-        return if prefix.len() >= MAX_REQUEST_LINE {
-            Progress::Done(Protocol::Unknown)
-        } else {
-            Progress::NeedMore
-        };
+    let Some(&after) = prefix.get(method) else {
+        return Progress::NeedMore;
     };
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let version_start = line.iter().rposition(|&b| b == b' ');
-    match (method_end, version_start) {
-        (Some(m), Some(v)) if m > 0 && v > m + 1 => {
-            let version = &line[v + 1..];
-            if version == b"HTTP/1.1" || version == b"HTTP/1.0" {
-                Progress::Done(Protocol::Http1)
-            } else {
-                Progress::Done(Protocol::Unknown)
-            }
-        }
-        _ => Progress::Done(Protocol::Unknown),
+    // `PING\r\n`, `SSH-2.0-...\r\n`: a word, but no request line.
+    if !is_space(after) {
+        return Progress::Done(Protocol::Unknown);
     }
+    // HTTP-shaped from here on: served, or refused.
+    let line = match prefix.iter().position(|&b| b == b'\n') {
+        Some(end) if end <= MAX_REQUEST_LINE => &prefix[..end],
+        Some(_) => return Progress::Done(Protocol::MalformedHttp),
+        None if prefix.len() >= MAX_REQUEST_LINE => {
+            return Progress::Done(Protocol::MalformedHttp);
+        }
+        None => return Progress::NeedMore,
+    };
+    if is_request_line(line.strip_suffix(b"\r").unwrap_or(line)) {
+        Progress::Done(Protocol::Http1)
+    } else {
+        Progress::Done(Protocol::MalformedHttp)
+    }
+}
+
+/// `METHOD SP request-target SP HTTP/1.x` to the letter of RFC 9112: one
+/// space each, a visible-ASCII target, version 1.0 or 1.1, no stray CR.
+fn is_request_line(line: &[u8]) -> bool {
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    !method.is_empty()
+        && method.iter().all(|&b| is_tchar(b))
+        && !target.is_empty()
+        && target.iter().all(|&b| (0x21..=0x7e).contains(&b))
+        && (version == b"HTTP/1.1" || version == b"HTTP/1.0")
+}
+
+/// Whitespace a lenient parser might take as the end of a method.
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | 0x0b | 0x0c)
+}
+
+/// What to make of a client that stopped sending (for a while, or for
+/// good) before [`classify`] could decide, from the prefix it sent.
+pub fn stalled(prefix: &[u8]) -> Stalled {
+    let word = prefix.iter().take_while(|&&b| is_tchar(b)).count();
+    match prefix.first() {
+        None => Stalled::Silent,
+        // Part of a TLS record: the application's own TLS, or not TLS at
+        // all; no HTTP server could read it as a request.
+        Some(0x16) => Stalled::Opaque,
+        // A bare word: not HTTP-shaped yet, but it may become so with the
+        // next byte, so it is relayed watched (`Stalled::Word`).
+        Some(_) if word == prefix.len() && word <= MAX_METHOD => Stalled::Word,
+        // A word and whitespace: a request line that never ended.
+        Some(_) if word > 0 && word <= MAX_METHOD && is_space(prefix[word]) => {
+            Stalled::MalformedHttp
+        }
+        Some(_) => Stalled::Opaque,
+    }
+}
+
+/// Whether the first byte after a bare word makes the stream HTTP-shaped
+/// (whitespace), keeps it undecided (more of the word), or rules HTTP out.
+pub fn after_word(byte: u8) -> AfterWord {
+    if is_space(byte) {
+        AfterWord::HttpShaped
+    } else if is_tchar(byte) {
+        AfterWord::StillAWord
+    } else {
+        AfterWord::NotHttp
+    }
+}
+
+/// See [`after_word`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterWord {
+    HttpShaped,
+    StillAWord,
+    NotHttp,
+}
+
+/// The verdict on a client that stalled mid-prefix; see [`stalled`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stalled {
+    /// Nothing was sent.
+    Silent,
+    /// Not HTTP: relayed.
+    Opaque,
+    /// One word so far, no whitespace: relayed, but the connection is cut
+    /// if whitespace follows the word (it would become HTTP-shaped).
+    Word,
+    /// HTTP-shaped and unfinished: refused.
+    MalformedHttp,
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -248,7 +336,7 @@ pub async fn read_and_classify<T: AsyncRead + Unpin>(
     timeout: Duration,
     max: usize,
 ) -> io::Result<Detection> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     loop {
         if let Progress::Done(protocol) = classify(buf) {
             return Ok(Detection::Detected(protocol));
@@ -259,23 +347,70 @@ pub async fn read_and_classify<T: AsyncRead + Unpin>(
         // Most prefixes (a request line, a ClientHello) fit in 1 KiB.
         buf.reserve(1024);
         match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
-            Err(_elapsed) => return Ok(Detection::TimedOut),
+            Err(_) if buf.is_empty() => return Ok(Detection::Silent),
             Ok(Ok(0)) if buf.is_empty() => return Ok(Detection::Closed),
-            // The peer half-closed after a partial prefix: forward what we
-            // have as opaque bytes rather than guess.
-            Ok(Ok(0)) => return Ok(Detection::Detected(Protocol::Unknown)),
+            // Part of a prefix, and no more coming (for now, or at all).
+            Err(_) | Ok(Ok(0)) => return Ok(stalled_detection(buf)),
             Ok(Ok(_)) => continue,
             Ok(Err(e)) => return Err(e),
         }
     }
 }
 
+fn stalled_detection(prefix: &[u8]) -> Detection {
+    match stalled(prefix) {
+        Stalled::Silent => Detection::Silent,
+        verdict => Detection::Stalled(verdict),
+    }
+}
+
+/// What to do with a connection, from what its first bytes were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Serve it as HTTP of this version.
+    Serve(Version),
+    /// Relay it as bytes.
+    Relay,
+    /// Relay it as bytes, but cut it if the client's bare first word is
+    /// followed by whitespace ([`Stalled::Word`]).
+    RelayWatchingTheWord,
+    /// Answer 400 and close (shaped like HTTP, not a request we serve).
+    Refuse,
+    /// Connect upstream and see who speaks first (`proxy::first_word`).
+    AwaitFirstWord,
+}
+
+impl Detection {
+    /// The next step; `None` when the client closed.
+    pub fn next(self) -> Option<Next> {
+        match self {
+            Self::Closed => None,
+            Self::Silent | Self::Stalled(Stalled::Silent) => Some(Next::AwaitFirstWord),
+            Self::Detected(Protocol::MalformedHttp) | Self::Stalled(Stalled::MalformedHttp) => {
+                Some(Next::Refuse)
+            }
+            Self::Stalled(Stalled::Word) => Some(Next::RelayWatchingTheWord),
+            Self::Stalled(Stalled::Opaque) => Some(Next::Relay),
+            Self::Detected(protocol) => {
+                Some(protocol.http_version().map_or(Next::Relay, Next::Serve))
+            }
+        }
+    }
+}
+
+/// `timeout` from now, or as far as the clock goes: a configured
+/// duration never overflows the clock (it used to panic).
+pub fn deadline_after(timeout: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+}
+
 /// The application protocol of a connection after the mesh hop (or of an
-/// outbound connection): `Unknown` at once on an opaque port, so
-/// server-speaks-first protocols are not held back; otherwise what the
-/// first bytes say within `timeout`, a timeout reported to `timed_out`
-/// and treated as opaque. `None` when the client closed (or the read
-/// failed) before anything could be decided.
+/// outbound connection): `Detected(Unknown)` at once on an opaque port,
+/// so server-speaks-first protocols are not held back; otherwise what
+/// [`read_and_classify`] finds within `timeout` (a read error counts as
+/// `Closed`). `timed_out` hears of a client that was silent or stalled.
 pub async fn app_protocol<T: AsyncRead + Unpin>(
     io: &mut T,
     prefix: &mut BytesMut,
@@ -283,18 +418,17 @@ pub async fn app_protocol<T: AsyncRead + Unpin>(
     timeout: Duration,
     max: usize,
     timed_out: impl FnOnce(),
-) -> Option<Protocol> {
+) -> Detection {
     if opaque {
-        return Some(Protocol::Unknown);
+        return Detection::Detected(Protocol::Unknown);
     }
-    match read_and_classify(io, prefix, timeout, max).await {
-        Ok(Detection::Detected(protocol)) => Some(protocol),
-        Ok(Detection::TimedOut) => {
-            timed_out();
-            Some(Protocol::Unknown)
-        }
-        Ok(Detection::Closed) | Err(_) => None,
+    let detection = read_and_classify(io, prefix, timeout, max)
+        .await
+        .unwrap_or(Detection::Closed);
+    if matches!(detection, Detection::Silent | Detection::Stalled(_)) {
+        timed_out();
     }
+    detection
 }
 
 #[cfg(test)]

@@ -1,7 +1,14 @@
-//! Header hygiene between hops: hop-by-hop headers go, the
-//! caller-identity header carries only what the proxy verified, and the
-//! request facts the forwarder branches on (an upgrade, gRPC). Pure
-//! functions over header maps and requests.
+//! Header hygiene between hops: hop-by-hop headers go, our reserved
+//! headers (`x-outrider-*`, in every spelling a server may fold together)
+//! never come from a caller, the caller-identity header carries only what
+//! the proxy verified, and the request facts the forwarder branches on
+//! (a WebSocket upgrade, gRPC, a duplicated Host). Pure functions over
+//! header maps and requests.
+//!
+//! Upgrades: only WebSocket is tunnelled. Any other `Upgrade` (`h2c`
+//! above all, which would turn an allowed request into a raw HTTP/2
+//! tunnel past per-request policy) is removed with `HTTP2-Settings`, and
+//! the request goes on as a plain one.
 
 use http::Request;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -10,12 +17,42 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 /// value the caller sent.
 pub static CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-outrider-client-id");
 
+/// Every header of ours starts so (after folding case and `_` to `-`).
+const RESERVED_PREFIX: &str = "x-outrider-";
+
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Whether `name` is one of ours in a spelling some server reads as ours:
+/// `x-outrider-client-id`, `X_Outrider_Client_Id` (CGI and WSGI servers
+/// turn `-` and `_` alike into `HTTP_X_OUTRIDER_CLIENT_ID`).
+pub fn is_reserved(name: &HeaderName) -> bool {
+    // Header names are lower case once parsed.
+    let name = name.as_str().as_bytes();
+    name.len() >= RESERVED_PREFIX.len()
+        && name[..RESERVED_PREFIX.len()]
+            .iter()
+            .zip(RESERVED_PREFIX.as_bytes())
+            .all(|(&got, &want)| got == want || (got == b'_' && want == b'-'))
+}
+
+/// Removes every reserved header, whoever set it.
+pub fn strip_reserved(headers: &mut HeaderMap) {
+    let reserved: Vec<HeaderName> = headers.keys().filter(|n| is_reserved(n)).cloned().collect();
+    for name in reserved {
+        headers.remove(name);
+    }
+}
+
+/// More than one `Host`: RFC 9112 §3.2 requires a 400.
+pub fn has_duplicate_host(headers: &HeaderMap) -> bool {
+    headers.get_all(header::HOST).iter().nth(1).is_some()
+}
 
 /// Removes hop-by-hop headers (and those the `Connection` header names).
-/// For an upgrade, `Upgrade` survives and `Connection: upgrade` is kept.
-/// `TE: trailers` survives for gRPC over HTTP/2.
+/// For a WebSocket upgrade, `Upgrade: websocket` and `Connection: upgrade`
+/// are what remain of them. `TE: trailers` survives for gRPC over HTTP/2.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -38,46 +75,42 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for name in [
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
+        &HTTP2_SETTINGS,
         &header::TRANSFER_ENCODING,
         &header::TRAILER,
     ] {
         headers.remove(name);
     }
-    if !upgrade {
-        headers.remove(header::UPGRADE);
-    }
+    headers.remove(header::UPGRADE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if upgrade {
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 
-/// Replaces whatever the caller claimed with the identity we verified
-/// (`None` for a caller without one).
+/// Sets the identity we verified (reserved headers are already gone:
+/// without an identity, the caller gets none).
 pub fn set_client_id(headers: &mut HeaderMap, client_id: Option<&HeaderValue>) {
-    match client_id {
-        Some(value) => {
-            headers.insert(CLIENT_ID_HEADER.clone(), value.clone());
-        }
-        None => {
-            headers.remove(&CLIENT_ID_HEADER);
-        }
+    if let Some(value) = client_id {
+        headers.insert(CLIENT_ID_HEADER.clone(), value.clone());
     }
 }
 
-pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
-    req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
+/// A request to switch to WebSocket: `Connection: upgrade` and
+/// `websocket` among the `Upgrade` tokens. Nothing else is an upgrade.
+pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    let has_token = |name: header::HeaderName, token: &str| {
+        req.headers()
+            .get_all(name)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
 }
 
 pub fn is_grpc<B>(req: &Request<B>) -> bool {
@@ -144,13 +177,71 @@ mod tests {
     }
 
     #[test]
-    fn a_forged_client_id_is_removed_from_plaintext_callers() {
+    fn every_spelling_of_our_headers_is_removed_and_nothing_else() {
         let mut h = HeaderMap::new();
-        h.insert(
-            CLIENT_ID_HEADER.clone(),
-            HeaderValue::from_static("spiffe://cluster.local/ns/a/sa/forged"),
+        for name in [
+            "x-outrider-client-id",
+            "x_outrider_client_id",
+            "X-Outrider_Client-Id",
+            "x-outrider-request-principal",
+            "x-outrider-anything-new",
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("spiffe://cluster.local/ns/a/sa/forged"),
+            );
+        }
+        for kept in [
+            "x-outriders",
+            "x-outrider",
+            "xx-outrider-client-id",
+            "x-other",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(kept.as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+        }
+        strip_reserved(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left.len(), 4, "{left:?}");
+        assert!(
+            left.iter().all(|n| !n.starts_with("x-outrider-")),
+            "{left:?}"
         );
         set_client_id(&mut h, None);
         assert!(!h.contains_key(&CLIENT_ID_HEADER));
+    }
+
+    #[test]
+    fn only_websocket_is_an_upgrade_and_h2c_is_stripped() {
+        let request = |upgrade: &'static str| {
+            Request::get("/")
+                .header(header::CONNECTION, "Upgrade, HTTP2-Settings")
+                .header(header::UPGRADE, upgrade)
+                .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+                .body(())
+                .unwrap()
+        };
+        assert!(is_websocket_upgrade(&request("websocket")));
+        assert!(is_websocket_upgrade(&request("WebSocket")));
+        assert!(!is_websocket_upgrade(&request("h2c")));
+        assert!(!is_websocket_upgrade(&request("TLS/1.0")));
+        let mut h2c = request("h2c");
+        strip_hop_by_hop(h2c.headers_mut(), false);
+        assert!(h2c.headers().is_empty(), "{:?}", h2c.headers());
+        let mut both = request("h2c, websocket");
+        strip_hop_by_hop(both.headers_mut(), true);
+        assert_eq!(both.headers()[header::UPGRADE], "websocket");
+        assert!(!both.headers().contains_key("http2-settings"));
+    }
+
+    #[test]
+    fn a_second_host_is_noticed() {
+        let mut h = HeaderMap::new();
+        h.append(header::HOST, HeaderValue::from_static("a"));
+        assert!(!has_duplicate_host(&h));
+        h.append(header::HOST, HeaderValue::from_static("b"));
+        assert!(has_duplicate_host(&h));
     }
 }

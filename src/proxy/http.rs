@@ -23,14 +23,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::authz::{Caller, ConnectionAuthz, Enforcer};
+use super::body::RequestBody;
 use super::detect::Version;
-use super::headers::{is_grpc, is_upgrade_request, set_client_id, strip_hop_by_hop};
+use super::headers::{
+    has_duplicate_host, is_grpc, is_websocket_upgrade, set_client_id, strip_hop_by_hop,
+    strip_reserved,
+};
 use super::io::Activity;
 use super::mesh_proto::{ORIG_PROTO_HEADER, http1_to_mesh_http2, mesh_http2_to_http1};
 use super::metrics::{Direction, HttpMetrics, Metrics};
-use super::outcome::ConnOutcome;
+use super::outcome::{ConnError, ConnOutcome};
 use super::pool::{Pool, Route, Sent};
-use super::respond::{ProxyBody, error_response, forbidden};
+use super::respond::{ProxyBody, bad_request, error_response, forbidden, unexpected_upgrade};
 use super::tls_status::{NoTlsReason, TlsStatus};
 use crate::lifecycle::Watch;
 
@@ -172,23 +176,28 @@ pub fn route(f: RouteFacts) -> Route {
 impl HttpForward {
     async fn forward(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
-        if let Side::Inbound { authz, tls, .. } = &self.side
+        let grpc = is_grpc(&req);
+        let refusal = if self.version == Version::Http1 && has_duplicate_host(req.headers()) {
+            Some(bad_request(grpc))
+        } else if let Side::Inbound { authz, .. } = &self.side
             && authz
                 .check_http(req.method().as_str(), req.uri().path())
                 .is_err()
         {
-            let response = forbidden(is_grpc(&req));
-            self.http_metrics
-                .record(tls, response.status().as_u16(), start.elapsed());
+            Some(forbidden(grpc))
+        } else {
+            None
+        };
+        if let Some(response) = refusal {
+            if let Some(tls) = self.side.downstream_tls() {
+                self.http_metrics
+                    .record(tls, response.status().as_u16(), start.elapsed());
+            }
             return response;
         }
-        let upgrade = self.version == Version::Http1 && is_upgrade_request(&req);
+        let upgrade = self.version == Version::Http1 && is_websocket_upgrade(&req);
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
-        if let Side::Inbound { client_id, .. } = &self.side {
-            set_client_id(req.headers_mut(), client_id.as_ref());
-        }
-        let grpc = is_grpc(&req);
         // Each hop negotiates its own version and keep-alive: an HTTP/1.0
         // client must not make a pooled upstream connection single-use, and
         // an HTTP/1.0 upstream must not close the downstream connection.
@@ -204,18 +213,24 @@ impl HttpForward {
                 && self.pool.mesh_http2_possible(self.dst),
             converted: req.headers().contains_key(&ORIG_PROTO_HEADER),
         });
-        match (route, self.version) {
-            (Route::Http1OverHttp2, _) => http1_to_mesh_http2(&mut req, self.dst),
-            (Route::Http1 { .. }, Version::Http2) => {
-                mesh_http2_to_http1(&mut req);
-            }
-            _ => {
-                req.headers_mut().remove(&ORIG_PROTO_HEADER);
-            }
+        // A peer proxy's conversion is undone before our headers go, and
+        // ours is made after, so no caller can set one.
+        if let (Route::Http1 { .. }, Version::Http2) = (route, self.version) {
+            mesh_http2_to_http1(&mut req);
+        }
+        strip_reserved(req.headers_mut());
+        if route == Route::Http1OverHttp2 {
+            http1_to_mesh_http2(&mut req, self.dst);
+        }
+        if let Side::Inbound { client_id, .. } = &self.side {
+            set_client_id(req.headers_mut(), client_id.as_ref());
         }
         if let Route::Http1 { .. } = route {
             *req.version_mut() = http::Version::HTTP_11;
         }
+        let (parts, body) = req.into_parts();
+        let (body, body_fault) = RequestBody::new(body);
+        let req = Request::from_parts(parts, body);
 
         let (response, upstream_tls) = match self.pool.send(self.dst, req, route).await {
             Ok(Sent {
@@ -224,24 +239,39 @@ impl HttpForward {
                 release,
             }) => {
                 let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                if let (Some(downstream), true) = (downstream_upgrade, switched) {
-                    let upstream = hyper::upgrade::on(&mut response);
-                    tokio::spawn(tunnel(
-                        downstream,
-                        upstream,
-                        self.activity.clone(),
-                        self.idle_timeout,
-                        self.drain.clone(),
-                    ));
+                if switched && !upgrade {
+                    // Nothing asked to switch (an h2c upgrade was removed):
+                    // an upstream switching anyway is not relayed.
+                    (unexpected_upgrade(grpc), tls)
+                } else {
+                    if let (Some(downstream), true) = (downstream_upgrade, switched) {
+                        let upstream = hyper::upgrade::on(&mut response);
+                        tokio::spawn(tunnel(
+                            downstream,
+                            upstream,
+                            self.activity.clone(),
+                            self.idle_timeout,
+                            self.drain.clone(),
+                        ));
+                    }
+                    strip_hop_by_hop(response.headers_mut(), upgrade && switched);
+                    *response.version_mut() = downstream_version;
+                    let response = response.map(|body| ProxyBody::Upstream {
+                        body,
+                        release,
+                        ended: false,
+                    });
+                    (response, tls)
                 }
-                strip_hop_by_hop(response.headers_mut(), upgrade && switched);
-                *response.version_mut() = downstream_version;
-                let response = response.map(|body| ProxyBody::Upstream {
-                    body,
-                    release,
-                    ended: false,
-                });
-                (response, tls)
+            }
+            Err(error) if body_fault.client_body_failed() => {
+                self.metrics
+                    .connection_error(direction, ConnError::MalformedHttp);
+                tracing::debug!(direction = direction.as_str(), dst = %self.dst, %error, "The client's request body broke");
+                (
+                    bad_request(grpc),
+                    TlsStatus::NoTls(NoTlsReason::NoConnection),
+                )
             }
             Err(error) => {
                 self.metrics.connection_error(direction, error.reason());

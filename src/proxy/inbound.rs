@@ -12,19 +12,21 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::authz::{Caller, Enforcer};
 use super::connect::{AppConnector, Connect};
-use super::detect::{Alpn, Detection, Protocol, app_protocol, read_and_classify};
+use super::detect::{Alpn, Detection, Next, Protocol, Version, app_protocol, read_and_classify};
+use super::first_word::{FirstWord, WatchedWord, first_word};
 use super::http::{HttpServer, Side};
 use super::io::{Activity, MeteredIo, Rewind};
 use super::metrics::{Direction, Metrics};
 use super::orig_dst::original_dst;
 use super::outcome::{ConnError, ConnOutcome, HandshakeFailure};
+use super::respond::refuse_malformed;
 use super::tls_status::{NoTlsReason, TlsStatus};
 use super::{
     Error, Handler, InboundConfig, InboundTarget, Limits, Listener, MAX_DETECT_BYTES, ProtocolMode,
@@ -167,33 +169,34 @@ impl Inbound {
             tracing::debug!(%client, "Refused a connection without mesh TLS (strict mode)");
             return;
         }
-        if detected == Detection::TimedOut {
+        if matches!(detected, Detection::Silent | Detection::Stalled(_)) {
             self.metrics.detect_timeout(DIRECTION);
         }
         let tls = TlsStatus::NoTls(NoTlsReason::NotProvidedByRemote);
         let mut conn = self.metrics.connection(DIRECTION, &tls);
         io.set_counters(conn.bytes());
-        let protocol = match detected {
-            Detection::Detected(p) if !self.is_opaque(app_addr) => p,
-            _ => Protocol::Unknown,
+        // An opaque port relays whatever came.
+        let next = if self.is_opaque(app_addr) {
+            Next::Relay
+        } else {
+            match detected.next() {
+                Some(next) => next,
+                None => return,
+            }
         };
         let caller = Caller {
             peer: None,
             source: client.ip(),
             port: app_addr.port(),
         };
-        let result = self
-            .forward(
-                Rewind::new(prefix.freeze(), io),
-                protocol,
-                tls,
-                caller,
-                app_addr,
-                activity,
-                drain,
-            )
-            .await;
-        conn.set_result(result);
+        let connection = Connection {
+            tls,
+            caller,
+            app_addr,
+            activity,
+            drain,
+        };
+        conn.set_result(self.forward(io, prefix, next, connection).await);
     }
 
     /// Terminates mesh mTLS, then forwards by protocol.
@@ -250,7 +253,7 @@ impl Inbound {
         tls.get_mut().0.get_mut().set_counters(conn.bytes());
 
         let mut prefix = BytesMut::new();
-        let Some(protocol) = app_protocol(
+        let detection = app_protocol(
             &mut tls,
             &mut prefix,
             self.is_opaque(app_addr),
@@ -258,69 +261,131 @@ impl Inbound {
             MAX_DETECT_BYTES,
             || self.metrics.detect_timeout(DIRECTION),
         )
-        .await
-        else {
+        .await;
+        let Some(next) = detection.next() else {
             return;
         };
-        let result = self
-            .forward(
-                Rewind::new(prefix.freeze(), tls),
-                protocol,
-                status,
-                caller,
-                app_addr,
-                activity,
-                drain,
-            )
-            .await;
-        conn.set_result(result);
+        let connection = Connection {
+            tls: status,
+            caller,
+            app_addr,
+            activity,
+            drain,
+        };
+        conn.set_result(self.forward(tls, prefix, next, connection).await);
     }
 
     fn is_opaque(&self, app_addr: SocketAddr) -> bool {
         self.protocol == ProtocolMode::Opaque || self.opaque_ports.contains(&app_addr.port())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Serves, relays or refuses the connection as `next` says.
     async fn forward<I>(
         &self,
-        io: I,
-        protocol: Protocol,
-        tls: TlsStatus,
-        caller: Caller,
-        app_addr: SocketAddr,
-        activity: Arc<Activity>,
-        drain: Watch,
+        mut io: I,
+        prefix: BytesMut,
+        next: Next,
+        connection: Connection,
     ) -> ConnOutcome
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let version = protocol.http_version();
-        self.metrics.protocol(DIRECTION, version);
-        match version {
-            Some(version) => {
-                let side = Side::inbound(tls, self.enforcer.clone(), caller);
-                self.http
-                    .serve(io, version, app_addr, side, activity, &drain)
+        match next {
+            Next::Serve(version) => {
+                self.serve_http(Rewind::new(prefix.freeze(), io), version, connection)
                     .await
             }
-            None => {
-                // Opaque: judged now, and again at every policy change.
-                if self.enforcer.check_tcp(&caller).is_err() {
-                    return ConnOutcome::Denied;
-                }
-                let upstream = match self.app.connect(app_addr).await {
-                    Ok(upstream) => upstream,
-                    Err(error) => {
-                        self.metrics.connection_error(DIRECTION, error.reason());
-                        tracing::debug!(%app_addr, %error, "Cannot reach the application");
-                        return ConnOutcome::Error;
-                    }
-                };
-                tokio::select! {
-                    result = super::tcp::relay(io, upstream.io, &activity, self.limits.idle_timeout) => result,
-                    _ = self.enforcer.denied_later(&caller) => ConnOutcome::Terminated,
-                }
+            Next::Refuse => {
+                self.metrics
+                    .connection_error(DIRECTION, ConnError::MalformedHttp);
+                refuse_malformed(&mut io).await;
+                ConnOutcome::Refused
+            }
+            Next::Relay | Next::RelayWatchingTheWord | Next::AwaitFirstWord => {
+                self.relay(io, prefix, next, connection).await
             }
         }
     }
+
+    async fn serve_http<I>(&self, io: I, version: Version, c: Connection) -> ConnOutcome
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.metrics.protocol(DIRECTION, Some(version));
+        let side = Side::inbound(c.tls, self.enforcer.clone(), c.caller);
+        self.http
+            .serve(io, version, c.app_addr, side, c.activity, &c.drain)
+            .await
+    }
+
+    /// Opaque: judged now, and again at every policy change. A client
+    /// that was silent is watched until someone speaks first.
+    async fn relay<I>(
+        &self,
+        mut io: I,
+        mut prefix: BytesMut,
+        next: Next,
+        c: Connection,
+    ) -> ConnOutcome
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if self.enforcer.check_tcp(&c.caller).is_err() {
+            return ConnOutcome::Denied;
+        }
+        let mut upstream = match self.app.connect(c.app_addr).await {
+            Ok(upstream) => upstream.io,
+            Err(error) => {
+                self.metrics.connection_error(DIRECTION, error.reason());
+                tracing::debug!(app_addr = %c.app_addr, %error, "Cannot reach the application");
+                return ConnOutcome::Error;
+            }
+        };
+        let mut banner = Bytes::new();
+        let mut next = next;
+        if next == Next::AwaitFirstWord {
+            let word = first_word(
+                &mut io,
+                &mut prefix,
+                &mut upstream,
+                self.limits.detect_timeout,
+                MAX_DETECT_BYTES,
+                &c.activity,
+                self.limits.idle_timeout,
+            )
+            .await;
+            match word {
+                FirstWord::Server(said) => banner = said,
+                FirstWord::Client(detection) => match detection.next() {
+                    Some(relay @ (Next::Relay | Next::RelayWatchingTheWord)) => next = relay,
+                    Some(serve_or_refuse) => {
+                        // A request after all: the application connection
+                        // goes, and it is served (or refused) as any.
+                        drop(upstream);
+                        return Box::pin(self.forward(io, prefix, serve_or_refuse, c)).await;
+                    }
+                    None => return ConnOutcome::Ok,
+                },
+                FirstWord::Ended => return ConnOutcome::Ok,
+            }
+        }
+        self.metrics.protocol(DIRECTION, None);
+        let word = (next == Next::RelayWatchingTheWord).then_some(prefix.len());
+        let watched = WatchedWord::new(io, word);
+        let upstream = Rewind::new(banner, watched.server(upstream));
+        let downstream = Rewind::new(prefix.freeze(), watched);
+        tokio::select! {
+            result = super::tcp::relay(downstream, upstream, &c.activity, self.limits.idle_timeout) => result,
+            _ = self.enforcer.denied_later(&c.caller) => ConnOutcome::Terminated,
+        }
+    }
+}
+
+/// What is known about one inbound connection once its TLS is settled.
+struct Connection {
+    tls: TlsStatus,
+    caller: Caller,
+    app_addr: SocketAddr,
+    activity: Arc<Activity>,
+    drain: Watch,
 }

@@ -8,8 +8,10 @@
 //! the drain signal.
 
 mod authz;
+mod body;
 mod connect;
 mod detect;
+mod first_word;
 pub mod headers;
 mod http;
 mod inbound;

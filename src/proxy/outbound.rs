@@ -10,16 +10,18 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 
 use super::connect::{ExpectedPeer, MeshConnector};
-use super::detect::{Protocol, app_protocol};
+use super::detect::{Detection, Next, Protocol, app_protocol};
+use super::first_word::{FirstWord, WatchedWord, first_word};
 use super::http::{HttpServer, Side};
 use super::io::{Activity, MeteredIo, Rewind};
 use super::metrics::{Direction, Metrics};
 use super::orig_dst::original_dst;
 use super::outcome::ConnError;
+use super::respond::refuse_malformed;
 use super::{
     Error, Handler, Limits, Listener, MAX_DETECT_BYTES, OutboundConfig, OutboundTarget,
     ProtocolMode, ProxyConfig, TlsRx, bind, http_server,
@@ -117,7 +119,7 @@ impl Outbound {
         // once, without waiting for the client.
         let opaque =
             self.protocol == ProtocolMode::Opaque || self.opaque_ports.contains(&dst.port());
-        let Some(protocol) = app_protocol(
+        let detection = app_protocol(
             &mut io,
             &mut prefix,
             opaque,
@@ -125,24 +127,46 @@ impl Outbound {
             MAX_DETECT_BYTES,
             || self.metrics.detect_timeout(DIRECTION),
         )
-        .await
-        else {
+        .await;
+        let Some(next) = detection.next() else {
             return;
         };
-        let io = Rewind::new(prefix.freeze(), io);
-        let version = protocol.http_version();
-        self.metrics.protocol(DIRECTION, version);
+        // The application's own TLS stays end-to-end encrypted even if
+        // the destination turns out to have no proxy.
+        let app_tls = matches!(detection, Detection::Detected(Protocol::Tls(_)));
+        self.forward(io, prefix, next, dst, app_tls, activity, drain)
+            .await;
+    }
 
-        if let Some(version) = version {
-            self.http
-                .serve(io, version, dst, Side::Outbound, activity, &drain)
-                .await;
-            return;
-        }
-
-        // The application's own TLS stays end-to-end encrypted even if the
-        // destination turns out to have no proxy.
-        let app_tls = matches!(protocol, Protocol::Tls(_));
+    /// Serves, relays or refuses the connection as `next` says.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        mut io: MeteredIo<TcpStream>,
+        mut prefix: BytesMut,
+        next: Next,
+        dst: SocketAddr,
+        app_tls: bool,
+        activity: Arc<Activity>,
+        drain: Watch,
+    ) {
+        let next = match next {
+            Next::Serve(version) => {
+                self.metrics.protocol(DIRECTION, Some(version));
+                let io = Rewind::new(prefix.freeze(), io);
+                self.http
+                    .serve(io, version, dst, Side::Outbound, activity, &drain)
+                    .await;
+                return;
+            }
+            Next::Refuse => {
+                self.metrics
+                    .connection_error(DIRECTION, ConnError::MalformedHttp);
+                refuse_malformed(&mut io).await;
+                return;
+            }
+            next @ (Next::Relay | Next::RelayWatchingTheWord | Next::AwaitFirstWord) => next,
+        };
         let upstream = match self.connector.connect_to(dst, app_tls).await {
             Ok(upstream) => upstream,
             Err(error) => {
@@ -151,8 +175,50 @@ impl Outbound {
                 return;
             }
         };
-        let mut conn = upstream.metrics;
-        let result = super::tcp::relay(io, upstream.io, &activity, self.limits.idle_timeout).await;
+        let (mut upstream_io, mut conn) = (upstream.io, upstream.metrics);
+        let mut banner = Bytes::new();
+        let mut next = next;
+        if next == Next::AwaitFirstWord {
+            let word = first_word(
+                &mut io,
+                &mut prefix,
+                &mut upstream_io,
+                self.limits.detect_timeout,
+                MAX_DETECT_BYTES,
+                &activity,
+                self.limits.idle_timeout,
+            )
+            .await;
+            match word {
+                FirstWord::Server(said) => banner = said,
+                FirstWord::Client(detection) => match detection.next() {
+                    Some(relay @ (Next::Relay | Next::RelayWatchingTheWord)) => next = relay,
+                    Some(next) => {
+                        // A request after all: this upstream connection
+                        // goes, and it is served (or refused) as any.
+                        drop((upstream_io, conn));
+                        let app_tls = matches!(detection, Detection::Detected(Protocol::Tls(_)));
+                        return Box::pin(
+                            self.forward(io, prefix, next, dst, app_tls, activity, drain),
+                        )
+                        .await;
+                    }
+                    None => return,
+                },
+                FirstWord::Ended => return,
+            }
+        }
+        self.metrics.protocol(DIRECTION, None);
+        let word = (next == Next::RelayWatchingTheWord).then_some(prefix.len());
+        let watched = WatchedWord::new(io, word);
+        let upstream_io = Rewind::new(banner, watched.server(upstream_io));
+        let result = super::tcp::relay(
+            Rewind::new(prefix.freeze(), watched),
+            upstream_io,
+            &activity,
+            self.limits.idle_timeout,
+        )
+        .await;
         if let Some(conn) = conn.as_mut() {
             conn.set_result(result);
         }

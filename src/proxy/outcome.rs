@@ -19,6 +19,9 @@ pub enum ConnOutcome {
     Denied,
     /// A policy update denied it while it was open.
     Terminated,
+    /// Shaped like HTTP but not a request the proxy serves: answered 400
+    /// and closed.
+    Refused,
 }
 
 impl ConnOutcome {
@@ -30,6 +33,7 @@ impl ConnOutcome {
             Self::Drained => "drained",
             Self::Denied => "denied",
             Self::Terminated => "terminated",
+            Self::Refused => "refused",
         }
     }
 }
@@ -56,6 +60,8 @@ pub enum ConnError {
     NoIdentity,
     /// The upstream broke the HTTP exchange.
     UpstreamHttpError,
+    /// Bytes shaped like an HTTP request that is not one we serve.
+    MalformedHttp,
 }
 
 impl ConnError {
@@ -71,6 +77,7 @@ impl ConnError {
             Self::UpstreamTlsFailed => "upstream_tls_failed",
             Self::NoIdentity => "no_identity",
             Self::UpstreamHttpError => "upstream_http_error",
+            Self::MalformedHttp => "malformed_http",
         }
     }
 }
@@ -125,6 +132,7 @@ impl AuthzKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GrpcStatus {
     PermissionDenied,
+    Internal,
     Unavailable,
 }
 
@@ -132,6 +140,7 @@ impl GrpcStatus {
     pub fn code(self) -> u16 {
         match self {
             Self::PermissionDenied => 7,
+            Self::Internal => 13,
             Self::Unavailable => 14,
         }
     }

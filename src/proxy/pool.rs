@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use super::body::RequestBody;
 use super::connect::{Connect, ConnectError, Connected};
 use super::mesh_proto::mesh_http2_to_http1;
 use super::metrics::ConnMetrics;
@@ -94,7 +95,7 @@ struct State {
 /// A multiplexed connection and the TLS status of its peer.
 #[derive(Clone)]
 struct Http2Conn {
-    sender: http2::SendRequest<Incoming>,
+    sender: http2::SendRequest<RequestBody>,
     tls: TlsStatus,
 }
 
@@ -124,7 +125,7 @@ enum Upstream {
     },
     /// The destination has no proxy: HTTP/1, on this new connection when
     /// the request found that out itself, else from the pool.
-    Http1(Option<(http1::SendRequest<Incoming>, TlsStatus)>),
+    Http1(Option<(http1::SendRequest<RequestBody>, TlsStatus)>),
 }
 
 /// What a request does about the shared slot.
@@ -135,7 +136,7 @@ enum Turn {
 }
 
 struct IdleHttp1 {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     tls: TlsStatus,
     since: Instant,
 }
@@ -152,7 +153,7 @@ pub struct Sent {
 pub struct Release {
     pool: Weak<Pool>,
     dst: SocketAddr,
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     tls: TlsStatus,
 }
 
@@ -227,7 +228,7 @@ impl Pool {
     fn release(
         self: &Arc<Self>,
         dst: SocketAddr,
-        sender: http1::SendRequest<Incoming>,
+        sender: http1::SendRequest<RequestBody>,
         tls: TlsStatus,
     ) -> Release {
         Release {
@@ -242,7 +243,7 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         dst: SocketAddr,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         route: Route,
     ) -> Result<Sent, ForwardError> {
         match route {
@@ -260,7 +261,7 @@ impl Pool {
     async fn send_http1(
         self: &Arc<Self>,
         dst: SocketAddr,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         upgrade: bool,
     ) -> Result<Sent, ForwardError> {
         loop {
@@ -295,7 +296,7 @@ impl Pool {
     async fn checkout_http1(
         &self,
         dst: SocketAddr,
-    ) -> Option<(http1::SendRequest<Incoming>, TlsStatus)> {
+    ) -> Option<(http1::SendRequest<RequestBody>, TlsStatus)> {
         loop {
             let mut conn = self.state.lock().http1.get_mut(&dst)?.pop()?;
             if conn.sender.is_closed() || conn.since.elapsed() >= self.idle_timeout {
@@ -316,7 +317,7 @@ impl Pool {
     async fn connect_http1(
         &self,
         dst: SocketAddr,
-    ) -> Result<(http1::SendRequest<Incoming>, TlsStatus), ForwardError> {
+    ) -> Result<(http1::SendRequest<RequestBody>, TlsStatus), ForwardError> {
         handshake_http1(self.connector.connect(dst).await?).await
     }
 
@@ -326,7 +327,7 @@ impl Pool {
     async fn send_http2(
         self: &Arc<Self>,
         dst: SocketAddr,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         route: Route,
     ) -> Result<Sent, ForwardError> {
         loop {
@@ -480,7 +481,7 @@ impl Pool {
 
 async fn handshake_http1(
     connected: Connected,
-) -> Result<(http1::SendRequest<Incoming>, TlsStatus), ForwardError> {
+) -> Result<(http1::SendRequest<RequestBody>, TlsStatus), ForwardError> {
     let Connected { io, tls, metrics } = connected;
     let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
     spawn_connection(conn.with_upgrades(), metrics);

@@ -106,9 +106,10 @@ fn waits_for_the_end_of_an_http1_request_line() {
 fn recognises_the_http2_preface_and_waits_for_all_of_it() {
     assert_eq!(classify(H2_PREFACE), Progress::Done(Protocol::Http2));
     assert_eq!(classify(&H2_PREFACE[..10]), Progress::NeedMore);
+    // A preface that goes wrong is HTTP-shaped and not served.
     assert_eq!(
         classify(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"),
-        Progress::Done(Protocol::Unknown)
+        Progress::Done(Protocol::MalformedHttp)
     );
 }
 
@@ -118,7 +119,6 @@ fn binary_and_other_text_protocols_are_unknown_at_once() {
         &b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..],
         b"*1\r\n$4\r\nPING\r\n",
         b"SSH-2.0-OpenSSH\r\n",
-        b"GET / HTTP/3\r\n",
         b"HELLO\r\n",
     ] {
         assert_eq!(
@@ -131,6 +131,81 @@ fn binary_and_other_text_protocols_are_unknown_at_once() {
     assert_eq!(classify(b"PING\r\n"), Progress::Done(Protocol::Unknown));
 }
 
+#[test]
+fn http_shaped_lines_that_are_not_served_requests_are_refused() {
+    for malformed in [
+        &b"GET / HTTP/1.2\r\n"[..],
+        b"GET / HTTP/3\r\n",
+        b"GET\t/ HTTP/1.1\r\n",
+        b"GET  / HTTP/1.1\r\n",
+        b"GET / HTTP/1.1 \r\n",
+        b"GET /\x80 HTTP/1.1\r\n",
+        b"GET / HTTP/1.1\rX\r\n",
+        b"GET /\r\n",
+        b"get\x0b/ HTTP/1.1\r\n",
+        // A text protocol whose first word takes arguments looks like
+        // HTTP too (memcached, Redis inline): its port belongs on the
+        // opaque list.
+        b"SET key value\r\n",
+    ] {
+        assert_eq!(
+            classify(malformed),
+            Progress::Done(Protocol::MalformedHttp),
+            "{:?}",
+            String::from_utf8_lossy(malformed)
+        );
+    }
+}
+
+#[test]
+fn a_request_line_longer_than_the_limit_is_refused_not_waited_for() {
+    let mut long = b"GET /".to_vec();
+    long.resize(MAX_REQUEST_LINE, b'a');
+    assert_eq!(classify(&long), Progress::Done(Protocol::MalformedHttp));
+    assert_eq!(classify(&long[..MAX_REQUEST_LINE - 1]), Progress::NeedMore);
+    long.extend_from_slice(b" HTTP/1.1\r\n");
+    assert_eq!(classify(&long), Progress::Done(Protocol::MalformedHttp));
+}
+
+#[test]
+fn a_stalled_prefix_is_refused_if_it_could_still_become_a_request() {
+    assert_eq!(stalled(b""), Stalled::Silent);
+    assert_eq!(stalled(b"GET /x HTTP/1.1"), Stalled::MalformedHttp);
+    assert_eq!(stalled(b"GET\t"), Stalled::MalformedHttp);
+    assert_eq!(stalled(&H2_PREFACE[..5]), Stalled::MalformedHttp);
+    // A bare word is watched, not refused: it may be a client-first
+    // protocol waiting for its answer.
+    assert_eq!(stalled(b"GE"), Stalled::Word);
+    assert_eq!(stalled(b"before"), Stalled::Word);
+    assert_eq!(stalled(b"\x16\x03\x01\x02"), Stalled::Opaque);
+    assert_eq!(stalled(b"\x00\x01"), Stalled::Opaque);
+    assert_eq!(after_word(b' '), AfterWord::HttpShaped);
+    assert_eq!(after_word(b'T'), AfterWord::StillAWord);
+    assert_eq!(after_word(b'\n'), AfterWord::NotHttp);
+}
+
+#[test]
+fn each_detection_leads_to_one_next_step() {
+    assert_eq!(Detection::Closed.next(), None);
+    assert_eq!(Detection::Silent.next(), Some(Next::AwaitFirstWord));
+    assert_eq!(
+        Detection::Detected(Protocol::Http1).next(),
+        Some(Next::Serve(Version::Http1))
+    );
+    assert_eq!(
+        Detection::Stalled(Stalled::MalformedHttp).next(),
+        Some(Next::Refuse)
+    );
+    assert_eq!(
+        Detection::Stalled(Stalled::Word).next(),
+        Some(Next::RelayWatchingTheWord)
+    );
+    assert_eq!(
+        Detection::Detected(Protocol::Tls(Alpn::Other)).next(),
+        Some(Next::Relay)
+    );
+}
+
 #[tokio::test]
 async fn reading_stops_at_the_deadline_when_the_client_is_silent() {
     // `_client` stays open but silent.
@@ -139,7 +214,7 @@ async fn reading_stops_at_the_deadline_when_the_client_is_silent() {
     let got = read_and_classify(&mut server, &mut buf, Duration::from_millis(50), 4096)
         .await
         .unwrap();
-    assert_eq!(got, Detection::TimedOut);
+    assert_eq!(got, Detection::Silent);
 }
 
 #[tokio::test]
@@ -159,6 +234,39 @@ async fn reading_collects_a_request_split_across_writes() {
     assert_eq!(got, Detection::Detected(Protocol::Http1));
     assert_eq!(&buf[..], b"GET /x HTTP/1.1\r\n\r\n");
     drop(writer.await.unwrap());
+}
+
+#[tokio::test]
+async fn a_half_sent_request_line_at_the_deadline_is_refused() {
+    use tokio::io::AsyncWriteExt;
+    let (mut client, mut server) = tokio::io::duplex(64);
+    client.write_all(b"GET /slow").await.unwrap();
+    let mut buf = BytesMut::new();
+    let got = read_and_classify(&mut server, &mut buf, Duration::from_millis(50), 4096)
+        .await
+        .unwrap();
+    assert_eq!(got, Detection::Stalled(Stalled::MalformedHttp));
+    // A half-close after part of a line is judged the same way.
+    let (mut client, mut server) = tokio::io::duplex(64);
+    client.write_all(b"GET / HTTP/1.1").await.unwrap();
+    drop(client);
+    let mut buf = BytesMut::new();
+    let got = read_and_classify(&mut server, &mut buf, Duration::from_secs(5), 4096)
+        .await
+        .unwrap();
+    assert_eq!(got, Detection::Stalled(Stalled::MalformedHttp));
+}
+
+#[test]
+fn a_configured_timeout_never_overflows_the_clock() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let far = deadline_after(Duration::from_secs(u64::MAX));
+        assert!(far > tokio::time::Instant::now() + Duration::from_secs(86_400 * 365));
+    });
 }
 
 #[tokio::test]
