@@ -18,10 +18,19 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
-use crate::listener::accept_loop;
+use crate::listener::{Caps, accept_loop};
 
-/// Concurrent admin connections; more are closed on accept.
-const MAX_CONNECTIONS: usize = 64;
+/// Concurrent admin connections, and from one source address; more are
+/// closed on accept. One address (a neighbour pod) cannot take the
+/// kubelet's share; it takes many addresses at once to fill the total.
+const CAPS: Caps = Caps {
+    total: 256,
+    per_source: Some(8),
+};
+/// An admin connection must deliver a request head this soon, also after
+/// a keep-alive response: probes and scrapes are fast, an idle connection
+/// is worth nothing here, and closing it frees its slot.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Answers "should this instance receive traffic?".
 pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -86,7 +95,7 @@ impl Admin {
         // not exhaust the process's file descriptors.
         accept_loop(
             self.listener,
-            MAX_CONNECTIONS,
+            CAPS,
             std::future::pending(),
             |_refused| {},
             move |stream, peer| {
@@ -100,7 +109,7 @@ impl Admin {
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
-                        .header_read_timeout(std::time::Duration::from_secs(10))
+                        .header_read_timeout(HEAD_TIMEOUT)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 }
@@ -125,8 +134,9 @@ fn route(
             return text(StatusCode::METHOD_NOT_ALLOWED, "POST /shutdown\n");
         }
         // The admin port is reachable from the whole cluster (scrapes,
-        // probes); only the pod itself may stop its proxy.
-        if !peer.ip().is_loopback() {
+        // probes); only the pod itself may stop its proxy. Bound to `[::]`,
+        // an IPv4 loopback caller arrives as `::ffff:127.0.0.1`.
+        if !peer.ip().to_canonical().is_loopback() {
             return text(StatusCode::FORBIDDEN, "only from localhost\n");
         }
         tracing::info!("Shutdown requested on the admin port");
@@ -186,6 +196,7 @@ mod tests {
     #[test]
     fn shutdown_is_a_loopback_only_post_and_absent_unless_enabled() {
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
         let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
         let notify = Arc::new(tokio::sync::Notify::new());
         let with = state(Some(notify.clone()));
@@ -199,6 +210,10 @@ mod tests {
         );
         assert_eq!(
             route(&Method::POST, "/shutdown", local, &with).status(),
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(
+            route(&Method::POST, "/shutdown", mapped, &with).status(),
             StatusCode::ACCEPTED
         );
         // The permit is stored: the owner sees it even if it was not yet waiting.

@@ -2,16 +2,19 @@
 //! the admin server and the controller's webhook.
 //!
 //! Each accepted connection is served on its own task while it holds one
-//! of a fixed number of permits; a connection over the limit is closed at
-//! once, and a failing `accept` (out of file descriptors and the like)
-//! backs off instead of spinning. The loop stops when `stop` resolves;
+//! of a fixed number of permits, and, where a per-source cap is set, one
+//! of its source address's share; a connection over either is closed at
+//! once. A failing `accept` (out of file descriptors and the like) backs
+//! off instead of spinning. The loop stops when `stop` resolves;
 //! connections already accepted finish on their own terms.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -25,14 +28,71 @@ pub enum Refused {
     AcceptFailed(std::io::Error),
     /// Every permit was taken; the connection from this peer was closed.
     AtCapacity(SocketAddr),
+    /// This peer's address already holds its share; closed.
+    SourceAtCapacity(SocketAddr),
+}
+
+/// How many connections a listener serves at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub total: usize,
+    /// At most this many from one source address (IPv4-mapped IPv6
+    /// addresses count as their IPv4 address).
+    pub per_source: Option<usize>,
+}
+
+impl Caps {
+    pub fn total(total: usize) -> Self {
+        Self {
+            total,
+            per_source: None,
+        }
+    }
+}
+
+/// Open connections per source address, for [`Caps::per_source`].
+#[derive(Default)]
+struct Sources(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection's place in [`Sources`], given back when dropped.
+struct SourceSlot {
+    sources: Arc<Sources>,
+    ip: IpAddr,
+}
+
+impl Sources {
+    fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<SourceSlot> {
+        let mut open = self.0.lock();
+        let count = open.entry(ip).or_default();
+        if *count >= cap {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            sources: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.sources.0.lock();
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Accepts on `listener` until `stop` resolves, serving each connection
-/// with `serve` on a task of its own while at most `max_connections` are
-/// open. `refused` hears of every connection that was not served.
+/// with `serve` on a task of its own within `caps`. `refused` hears of
+/// every connection that was not served.
 pub async fn accept_loop<S, F>(
     listener: TcpListener,
-    max_connections: usize,
+    caps: Caps,
     stop: impl Future<Output = ()>,
     mut refused: impl FnMut(Refused),
     mut serve: S,
@@ -41,9 +101,8 @@ pub async fn accept_loop<S, F>(
     F: Future<Output = ()> + Send + 'static,
 {
     // A semaphore holds at most MAX_PERMITS; more would panic.
-    let limit = Arc::new(Semaphore::new(
-        max_connections.clamp(1, Semaphore::MAX_PERMITS),
-    ));
+    let limit = Arc::new(Semaphore::new(caps.total.clamp(1, Semaphore::MAX_PERMITS)));
+    let sources = Arc::new(Sources::default());
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -57,6 +116,17 @@ pub async fn accept_loop<S, F>(
             },
             _ = &mut stop => break,
         };
+        let slot = match caps.per_source {
+            Some(cap) => match sources.take(peer.ip().to_canonical(), cap) {
+                Some(slot) => Some(slot),
+                None => {
+                    drop(stream);
+                    refused(Refused::SourceAtCapacity(peer));
+                    continue;
+                }
+            },
+            None => None,
+        };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             drop(stream);
             refused(Refused::AtCapacity(peer));
@@ -65,7 +135,7 @@ pub async fn accept_loop<S, F>(
         let task = serve(stream, peer);
         tokio::spawn(async move {
             task.await;
-            drop(permit);
+            drop((permit, slot));
         });
     }
 }
@@ -86,7 +156,7 @@ mod tests {
         let (release_tx, release_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(accept_loop(
             listener,
-            1,
+            Caps::total(1),
             async {
                 let _ = stop_rx.await;
             },
@@ -95,10 +165,11 @@ mod tests {
                     counted.fetch_add(1, Ordering::SeqCst);
                 }
             },
-            move |_stream, _peer| {
+            move |stream, _peer| {
                 let mut release = release_rx.clone();
                 async move {
                     let _ = release.wait_for(|go| *go).await;
+                    drop(stream);
                 }
             },
         ));
@@ -116,5 +187,55 @@ mod tests {
         release_tx.send_replace(true);
         stop_tx.send(()).unwrap();
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_source_cannot_take_another_sources_share() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refused_sources = Arc::new(AtomicUsize::new(0));
+        let counted = refused_sources.clone();
+        let (_release_tx, release_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(accept_loop(
+            listener,
+            Caps {
+                total: 10,
+                per_source: Some(2),
+            },
+            std::future::pending(),
+            move |refused| {
+                if let Refused::SourceAtCapacity(_) = refused {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            },
+            move |stream, _peer| {
+                let mut release = release_rx.clone();
+                async move {
+                    let _ = release.wait_for(|go| *go).await;
+                    drop(stream);
+                }
+            },
+        ));
+        let from = |ip: &str| {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            socket.connect(addr)
+        };
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(from("127.0.0.2").await.unwrap());
+        }
+        // The third from .2 is closed; .3 still gets in.
+        let mut third = held.pop().unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+            .await
+            .expect("closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert_eq!(refused_sources.load(Ordering::SeqCst), 1);
+        let mut other = from("127.0.0.3").await.unwrap();
+        let open = tokio::time::timeout(Duration::from_millis(200), other.read(&mut buf)).await;
+        assert!(open.is_err(), "the other source was refused: {open:?}");
     }
 }

@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use super::metrics::ControllerMetrics;
 use crate::inject::config::INJECT;
 use crate::inject::{InjectConfig, Outcome, pod_patch};
-use crate::listener::accept_loop;
+use crate::listener::{Caps, accept_loop};
 
 pub const NAMESPACE_PATH: &str = "/inject/namespace";
 pub const POD_PATH: &str = "/inject/pod";
@@ -246,7 +246,7 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     accept_loop(
         listener,
-        MAX_CONNECTIONS,
+        Caps::total(MAX_CONNECTIONS),
         std::future::pending(),
         |_refused| {},
         move |stream, peer| {

@@ -45,7 +45,7 @@ use self::outbound::Outbound;
 use self::outcome::ConnError;
 use crate::identity::SpiffeId;
 use crate::lifecycle::Watch;
-use crate::listener::{Refused, accept_loop};
+use crate::listener::{Caps, Refused, accept_loop};
 use crate::policy::{MtlsMode, PolicyRx};
 use crate::tls::MeshTls;
 
@@ -191,14 +191,14 @@ impl<H: Handler> Listener<H> {
         let stop = drain.clone();
         accept_loop(
             self.listener,
-            self.max_connections,
+            Caps::total(self.max_connections),
             async move { stop.signaled().await },
             |refused| match refused {
                 Refused::AcceptFailed(error) => {
                     tracing::warn!(direction = direction.as_str(), %error, "Accept failed");
                     metrics.connection_error(direction, ConnError::AcceptFailed);
                 }
-                Refused::AtCapacity(client) => {
+                Refused::AtCapacity(client) | Refused::SourceAtCapacity(client) => {
                     tracing::debug!(direction = direction.as_str(), %client, "Connection limit reached; closing");
                     metrics.connection_error(direction, ConnError::MaxConnections);
                 }

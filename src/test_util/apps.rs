@@ -179,6 +179,73 @@ pub async fn banner_server(banner: &'static [u8]) -> SocketAddr {
     addr
 }
 
+/// Everything a [`lenient_recorder`] received, every connection's bytes
+/// in order of arrival.
+#[derive(Clone, Default)]
+pub struct Recorded(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl Recorded {
+    /// What arrived, lossily as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock()).into_owned()
+    }
+
+    /// Whether `needle` arrived, compared ignoring ASCII case (a lenient
+    /// server folds header names).
+    pub fn saw(&self, needle: &str) -> bool {
+        self.text()
+            .to_ascii_lowercase()
+            .contains(&needle.to_ascii_lowercase())
+    }
+}
+
+/// A deliberately lenient application server, the attacker's friend: it
+/// records every byte it receives, and answers every blank line it sees
+/// with `answer` (by default `200 ok`), whatever came before it. A header
+/// that reaches it in any spelling, on any path, shows in [`Recorded`].
+pub async fn lenient_recorder(answer: Option<&'static [u8]>) -> (SocketAddr, Recorded) {
+    let (listener, addr) = bind().await;
+    let recorded = Recorded::default();
+    let sink = recorded.clone();
+    let answer = answer
+        .unwrap_or(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut pending: Vec<u8> = Vec::new();
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.0.lock().extend_from_slice(&buf[..n]);
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, recorded)
+}
+
+/// Writes `bytes` on a new connection to `addr` and reads until the peer
+/// closes or `timeout` passes; returns what came back.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> String {
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let _ = stream.write_all(bytes).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(timeout, stream.read_to_end(&mut got)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// One HTTP/1.1 request on a new connection.
 pub async fn http1_request(
     addr: SocketAddr,

@@ -18,6 +18,12 @@ use outrider::test_util::certs::{TestCa, write_identity};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_outrider");
 
+/// The binary the proxy tests run: this build's, or `OUTRIDER_TEST_BIN`
+/// (how a test is shown to fail on an older build).
+pub fn bin() -> String {
+    std::env::var("OUTRIDER_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// A workload identity directory with its ID.
 pub struct Workload {
     pub dir: PathBuf,
@@ -145,7 +151,7 @@ impl ProxyProcess {
         let config_dir = tempfile::tempdir().expect("tempdir");
         let path = config_dir.path().join("config.yaml");
         std::fs::write(&path, config_yaml).expect("write config");
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["proxy", "--config"])
             .arg(&path)
             .args(["--log-format", "json", "--log-level", "info"])
