@@ -8,6 +8,7 @@
 
 mod file;
 mod overrides;
+mod ranges;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ pub use self::file::{
     OutboundSection, PolicySection, PolicySourceKind, TlsSection, WorkloadSection,
 };
 pub use self::overrides::Overrides;
+pub use self::ranges::MAX_CONNECTIONS;
 use crate::identity::SpiffeId;
 use crate::identity::reload::ReloadConfig;
 use crate::policy::{Probe, Settings, Workload};
@@ -133,37 +135,7 @@ impl FileConfig {
                 "a workload ID needs a path (spiffe://<td>/ns/<ns>/sa/<sa>)",
             ));
         }
-        let positive = |field: &str, d: Duration| {
-            if d.is_zero() {
-                Err(invalid(field, "must be greater than zero"))
-            } else {
-                Ok(())
-            }
-        };
-        positive("tls.handshake_timeout", self.tls.handshake_timeout)?;
-        positive("limits.connect_timeout", self.limits.connect_timeout)?;
-        positive("limits.detect_timeout", self.limits.detect_timeout)?;
-        positive("limits.idle_timeout", self.limits.idle_timeout)?;
-        positive(
-            "limits.app_pool_idle_timeout",
-            self.limits.app_pool_idle_timeout,
-        )?;
-        positive(
-            "limits.peer_pool_idle_timeout",
-            self.limits.peer_pool_idle_timeout,
-        )?;
-
-        positive("identity.reload_debounce", self.identity.reload_debounce)?;
-        positive(
-            "identity.reload_poll_interval",
-            self.identity.reload_poll_interval,
-        )?;
-        if self.limits.max_connections == 0 {
-            return Err(invalid("limits.max_connections", "must be at least 1"));
-        }
-        if self.limits.max_header_bytes < 1024 {
-            return Err(invalid("limits.max_header_bytes", "must be at least 1KiB"));
-        }
+        self.check_ranges()?;
         if self.tls.key_exchange.is_empty() {
             return Err(invalid("tls.key_exchange", "needs at least one group"));
         }
@@ -303,15 +275,6 @@ impl FileConfig {
                 kubeconfig: self.policy.kubeconfig.clone(),
             },
         };
-        let positive = |field: &str, d: Duration| {
-            if d.is_zero() {
-                Err(invalid(field, "must be greater than zero"))
-            } else {
-                Ok(())
-            }
-        };
-        positive("policy.reload_debounce", self.policy.reload_debounce)?;
-        positive("policy.poll_interval", self.policy.poll_interval)?;
         for (i, probe) in self.policy.probes.iter().enumerate() {
             if probe.port == 0 {
                 return Err(invalid(

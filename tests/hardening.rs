@@ -262,7 +262,10 @@ async fn kubelet_probes_keep_working_while_a_neighbour_holds_admin_connections()
             answered += 1;
         }
     }
-    assert_eq!(answered, 20, "probes failed while a neighbour held connections");
+    assert_eq!(
+        answered, 20,
+        "probes failed while a neighbour held connections"
+    );
     // And the neighbour's idle connections do not stay: each is closed
     // within a few seconds.
     let mut still_open = 0;
@@ -283,8 +286,10 @@ async fn shutdown_from_ipv4_loopback_works_when_the_admin_port_is_dual_stack() {
     let ca = TestCa::new("cluster.local");
     let app = apps::http1_app(Duration::ZERO).await;
     let w = workload(tmp.path(), &ca, "shop", "payments");
-    let yaml = config(&w, &sections(Some(app), None, "strict", ""))
-        .replace("admin:\n  listen: 127.0.0.1:0", "admin:\n  listen: \"[::]:0\"");
+    let yaml = config(&w, &sections(Some(app), None, "strict", "")).replace(
+        "admin:\n  listen: 127.0.0.1:0",
+        "admin:\n  listen: \"[::]:0\"",
+    );
     let mut proxy = ProxyProcess::start(&yaml).await;
     let port = proxy.admin.port();
     let answer = request_from(
@@ -296,4 +301,122 @@ async fn shutdown_from_ipv4_loopback_works_when_the_admin_port_is_dual_stack() {
     assert!(answer.starts_with("HTTP/1.1 202"), "{answer:?}");
     let status = proxy.wait_exit(Duration::from_secs(10)).expect("exited");
     assert_eq!(status.code(), Some(0));
+}
+
+/// Runs `outrider ARGS`, killing it after `timeout` if it has not exited.
+fn exit_of(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(common::bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+    }
+    let _ = child.wait();
+    (status.and_then(|s| s.code()), stderr)
+}
+
+#[test]
+fn extreme_numbers_exit_64_naming_the_field_instead_of_panicking_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = "identity:\n  id: spiffe://cluster.local/ns/a/sa/b\n";
+    let listen = "inbound:\n  listen: 127.0.0.1:0\noutbound:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\n";
+    for (extra, field) in [
+        (
+            "limits:\n  detect_timeout: 18446744073709551615s\n",
+            "limits.detect_timeout",
+        ),
+        (
+            "limits:\n  max_connections: 18446744073709551615\n",
+            "limits.max_connections",
+        ),
+        ("limits:\n  idle_timeout: 300000d\n", "limits.idle_timeout"),
+        (
+            "identity:\n  id: spiffe://cluster.local/ns/a/sa/b\n  reload_poll_interval: 1ms\n",
+            "identity.reload_poll_interval",
+        ),
+    ] {
+        let yaml = if extra.starts_with("identity:") {
+            format!("{extra}{listen}")
+        } else {
+            format!("{id}{listen}{extra}")
+        };
+        let path = tmp.path().join("config.yaml");
+        std::fs::write(&path, &yaml).unwrap();
+        let (code, stderr) = exit_of(
+            &["proxy", "--config", path.to_str().unwrap()],
+            Duration::from_secs(5),
+        );
+        assert_eq!(code, Some(64), "{field}: {stderr}");
+        assert!(stderr.contains(field), "{field}: {stderr}");
+    }
+    let (code, stderr) = exit_of(
+        &[
+            "proxy",
+            "--identity-id",
+            "spiffe://cluster.local/ns/a/sa/b",
+            "--inbound-app",
+            "127.0.0.1:0",
+        ],
+        Duration::from_secs(5),
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("inbound.app"), "{stderr}");
+    let (code, stderr) = exit_of(
+        &[
+            "controller",
+            "--kubeconfig",
+            "/nonexistent",
+            "--expiry-warning",
+            "99999999999d",
+        ],
+        Duration::from_secs(5),
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("--expiry-warning"), "{stderr}");
+}
+
+#[tokio::test]
+async fn identity_files_gone_for_good_are_counted_and_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("cluster.local");
+    let app = apps::http1_app(Duration::ZERO).await;
+    let w = workload(tmp.path(), &ca, "shop", "payments");
+    let proxy = ProxyProcess::start(&config(&w, &sections(Some(app), None, "strict", ""))).await;
+    std::fs::remove_dir_all(&w.dir).unwrap();
+    // The config polls every second; three polls make it more than a swap.
+    let counted = common::eventually(Duration::from_secs(10), async || {
+        let n = proxy
+            .metric(
+                "outrider_identity_reload_failures_total",
+                &[("reason", "missing")],
+            )
+            .await;
+        (n >= 1.0).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "logs:\n{}", proxy.logs());
+    assert!(
+        proxy.logs().contains("Rejected identity update"),
+        "{}",
+        proxy.logs()
+    );
+    // Still serving on the last good credentials.
+    let (status, _) = apps::http1_get(proxy.admin, "/ready").await.unwrap();
+    assert_eq!(status, 200);
 }

@@ -14,7 +14,7 @@ use crate::controller::{self, ControllerConfig};
 use crate::identity::TrustDomain;
 use crate::inject::InjectConfig;
 use crate::runtime::{LogFormat, build_runtime, init_tracing, shutdown_signal};
-use crate::units::{keyword, parse_duration};
+use crate::units::{format_duration, keyword, parse_duration};
 
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
@@ -106,6 +106,60 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             inject.trust_domain
         ))
         .into());
+    }
+    // Every duration within reach of the clock and the certificates' dates.
+    let century = Duration::from_secs(100 * 365 * 86_400);
+    let second = Duration::from_secs(1);
+    for (flag, value, min, max) in [
+        ("--anchor-lifetime", args.anchor_lifetime, second, century),
+        ("--issuer-lifetime", args.issuer_lifetime, second, century),
+        (
+            "--identity-lifetime",
+            args.identity_lifetime,
+            second,
+            century,
+        ),
+        (
+            "--expiry-warning",
+            args.expiry_warning,
+            Duration::ZERO,
+            century,
+        ),
+        (
+            "--webhook-cert-lifetime",
+            args.webhook_cert_lifetime,
+            second,
+            century,
+        ),
+        (
+            "--lease-duration",
+            args.lease_duration,
+            second,
+            Duration::from_secs(3600),
+        ),
+        (
+            "--lease-renew-deadline",
+            args.lease_renew_deadline,
+            second,
+            Duration::from_secs(3600),
+        ),
+        (
+            "--lease-retry",
+            args.lease_retry,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        ),
+        ("--resync", args.resync, second, Duration::from_secs(86_400)),
+    ] {
+        if value < min || value > max {
+            return Err(invalid(format!(
+                "{flag}: {} is outside {}..={}",
+                format_duration(value),
+                format_duration(min),
+                format_duration(max)
+            ))
+            .into());
+        }
     }
     if args.lease_renew_deadline >= args.lease_duration {
         return Err(

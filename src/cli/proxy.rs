@@ -12,6 +12,9 @@ use crate::app::Sidecar;
 use crate::config::{FileConfig, Overrides};
 use crate::runtime::{build_runtime, init_tracing, shutdown_signal};
 
+/// More worker threads than this is a typo, not a sidecar.
+const MAX_WORKER_THREADS: usize = 256;
+
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
     /// YAML configuration file (see docs/configuration.md).
@@ -31,10 +34,11 @@ pub struct ProxyArgs {
 pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let config = FileConfig::load(args.config.as_deref(), &args.overrides)
         .map_err(|error| UsageError::Config(error.to_string()))?;
-    if args.worker_threads == 0 {
-        return Err(UsageError::Config(
-            "invalid configuration: --worker-threads: must be at least 1".into(),
-        )
+    if !(1..=MAX_WORKER_THREADS).contains(&args.worker_threads) {
+        return Err(UsageError::Config(format!(
+            "invalid configuration: --worker-threads: {} is outside 1..={MAX_WORKER_THREADS}",
+            args.worker_threads
+        ))
         .into());
     }
     let effective =

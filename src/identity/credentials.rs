@@ -50,6 +50,7 @@ impl LoadError {
     /// A bounded label for `identity_reloads_total{result="failure",reason}`.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "missing",
             Self::Read { .. } => "unreadable",
             Self::Pem { .. } | Self::NoCertificate(_) | Self::NoKey => "malformed_pem",
             Self::UnusableKey(_) => "unusable_key",

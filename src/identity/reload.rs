@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use notify::{RecursiveMode, Watcher};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
@@ -46,6 +46,10 @@ pub struct Metrics {
 /// The current credentials, `None` until the first valid set is loaded.
 pub type CredentialsRx = watch::Receiver<Option<Arc<Credentials>>>;
 
+/// Identity files still missing after this many poll intervals are not a
+/// kubelet swap in progress: counted (`reason="missing"`) and logged.
+const MISSING_POLLS: u32 = 3;
+
 /// Loads, validates and republishes credentials when the directory changes.
 pub struct Reloader {
     config: ReloadConfig,
@@ -55,6 +59,8 @@ pub struct Reloader {
     /// directory is neither re-validated nor re-counted.
     last_seen: Option<RawCredentials>,
     last_failed: bool,
+    /// Since when the files have been unreadable as missing.
+    missing_since: Option<Instant>,
 }
 
 // === impl Metrics ===
@@ -106,6 +112,7 @@ impl Reloader {
             tx,
             last_seen: None,
             last_failed: false,
+            missing_since: None,
         };
         this.reload();
         (this, rx)
@@ -166,13 +173,21 @@ impl Reloader {
             Ok(raw) => raw,
             Err(error) => {
                 // A missing file mid-swap or before the first mount is
-                // normal; only count it if we have nothing else.
-                if self.tx.borrow().is_none() && !self.last_failed {
+                // normal; only count it if we have nothing else, or if it
+                // stays gone for several polls (the Secret was deleted, or
+                // the volume unmounted): then say so once, loudly, while
+                // the last good credentials run towards their expiry.
+                let since = *self.missing_since.get_or_insert_with(Instant::now);
+                let gone_for_good = since.elapsed() >= self.config.poll_interval * MISSING_POLLS;
+                if (self.tx.borrow().is_none() || gone_for_good) && !self.last_failed {
                     self.fail(&error);
                 }
                 return;
             }
         };
+        if self.missing_since.take().is_some() && self.last_failed {
+            tracing::info!(dir = %self.config.dir.display(), "Identity files are back");
+        }
         let unchanged = self.last_seen.as_ref() == Some(&raw);
         if unchanged && !self.last_failed {
             return;
