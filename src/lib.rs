@@ -41,3 +41,4 @@ pub mod runtime;
 pub mod test_util;
 pub mod tls;
 pub mod units;
+pub mod yaml;

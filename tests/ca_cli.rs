@@ -296,7 +296,7 @@ fn rotate_issuer_keeps_the_anchor_and_secret_prints_only_what_the_controller_acc
         tmp.path(),
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let secret: serde_yaml::Value = serde_yaml::from_str(&stdout(&out)).unwrap();
+    let secret = outrider::yaml::value(&stdout(&out)).unwrap();
     assert_eq!(secret["metadata"]["name"].as_str(), Some("outrider-ca"));
     assert_eq!(
         secret["metadata"]["namespace"].as_str(),

@@ -67,18 +67,14 @@ fn helm_template(values: Option<&str>) -> String {
 /// has no schema for `List` and would skip its items).
 fn unrolled(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let mut out = String::new();
-    for document in serde_yaml::Deserializer::from_str(yaml) {
-        let value: serde_yaml::Value = serde::Deserialize::deserialize(document).unwrap();
-        if value.is_null() {
-            continue;
-        }
+    for value in outrider::yaml::documents(yaml).unwrap() {
         let items = match value.get("kind").and_then(|k| k.as_str()) {
-            Some("List") => value["items"].as_sequence().cloned().unwrap_or_default(),
+            Some("List") => value["items"].as_array().cloned().unwrap_or_default(),
             _ => vec![value],
         };
         for item in items {
             out.push_str("---\n");
-            out.push_str(&serde_yaml::to_string(&item).unwrap());
+            out.push_str(&outrider::yaml::to_string(&item).unwrap());
         }
     }
     let path = dir.join(name);
@@ -195,15 +191,14 @@ fn the_chart_configures_the_binary_with_values_it_accepts() {
         let rendered = helm_template(values);
         let mut inject_yaml = None;
         let mut args = None;
-        for document in serde_yaml::Deserializer::from_str(&rendered) {
-            let value: serde_yaml::Value = serde::Deserialize::deserialize(document).unwrap();
+        for value in outrider::yaml::documents(&rendered).unwrap() {
             match value.get("kind").and_then(|k| k.as_str()) {
                 Some("ConfigMap") => {
                     inject_yaml = value["data"]["inject.yaml"].as_str().map(str::to_string)
                 }
                 Some("Deployment") => {
                     args = value["spec"]["template"]["spec"]["containers"][0]["args"]
-                        .as_sequence()
+                        .as_array()
                         .map(|a| {
                             a.iter()
                                 .filter_map(|v| v.as_str().map(str::to_string))

@@ -402,7 +402,7 @@ fn runbook_secret(issuer_dir: &Path, trust: &[&Path]) -> Result<Value, String> {
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
-    Ok(serde_yaml::from_slice(&out.stdout).expect("YAML Secret"))
+    Ok(outrider::yaml::from_str(&String::from_utf8_lossy(&out.stdout)).expect("YAML Secret"))
 }
 
 /// Plays kubelet: copies identity Secrets into directories the way a

@@ -783,7 +783,7 @@ fn an_injected_pod_runs_on_what_the_injector_and_controller_wrote() {
         let input = net.dir.path().join(format!("pod-{pod}.yaml"));
         std::fs::write(&input, manifest).unwrap();
         let injected = output(&[BIN, "inject", "-f", input.to_str().unwrap()]);
-        let injected: serde_json::Value = serde_yaml::from_str(&injected).unwrap();
+        let injected = outrider::yaml::value(&injected).unwrap();
 
         // The init container, with its environment.
         let init_env = kubelet_env(container(&injected, "outrider-init"), "shop", pod);

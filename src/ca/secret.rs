@@ -110,7 +110,7 @@ pub fn render(
             ISSUER_KEY_KEY: b64(key_pem),
         },
     });
-    serde_yaml::to_string(&secret).map_err(|e| Error::Render(e.to_string()))
+    crate::yaml::to_string(&secret).map_err(|e| Error::Render(e.to_string()))
 }
 
 fn text<'a>(data: &'a BTreeMap<String, Vec<u8>>, key: &'static str) -> Result<&'a str, Error> {
@@ -292,7 +292,7 @@ mod tests {
             now,
         )
         .unwrap();
-        let secret: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+        let secret: serde_json::Value = crate::yaml::value(&yaml).unwrap();
         assert_eq!(secret["metadata"]["name"], CA_SECRET);
         assert_eq!(secret["metadata"]["namespace"], "mesh-system");
         assert_eq!(secret["type"], "kubernetes.io/tls");

@@ -206,6 +206,6 @@ pub(super) fn load_inject_config(path: Option<&Path>) -> Result<InjectConfig, St
         return Ok(InjectConfig::default());
     };
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let de = serde_yaml::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize(de).map_err(|e| format!("{}: {e}", path.display()))
+    let value = crate::yaml::value(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -42,7 +42,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         .into());
     }
     let effective =
-        serde_yaml::to_string(&config.effective).context("serialising the configuration")?;
+        crate::yaml::to_string(&config.effective).context("serialising the configuration")?;
     if args.check {
         print!("{effective}");
         return Ok(ExitCode::SUCCESS);

@@ -42,12 +42,11 @@ pub fn inject_manifests(
         if !output.is_empty() && !output.ends_with("---\n") {
             output.push_str("---\n");
         }
-        let value: Option<Value> =
-            serde_yaml::from_str(&document).map_err(|e| InjectError::Yaml {
-                document: index + 1,
-                reason: e.to_string(),
-            })?;
-        let Some(mut value) = value.filter(|v| !v.is_null()) else {
+        let value = crate::yaml::value(&document).map_err(|e| InjectError::Yaml {
+            document: index + 1,
+            reason: e.to_string(),
+        })?;
+        let Some(mut value) = Some(value).filter(|v| !v.is_null()) else {
             // Comments only: keep them.
             output.push_str(&document);
             continue;
@@ -55,7 +54,7 @@ pub fn inject_manifests(
         let mut changed = false;
         inject_object(&mut value, mesh, index + 1, &mut changed, &mut reports)?;
         if changed {
-            let yaml = serde_yaml::to_string(&value).map_err(|e| InjectError::Yaml {
+            let yaml = crate::yaml::to_string(&value).map_err(|e| InjectError::Yaml {
                 document: index + 1,
                 reason: e.to_string(),
             })?;

@@ -15,8 +15,8 @@ pub type ObjectSet = BTreeMap<(Kind, String, String), Object>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    #[error("document {index}: not YAML: {reason}")]
-    Yaml { index: usize, reason: String },
+    #[error("not YAML, or beyond the limits: {0}")]
+    Yaml(#[from] crate::yaml::Error),
     #[error("document {index}: {kind} without metadata.name")]
     NoName { index: usize, kind: &'static str },
 }
@@ -25,17 +25,9 @@ pub enum ParseError {
 /// does: `List` documents are flattened, objects of other kinds are
 /// skipped, a missing namespace means `default_namespace`.
 pub fn parse_documents(text: &str, default_namespace: &str) -> Result<Vec<Object>, ParseError> {
-    use serde::Deserialize;
+    let documents = crate::yaml::documents(text).map_err(ParseError::Yaml)?;
     let mut objects = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(document).map_err(|e| ParseError::Yaml {
-            index,
-            reason: e.to_string(),
-        })?;
-        let value: Value = serde_json::to_value(value).map_err(|e| ParseError::Yaml {
-            index,
-            reason: e.to_string(),
-        })?;
+    for (index, value) in documents.into_iter().enumerate() {
         collect(value, index, default_namespace, &mut objects)?;
     }
     Ok(objects)
@@ -136,7 +128,7 @@ mod tests {
         ));
         assert!(matches!(
             parse_documents("a: [unclosed", "shop"),
-            Err(ParseError::Yaml { .. })
+            Err(ParseError::Yaml(_))
         ));
     }
 }

@@ -594,7 +594,7 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             let current = state.objects.get(&key).cloned();
             let patched = if content_type.starts_with("application/apply-patch") {
                 let Ok(applied) = serde_json::from_slice::<Value>(&body)
-                    .or_else(|_| serde_yaml::from_slice::<Value>(&body))
+                    .or_else(|_| crate::yaml::value(&String::from_utf8_lossy(&body)))
                 else {
                     return json_response(
                         StatusCode::BAD_REQUEST,

@@ -9,7 +9,7 @@ use crate::policy::index::{Probe, Settings, Workload, compile};
 use crate::policy::model::{Kind, MtlsMode, Object};
 
 pub(crate) fn policy(name: &str, yaml: &str) -> Arc<Policy> {
-    let spec: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
+    let spec: serde_json::Value = crate::yaml::value(yaml).unwrap();
     Arc::new(Policy::from_object(&Object {
         kind: Kind::AuthorizationPolicy,
         namespace: "shop".into(),

@@ -1,7 +1,6 @@
 //! The CRDs' CEL rules, run by the same CEL library the API server uses.
 
 use kube::CustomResourceExt;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::*;
@@ -136,9 +135,7 @@ fn kinds_have_short_names_and_the_outrider_category_so_they_never_clash_with_ist
 #[test]
 fn the_yaml_round_trips_through_serde() {
     let yaml = crds_yaml().unwrap();
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
-        .collect();
+    let docs = crate::yaml::documents(&yaml).unwrap();
     assert_eq!(docs.len(), 2);
     assert_eq!(docs[0]["spec"]["group"], "security.outrider.dev");
     assert_eq!(docs[1]["spec"]["names"]["kind"], "PeerAuthentication");
@@ -183,10 +180,7 @@ fn every_example_passes_the_schema_and_its_cel_rules() {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
-            for document in serde_yaml::Deserializer::from_str(&text) {
-                let value: Value =
-                    serde_json::to_value(serde_yaml::Value::deserialize(document).unwrap())
-                        .unwrap();
+            for value in crate::yaml::documents(&text).unwrap() {
                 // Workloads beside the policies (the demo app) are checked
                 // against the Kubernetes schemas in tests/chart.rs.
                 if !value["apiVersion"]

@@ -25,7 +25,7 @@ fn peer_auth(namespace: &str, name: &str, created: &str, spec: &str) -> PeerAuth
         namespace: namespace.into(),
         name: name.into(),
         created: Some(created.into()),
-        spec: serde_yaml::from_str(spec).unwrap(),
+        spec: crate::yaml::value(spec).unwrap(),
     })
 }
 

@@ -10,7 +10,7 @@ fn object(kind: Kind, name: &str, spec: &str) -> Object {
         namespace: "shop".into(),
         name: name.into(),
         created: None,
-        spec: serde_yaml::from_str(spec).unwrap(),
+        spec: crate::yaml::value(spec).unwrap(),
     }
 }
 
