@@ -420,3 +420,76 @@ async fn identity_files_gone_for_good_are_counted_and_logged() {
     let (status, _) = apps::http1_get(proxy.admin, "/ready").await.unwrap();
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn a_pathological_policy_file_is_refused_without_stalling_traffic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("cluster.local");
+    let app = apps::http1_app(Duration::ZERO).await;
+    let w = workload(tmp.path(), &ca, "shop", "payments");
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("deny.yaml"),
+        "apiVersion: security.outrider.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {name: no-admin}\nspec:\n  action: DENY\n  rules: [{to: [{paths: [\"/admin\"]}]}]\n",
+    )
+    .unwrap();
+    let extra = format!(
+        "policy:\n  source: files\n  dir: {}\n  reload_debounce: 50ms\n  poll_interval: 500ms\n",
+        policies.display()
+    );
+    let proxy =
+        ProxyProcess::start(&config(&w, &sections(Some(app), None, "permissive", &extra))).await;
+    let inbound = proxy.inbound();
+    let denied = apps::http1_get(inbound, "/admin").await.unwrap().0;
+    assert_eq!(denied, 403);
+
+    // Traffic the whole time: every request must be answered promptly.
+    let traffic = tokio::spawn(async move {
+        let mut slowest = Duration::ZERO;
+        let mut failed = 0;
+        let until = std::time::Instant::now() + Duration::from_secs(4);
+        while std::time::Instant::now() < until {
+            let started = std::time::Instant::now();
+            match tokio::time::timeout(WAIT, apps::http1_get(inbound, "/ok")).await {
+                Ok(Ok((status, _))) if status == 200 => {}
+                _ => failed += 1,
+            }
+            slowest = slowest.max(started.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (slowest, failed)
+    });
+    // 200 KB of nested brackets (once 19.5 s of CPU), and 6 MB of YAML
+    // (once 754 MB of memory).
+    let depth = 100_000;
+    std::fs::write(
+        policies.join("nested.yaml"),
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth)),
+    )
+    .unwrap();
+    std::fs::write(policies.join("huge.yaml"), "- [a, b, c, d, e, f, g]\n".repeat(250_000)).unwrap();
+    let refused = common::eventually(Duration::from_secs(10), async || {
+        let malformed = proxy
+            .metric(
+                "outrider_policy_source_errors_total",
+                &[("source", "files"), ("reason", "unparseable_file")],
+            )
+            .await;
+        let too_large = proxy
+            .metric(
+                "outrider_policy_source_errors_total",
+                &[("source", "files"), ("reason", "too_large")],
+            )
+            .await;
+        (malformed >= 1.0 && too_large >= 1.0).then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "logs:\n{}", proxy.logs());
+    let (slowest, failed) = traffic.await.unwrap();
+    assert_eq!(failed, 0, "requests failed while the files were read");
+    assert!(slowest < Duration::from_secs(1), "a request waited {slowest:?}");
+    // The policy in force before is still in force.
+    assert_eq!(apps::http1_get(inbound, "/admin").await.unwrap().0, 403);
+}

@@ -141,28 +141,76 @@ impl Publisher {
         rx
     }
 
-    /// Applies updates until every sender is gone.
+    /// Applies updates until every sender is gone. Judging and compiling
+    /// run on a blocking thread (a large policy costs that thread time,
+    /// never the data plane's), and a burst of updates is applied as one.
     pub async fn run(mut self, mut updates: mpsc::Receiver<Update>) {
-        while let Some(update) = updates.recv().await {
-            self.apply(update);
+        while let Some(first) = updates.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = updates.try_recv() {
+                batch.push(more);
+            }
+            let publisher = self;
+            let applied = tokio::task::spawn_blocking(move || {
+                let mut publisher = publisher;
+                publisher.apply_all(batch);
+                publisher
+            })
+            .await;
+            match applied {
+                Ok(publisher) => self = publisher,
+                Err(_) => return,
+            }
         }
     }
 
+    /// Applies a batch: only the last object set counts, every label
+    /// change in order, and the policy is compiled once.
+    fn apply_all(&mut self, batch: Vec<Update>) {
+        let last_objects = batch
+            .iter()
+            .rposition(|u| matches!(u, Update::Objects(_)));
+        let mut changed = false;
+        for (i, update) in batch.into_iter().enumerate() {
+            let superseded = matches!(update, Update::Objects(_)) && Some(i) != last_objects;
+            if !superseded {
+                changed |= self.stage(update);
+            }
+        }
+        if changed {
+            self.publish();
+        }
+    }
+
+    /// Applies one update and republishes if it changed anything.
     pub fn apply(&mut self, update: Update) {
+        if self.stage(update) {
+            self.publish();
+        }
+    }
+
+    /// Takes an update in; false when it changes nothing.
+    fn stage(&mut self, update: Update) -> bool {
         match update {
             Update::Objects(objects) => {
                 self.judged = self.judge(&objects);
                 self.objects = Some(objects);
+                true
             }
             Update::Labels(labels) => {
                 if self.labels_known && labels == self.workload.labels {
-                    return;
+                    return false;
                 }
                 tracing::info!(?labels, "Workload labels read");
                 self.workload.labels = labels;
                 self.labels_known = true;
+                true
             }
         }
+    }
+
+    /// Compiles what applies to the workload now and publishes it.
+    fn publish(&mut self) {
         let synced = self.objects.is_some() && self.labels_known;
         let compiled = compile(
             &self.workload,

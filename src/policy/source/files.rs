@@ -16,8 +16,20 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{Notify, mpsc};
 
 use crate::policy::model::Object;
-use crate::policy::objects::{ObjectSet, parse_documents};
+use crate::policy::objects::{ObjectSet, ParseError, parse_documents};
+use crate::yaml::MAX_DOCUMENT_BYTES;
 use crate::policy::publish::{Metrics, Update};
+
+/// A file's text, or `None` when it is larger than any policy file may
+/// be (read no further than that, whatever the file's size).
+fn read_bounded(path: &Path) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut text = String::new();
+    file.take(MAX_DOCUMENT_BYTES as u64 + 1)
+        .read_to_string(&mut text)?;
+    Ok((text.len() <= MAX_DOCUMENT_BYTES).then_some(text))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -61,6 +73,18 @@ impl FileSource {
         }
     }
 
+    /// A source with this one's settings and no state, to stand in while
+    /// this one is away on a blocking thread.
+    fn empty_twin(&self) -> Self {
+        Self::new(
+            self.dir.clone(),
+            self.default_namespace.clone(),
+            self.debounce,
+            self.poll_interval,
+            self.metrics.clone(),
+        )
+    }
+
     /// Reads the directory into a complete object set.
     pub fn load(&mut self) -> Result<ObjectSet, Error> {
         let entries = std::fs::read_dir(&self.dir).map_err(|source| Error::ReadDir {
@@ -97,8 +121,14 @@ impl FileSource {
     }
 
     fn read_file(&mut self, path: &Path) {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
+        let text = match read_bounded(path) {
+            Ok(Some(text)) => text,
+            Ok(None) => {
+                // Too large to read at all: refused like an unparseable
+                // file, once per change of size.
+                self.refuse(path, "too_large", &format!("larger than {MAX_DOCUMENT_BYTES} bytes"));
+                return;
+            }
             Err(error) => {
                 // Mid-swap or vanished: keep what it held.
                 tracing::debug!(path = %path.display(), %error, "Cannot read policy file");
@@ -113,12 +143,20 @@ impl FileSource {
                 self.last_good.insert(path.to_path_buf(), objects);
             }
             Err(error) => {
-                self.metrics.source_error("files", "unparseable_file");
-                let kept = self.last_good.get(path).map_or(0, Vec::len);
-                tracing::warn!(path = %path.display(), %error, kept, "Policy file does not parse; keeping the objects it last held");
+                let reason = match &error {
+                    ParseError::Yaml(yaml) if yaml.reason() == "too_large" => "too_large",
+                    _ => "unparseable_file",
+                };
+                self.refuse(path, reason, &error.to_string());
             }
         }
         self.last_text.insert(path.to_path_buf(), text);
+    }
+
+    fn refuse(&mut self, path: &Path, reason: &'static str, error: &str) {
+        self.metrics.source_error("files", reason);
+        let kept = self.last_good.get(path).map_or(0, Vec::len);
+        tracing::warn!(path = %path.display(), %error, kept, reason, "Policy file refused; keeping the objects it last held");
     }
 
     /// Sends the initial set, then every change, until `updates` closes.
@@ -167,9 +205,21 @@ impl FileSource {
         }
     }
 
-    /// Returns false once nobody listens any more.
+    /// Returns false once nobody listens any more. Reading and parsing
+    /// run on a blocking thread: a large or hostile file costs that thread
+    /// time, never the data plane's.
     async fn reload(&mut self, updates: &mpsc::Sender<Update>) -> bool {
-        match self.load() {
+        let mut source = std::mem::replace(self, self.empty_twin());
+        let loaded = tokio::task::spawn_blocking(move || {
+            let result = source.load();
+            (source, result)
+        })
+        .await;
+        let Ok((source, result)) = loaded else {
+            return false;
+        };
+        *self = source;
+        match result {
             Ok(set) if self.last_sent.as_ref() != Some(&set) => {
                 self.last_sent = Some(set.clone());
                 updates.send(Update::Objects(set)).await.is_ok()
