@@ -493,3 +493,35 @@ async fn a_pathological_policy_file_is_refused_without_stalling_traffic() {
     // The policy in force before is still in force.
     assert_eq!(apps::http1_get(inbound, "/admin").await.unwrap().0, 403);
 }
+
+#[tokio::test]
+async fn clients_that_stop_reading_do_not_stall_other_requests_to_the_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("cluster.local");
+    let app = apps::http1_app(Duration::ZERO).await;
+    let server_w = workload(tmp.path(), &ca, "shop", "payments");
+    let client_w = workload(tmp.path(), &ca, "shop", "orders");
+    let (_server, client) = common::strict_pair(&server_w, &client_w, app).await;
+    let outbound = client.outbound();
+    // Four clients ask for 32 MiB each and never read a byte of it.
+    let mut stalled = Vec::new();
+    for i in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
+        let request = format!("GET /bytes/33554432?{i} HTTP/1.1\r\nHost: app\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stalled.push(stream);
+    }
+    // Let their responses fill every buffer they can.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut completed = 0;
+    for _ in 0..10 {
+        if let Ok(Ok((status, _))) =
+            tokio::time::timeout(Duration::from_secs(2), apps::http1_get(outbound, "/small")).await
+            && status == 200
+        {
+            completed += 1;
+        }
+    }
+    assert_eq!(completed, 10, "requests stalled behind readers that stopped reading");
+    drop(stalled);
+}

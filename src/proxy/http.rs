@@ -33,7 +33,9 @@ use super::io::Activity;
 use super::mesh_proto::{ORIG_PROTO_HEADER, http1_to_mesh_http2, mesh_http2_to_http1};
 use super::metrics::{Direction, HttpMetrics, Metrics};
 use super::outcome::{ConnError, ConnOutcome};
-use super::pool::{Pool, Route, Sent};
+use super::pool::{
+    CONNECTION_WINDOW, MAX_STREAMS_PER_CONNECTION, Pool, Route, STREAM_WINDOW, Sent,
+};
 use super::respond::{ProxyBody, bad_request, error_response, forbidden, unexpected_upgrade};
 use super::tls_status::{NoTlsReason, TlsStatus};
 use crate::lifecycle::Watch;
@@ -237,6 +239,7 @@ impl HttpForward {
                 mut response,
                 tls,
                 release,
+                in_flight,
             }) => {
                 let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if switched && !upgrade {
@@ -259,6 +262,7 @@ impl HttpForward {
                     let response = response.map(|body| ProxyBody::Upstream {
                         body,
                         release,
+                        in_flight,
                         ended: false,
                     });
                     (response, tls)
@@ -372,8 +376,14 @@ where
             drive(conn, &activity, idle_timeout, drain).await
         }
         Version::Http2 => {
+            // The same flow-control bounds as the pool's connections: a
+            // stream whose upstream stops reading its body holds back its
+            // own window only.
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION as u32)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
                 .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
                 .serve_connection(TokioIo::new(io), service);
             drive(conn, &activity, idle_timeout, drain).await

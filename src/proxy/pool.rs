@@ -3,15 +3,24 @@
 //! HTTP/1 connections are checked out for one request at a time and come
 //! back when the response body has been fully read (a connection whose
 //! body was abandoned cannot be reused and is closed). HTTP/2 connections
-//! are shared: one per destination, multiplexed. Between two proxies,
-//! HTTP/1 requests also travel over one shared HTTP/2 connection (see
+//! are shared and multiplexed: a destination gets another one only when
+//! each it has carries [`MAX_STREAMS_PER_CONNECTION`] requests. Between
+//! two proxies, HTTP/1 requests also travel over HTTP/2 (see
 //! [`Route::Http1OverHttp2`]). Idle connections expire.
+//!
+//! No head-of-line blocking on a shared connection: a stream can hold at
+//! most [`STREAM_WINDOW`] of the connection's receive window, and the
+//! connection window is that times the streams we open on it, so readers
+//! that stop reading stall their own streams and never the others. The
+//! memory this can pin is bounded: at most the connection window per
+//! connection, and at most [`MAX_CONNECTIONS_PER_DESTINATION`] connections.
 //! A request that fails on a reused connection before it was written is
 //! retried on a fresh one, which covers the race with a server closing an
 //! idle keep-alive connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -28,6 +37,17 @@ use super::mesh_proto::mesh_http2_to_http1;
 use super::metrics::ConnMetrics;
 use super::outcome::{ConnError, ConnOutcome};
 use super::tls_status::TlsStatus;
+
+/// The most requests in flight on one HTTP/2 connection this proxy opens
+/// (and the most streams its HTTP/2 servers accept at once).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 128;
+/// HTTP/2 connections kept per destination; past them, requests queue on
+/// the least loaded one.
+const MAX_CONNECTIONS_PER_DESTINATION: usize = 8;
+/// A stream's receive window: what one unread response may hold back.
+pub const STREAM_WINDOW: u32 = 64 * 1024;
+/// A connection's receive window: room for every stream's window at once.
+pub const CONNECTION_WINDOW: u32 = MAX_STREAMS_PER_CONNECTION as u32 * STREAM_WINDOW;
 
 /// How long a just-released HTTP/1 connection may take to become ready
 /// again: its connection task runs as soon as it is scheduled.
@@ -92,18 +112,44 @@ struct State {
     http2: HashMap<SocketAddr, Http2Slot>,
 }
 
-/// A multiplexed connection and the TLS status of its peer.
+/// A multiplexed connection, the TLS status of its peer, and how many
+/// requests are on it now.
 #[derive(Clone)]
 struct Http2Conn {
     sender: http2::SendRequest<RequestBody>,
     tls: TlsStatus,
+    in_flight: Arc<AtomicUsize>,
 }
 
-/// A destination's place for its shared HTTP/2 connection.
-enum Http2Slot {
-    Ready(Http2Conn),
+impl Http2Conn {
+    fn load(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A destination's HTTP/2 connections, and the connect in progress.
+#[derive(Default)]
+struct Http2Slot {
+    conns: Vec<Http2Conn>,
     /// One request is connecting; the others wait for what it finds.
-    Connecting(watch::Receiver<Option<Found>>),
+    connecting: Option<watch::Receiver<Option<Found>>>,
+}
+
+/// One request on an HTTP/2 connection, counted until it is dropped
+/// (with the response body, or when sending fails).
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn start(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What the connect for a destination's shared slot found, as every
@@ -147,6 +193,8 @@ pub struct Sent {
     pub tls: TlsStatus,
     /// For HTTP/1: hands the connection back once the body is done.
     pub release: Option<Release>,
+    /// For HTTP/2: counts the request on its connection until dropped.
+    pub in_flight: Option<InFlight>,
 }
 
 /// The right to return an HTTP/1 connection to its pool.
@@ -219,9 +267,10 @@ impl Pool {
             });
             !idle.is_empty()
         });
-        state.http2.retain(|_, slot| match slot {
-            Http2Slot::Ready(conn) => !conn.sender.is_closed(),
-            Http2Slot::Connecting(rx) => rx.has_changed().is_ok(),
+        state.http2.retain(|_, slot| {
+            slot.conns.retain(|c| !c.sender.is_closed());
+            slot.connecting = slot.connecting.take().filter(|rx| rx.has_changed().is_ok());
+            !slot.conns.is_empty() || slot.connecting.is_some()
         });
     }
 
@@ -282,6 +331,7 @@ impl Pool {
                         response,
                         tls,
                         release,
+                        in_flight: None,
                     });
                 }
                 Err(mut error) => match error.take_message() {
@@ -344,6 +394,7 @@ impl Pool {
                         response,
                         tls,
                         release,
+                        in_flight: None,
                     });
                 }
                 Upstream::Http1(None) => {
@@ -351,12 +402,14 @@ impl Pool {
                     return self.send_http1(dst, req, false).await;
                 }
             };
+            let in_flight = InFlight::start(&conn.in_flight);
             match conn.sender.try_send_request(req).await {
                 Ok(response) => {
                     return Ok(Sent {
                         response,
                         tls: conn.tls,
                         release: None,
+                        in_flight: Some(in_flight),
                     });
                 }
                 Err(mut error) => match error.take_message() {
@@ -401,25 +454,36 @@ impl Pool {
         }
     }
 
-    /// Empties the slot if its connection has closed.
+    /// Drops the slot's closed connections.
     fn forget_closed(&self, dst: SocketAddr) {
-        let mut state = self.state.lock();
-        if matches!(state.http2.get(&dst), Some(Http2Slot::Ready(c)) if c.sender.is_closed()) {
-            state.http2.remove(&dst);
+        if let Some(slot) = self.state.lock().http2.get_mut(&dst) {
+            slot.conns.retain(|c| !c.sender.is_closed());
         }
     }
 
-    /// The slot's connection if it has a live one; else the connect in
-    /// progress to wait for; else the right to connect, claimed.
+    /// The least loaded live connection if it has room for another
+    /// request; else the connect in progress to wait for; else the right
+    /// to connect, claimed; and with every connection full and no room
+    /// for another, the least loaded one anyway (the request queues).
     fn join_or_claim(&self, dst: SocketAddr) -> Turn {
         let mut state = self.state.lock();
-        match state.http2.get(&dst) {
-            Some(Http2Slot::Ready(conn)) if !conn.sender.is_closed() => Turn::Ready(conn.clone()),
-            // A connect in progress whose task is still alive.
-            Some(Http2Slot::Connecting(rx)) if rx.has_changed().is_ok() => Turn::Wait(rx.clone()),
+        let slot = state.http2.entry(dst).or_default();
+        slot.conns.retain(|c| !c.sender.is_closed());
+        let least = slot.conns.iter().min_by_key(|c| c.load()).cloned();
+        if let Some(conn) = &least
+            && conn.load() < MAX_STREAMS_PER_CONNECTION
+        {
+            return Turn::Ready(conn.clone());
+        }
+        // A connect in progress whose task is still alive.
+        if let Some(rx) = slot.connecting.as_ref().filter(|rx| rx.has_changed().is_ok()) {
+            return Turn::Wait(rx.clone());
+        }
+        match least {
+            Some(conn) if slot.conns.len() >= MAX_CONNECTIONS_PER_DESTINATION => Turn::Ready(conn),
             _ => {
                 let (tx, rx) = watch::channel(None);
-                state.http2.insert(dst, Http2Slot::Connecting(rx));
+                slot.connecting = Some(rx);
                 Turn::Connect(tx)
             }
         }
@@ -434,19 +498,19 @@ impl Pool {
     ) -> Result<Upstream, ForwardError> {
         let result = self.connect_shared(dst, route).await;
         let mut state = self.state.lock();
+        let slot = state.http2.entry(dst).or_default();
+        slot.connecting = None;
         match result {
             Ok(Upstream::Http2 { conn, reused }) => {
-                state.http2.insert(dst, Http2Slot::Ready(conn.clone()));
+                slot.conns.push(conn.clone());
                 found.send_replace(Some(Found::Mesh(conn.clone())));
                 Ok(Upstream::Http2 { conn, reused })
             }
             Ok(http1) => {
-                state.http2.remove(&dst);
                 found.send_replace(Some(Found::Plaintext));
                 Ok(http1)
             }
             Err(error) => {
-                state.http2.remove(&dst);
                 let error = Arc::new(error);
                 found.send_replace(Some(Found::Failed(error.clone())));
                 Err(ForwardError::Shared(error))
@@ -469,11 +533,17 @@ impl Pool {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(MESH_KEEPALIVE_INTERVAL))
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .handshake(TokioIo::new(io))
             .await?;
         spawn_connection(conn, metrics);
         Ok(Upstream::Http2 {
-            conn: Http2Conn { sender, tls },
+            conn: Http2Conn {
+                sender,
+                tls,
+                in_flight: Arc::new(AtomicUsize::new(0)),
+            },
             reused: false,
         })
     }

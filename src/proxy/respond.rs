@@ -15,7 +15,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::connect::ConnectError;
 use super::outcome::GrpcStatus;
-use super::pool::{ForwardError, Release};
+use super::pool::{ForwardError, InFlight, Release};
 
 /// Set on responses the proxy generates itself, naming why.
 pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-outrider-error");
@@ -42,6 +42,8 @@ pub enum ProxyBody {
     Upstream {
         body: Incoming,
         release: Option<Release>,
+        /// Counts the request on its HTTP/2 connection while the body lives.
+        in_flight: Option<InFlight>,
         ended: bool,
     },
     Synthetic(Full<Bytes>),
@@ -62,10 +64,17 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Self::Upstream { body, ended, .. } => {
+            Self::Upstream {
+                body,
+                ended,
+                in_flight,
+                ..
+            } => {
                 let poll = Pin::new(body).poll_frame(cx);
                 if let Poll::Ready(None) = poll {
                     *ended = true;
+                    // The stream is done: its connection has room again.
+                    in_flight.take();
                 }
                 poll
             }
@@ -98,6 +107,7 @@ impl Drop for ProxyBody {
             body,
             release,
             ended,
+            ..
         } = self
         {
             if *ended || body.is_end_stream() {

@@ -38,7 +38,8 @@ async fn bind() -> (TcpListener, SocketAddr) {
 }
 
 /// HTTP/1.1 app answering `<version> <method> <path> caller=<id>`, after
-/// `delay` (for in-flight tests). Paths starting `/status/NNN` answer NNN.
+/// `delay` (for in-flight tests). Paths starting `/status/NNN` answer NNN;
+/// `/bytes/N` answers N bytes.
 pub async fn http1_app(delay: Duration) -> SocketAddr {
     http1_app_at("127.0.0.1:0".parse().expect("addr"), delay).await
 }
@@ -60,7 +61,16 @@ pub async fn http1_app_at(at: SocketAddr, delay: Duration) -> SocketAddr {
                         .and_then(|s| s.parse::<u16>().ok())
                         .and_then(|s| StatusCode::from_u16(s).ok())
                         .unwrap_or(StatusCode::OK);
-                    let mut response = Response::new(Full::new(Bytes::from(describe(&req))));
+                    let body = match req
+                        .uri()
+                        .path()
+                        .strip_prefix("/bytes/")
+                        .and_then(|n| n.parse::<usize>().ok())
+                    {
+                        Some(n) => Bytes::from(vec![b'x'; n]),
+                        None => Bytes::from(describe(&req)),
+                    };
+                    let mut response = Response::new(Full::new(body));
                     *response.status_mut() = status;
                     Ok::<_, Infallible>(response)
                 });
