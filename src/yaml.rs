@@ -112,10 +112,7 @@ mod tests {
     #[test]
     fn text_over_the_limit_is_refused_before_parsing() {
         let big = "a: b\n".repeat(MAX_DOCUMENT_BYTES / 5 + 1);
-        assert!(matches!(
-            documents(&big),
-            Err(Error::TooLarge { .. })
-        ));
+        assert!(matches!(documents(&big), Err(Error::TooLarge { .. })));
     }
 
     #[test]

@@ -439,8 +439,11 @@ async fn a_pathological_policy_file_is_refused_without_stalling_traffic() {
         "policy:\n  source: files\n  dir: {}\n  reload_debounce: 50ms\n  poll_interval: 500ms\n",
         policies.display()
     );
-    let proxy =
-        ProxyProcess::start(&config(&w, &sections(Some(app), None, "permissive", &extra))).await;
+    let proxy = ProxyProcess::start(&config(
+        &w,
+        &sections(Some(app), None, "permissive", &extra),
+    ))
+    .await;
     let inbound = proxy.inbound();
     let denied = apps::http1_get(inbound, "/admin").await.unwrap().0;
     assert_eq!(denied, 403);
@@ -469,7 +472,11 @@ async fn a_pathological_policy_file_is_refused_without_stalling_traffic() {
         format!("{}{}", "[".repeat(depth), "]".repeat(depth)),
     )
     .unwrap();
-    std::fs::write(policies.join("huge.yaml"), "- [a, b, c, d, e, f, g]\n".repeat(250_000)).unwrap();
+    std::fs::write(
+        policies.join("huge.yaml"),
+        "- [a, b, c, d, e, f, g]\n".repeat(250_000),
+    )
+    .unwrap();
     let refused = common::eventually(Duration::from_secs(10), async || {
         let malformed = proxy
             .metric(
@@ -489,7 +496,10 @@ async fn a_pathological_policy_file_is_refused_without_stalling_traffic() {
     assert!(refused.is_some(), "logs:\n{}", proxy.logs());
     let (slowest, failed) = traffic.await.unwrap();
     assert_eq!(failed, 0, "requests failed while the files were read");
-    assert!(slowest < Duration::from_secs(1), "a request waited {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a request waited {slowest:?}"
+    );
     // The policy in force before is still in force.
     assert_eq!(apps::http1_get(inbound, "/admin").await.unwrap().0, 403);
 }
@@ -522,6 +532,9 @@ async fn clients_that_stop_reading_do_not_stall_other_requests_to_the_destinatio
             completed += 1;
         }
     }
-    assert_eq!(completed, 10, "requests stalled behind readers that stopped reading");
+    assert_eq!(
+        completed, 10,
+        "requests stalled behind readers that stopped reading"
+    );
     drop(stalled);
 }

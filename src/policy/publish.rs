@@ -167,9 +167,7 @@ impl Publisher {
     /// Applies a batch: only the last object set counts, every label
     /// change in order, and the policy is compiled once.
     fn apply_all(&mut self, batch: Vec<Update>) {
-        let last_objects = batch
-            .iter()
-            .rposition(|u| matches!(u, Update::Objects(_)));
+        let last_objects = batch.iter().rposition(|u| matches!(u, Update::Objects(_)));
         let mut changed = false;
         for (i, update) in batch.into_iter().enumerate() {
             let superseded = matches!(update, Update::Objects(_)) && Some(i) != last_objects;

@@ -328,15 +328,14 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Reads into `buf` until [`classify`] decides, the deadline passes, the
+/// Reads into `buf` until [`classify`] decides, `deadline` passes, the
 /// peer closes, or `max` bytes are buffered.
 pub async fn read_and_classify<T: AsyncRead + Unpin>(
     io: &mut T,
     buf: &mut BytesMut,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
     max: usize,
 ) -> io::Result<Detection> {
-    let deadline = deadline_after(timeout);
     loop {
         if let Progress::Done(protocol) = classify(buf) {
             return Ok(Detection::Detected(protocol));
@@ -409,20 +408,20 @@ pub fn deadline_after(timeout: Duration) -> tokio::time::Instant {
 /// The application protocol of a connection after the mesh hop (or of an
 /// outbound connection): `Detected(Unknown)` at once on an opaque port,
 /// so server-speaks-first protocols are not held back; otherwise what
-/// [`read_and_classify`] finds within `timeout` (a read error counts as
+/// [`read_and_classify`] finds by `deadline` (a read error counts as
 /// `Closed`). `timed_out` hears of a client that was silent or stalled.
 pub async fn app_protocol<T: AsyncRead + Unpin>(
     io: &mut T,
     prefix: &mut BytesMut,
     opaque: bool,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
     max: usize,
     timed_out: impl FnOnce(),
 ) -> Detection {
     if opaque {
         return Detection::Detected(Protocol::Unknown);
     }
-    let detection = read_and_classify(io, prefix, timeout, max)
+    let detection = read_and_classify(io, prefix, deadline, max)
         .await
         .unwrap_or(Detection::Closed);
     if matches!(detection, Detection::Silent | Detection::Stalled(_)) {

@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
-use super::detect::{AfterWord, Detection, after_word, read_and_classify};
+use super::detect::{AfterWord, Detection, after_word, deadline_after, read_and_classify};
 use super::io::Activity;
 
 /// How much of a server's first words is read before relaying: enough
@@ -68,7 +68,7 @@ where
             _ => FirstWord::Ended,
         },
         read = client.read_buf(prefix) => match read {
-            Ok(n) if n > 0 => match read_and_classify(client, prefix, detect_timeout, max).await {
+            Ok(n) if n > 0 => match read_and_classify(client, prefix, deadline_after(detect_timeout), max).await {
                 Ok(detection @ (Detection::Detected(_) | Detection::Stalled(_))) => {
                     FirstWord::Client(detection)
                 }

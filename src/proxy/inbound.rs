@@ -19,11 +19,13 @@ use tokio_rustls::TlsAcceptor;
 
 use super::authz::{Caller, Enforcer};
 use super::connect::{AppConnector, Connect};
-use super::detect::{Alpn, Detection, Next, Protocol, Version, app_protocol, read_and_classify};
+use super::detect::{
+    Alpn, Detection, Next, Protocol, Version, app_protocol, deadline_after, read_and_classify,
+};
 use super::first_word::{FirstWord, WatchedWord, first_word};
 use super::http::{HttpServer, Side};
 use super::io::{Activity, MeteredIo, Rewind};
-use super::metrics::{Direction, Metrics};
+use super::metrics::{Direction, Metrics, OpenConnection};
 use super::orig_dst::original_dst;
 use super::outcome::{ConnError, ConnOutcome, HandshakeFailure};
 use super::respond::refuse_malformed;
@@ -96,12 +98,25 @@ impl Inbound {
 
 impl Handler for Inbound {
     async fn handle(self: Arc<Self>, stream: TcpStream, client: SocketAddr, drain: Watch) {
-        self.serve(stream, client, drain).await
+        let open = self.metrics.accepted(DIRECTION);
+        // Until its first bytes arrive, a connection holds no buffer and
+        // only this small task: the rest of the work (and its state) is
+        // allocated when there is something to read, or at the deadline.
+        let deadline = deadline_after(self.limits.detect_timeout);
+        let _ = tokio::time::timeout_at(deadline, stream.readable()).await;
+        Box::pin(self.serve(stream, client, drain, deadline, open)).await
     }
 }
 
 impl Inbound {
-    async fn serve(&self, stream: TcpStream, client: SocketAddr, drain: Watch) {
+    async fn serve(
+        &self,
+        stream: TcpStream,
+        client: SocketAddr,
+        drain: Watch,
+        deadline: tokio::time::Instant,
+        _open: OpenConnection,
+    ) {
         let app_addr = match &self.target {
             InboundTarget::App(addr) => *addr,
             InboundTarget::OriginalDst => match original_dst(&stream) {
@@ -116,24 +131,17 @@ impl Inbound {
                 .connection_error(DIRECTION, ConnError::LoopDetected);
             return;
         }
-        let _open = self.metrics.accepted(DIRECTION);
         // The port's mTLS mode as the policy says now (PeerAuthentication,
         // or the mesh default).
         let strict = self.enforcer.policy().borrow().mtls_mode(app_addr.port()) == MtlsMode::Strict;
         let activity = Activity::new();
         let mut io = MeteredIo::new(stream, activity.clone());
         let mut prefix = BytesMut::new();
-        let detected = match read_and_classify(
-            &mut io,
-            &mut prefix,
-            self.limits.detect_timeout,
-            MAX_DETECT_BYTES,
-        )
-        .await
-        {
-            Ok(detected) => detected,
-            Err(_) => return,
-        };
+        let detected =
+            match read_and_classify(&mut io, &mut prefix, deadline, MAX_DETECT_BYTES).await {
+                Ok(detected) => detected,
+                Err(_) => return,
+            };
 
         // A peer proxy asks for the mesh ALPN. In strict mode a client that
         // offers no ALPN at all also gets the mesh handshake: a SPIFFE-aware
@@ -257,7 +265,7 @@ impl Inbound {
             &mut tls,
             &mut prefix,
             self.is_opaque(app_addr),
-            self.limits.detect_timeout,
+            deadline_after(self.limits.detect_timeout),
             MAX_DETECT_BYTES,
             || self.metrics.detect_timeout(DIRECTION),
         )

@@ -14,11 +14,11 @@ use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 
 use super::connect::{ExpectedPeer, MeshConnector};
-use super::detect::{Detection, Next, Protocol, app_protocol};
+use super::detect::{Detection, Next, Protocol, app_protocol, deadline_after};
 use super::first_word::{FirstWord, WatchedWord, first_word};
 use super::http::{HttpServer, Side};
 use super::io::{Activity, MeteredIo, Rewind};
-use super::metrics::{Direction, Metrics};
+use super::metrics::{Direction, Metrics, OpenConnection};
 use super::orig_dst::original_dst;
 use super::outcome::ConnError;
 use super::respond::refuse_malformed;
@@ -92,12 +92,6 @@ impl Outbound {
 
 impl Handler for Outbound {
     async fn handle(self: Arc<Self>, stream: TcpStream, _client: SocketAddr, drain: Watch) {
-        self.serve(stream, drain).await
-    }
-}
-
-impl Outbound {
-    async fn serve(&self, stream: TcpStream, drain: Watch) {
         let dst = match &self.target {
             OutboundTarget::Peer { addr, .. } => *addr,
             OutboundTarget::OriginalDst => match original_dst(&stream) {
@@ -110,20 +104,39 @@ impl Outbound {
                 .connection_error(DIRECTION, ConnError::LoopDetected);
             return;
         }
-        let _open = self.metrics.accepted(DIRECTION);
-        let activity = Activity::new();
-        let mut io = MeteredIo::new(stream, activity.clone());
-        let mut prefix = BytesMut::new();
-
+        let open = self.metrics.accepted(DIRECTION);
         // Server-speaks-first protocols live on opaque ports: connect at
         // once, without waiting for the client.
         let opaque =
             self.protocol == ProtocolMode::Opaque || self.opaque_ports.contains(&dst.port());
+        // Otherwise, until its first bytes arrive, a connection holds no
+        // buffer and only this small task.
+        let deadline = deadline_after(self.limits.detect_timeout);
+        if !opaque {
+            let _ = tokio::time::timeout_at(deadline, stream.readable()).await;
+        }
+        Box::pin(self.serve(stream, dst, opaque, deadline, drain, open)).await
+    }
+}
+
+impl Outbound {
+    async fn serve(
+        &self,
+        stream: TcpStream,
+        dst: SocketAddr,
+        opaque: bool,
+        deadline: tokio::time::Instant,
+        drain: Watch,
+        _open: OpenConnection,
+    ) {
+        let activity = Activity::new();
+        let mut io = MeteredIo::new(stream, activity.clone());
+        let mut prefix = BytesMut::new();
         let detection = app_protocol(
             &mut io,
             &mut prefix,
             opaque,
-            self.limits.detect_timeout,
+            deadline,
             MAX_DETECT_BYTES,
             || self.metrics.detect_timeout(DIRECTION),
         )

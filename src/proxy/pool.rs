@@ -476,7 +476,11 @@ impl Pool {
             return Turn::Ready(conn.clone());
         }
         // A connect in progress whose task is still alive.
-        if let Some(rx) = slot.connecting.as_ref().filter(|rx| rx.has_changed().is_ok()) {
+        if let Some(rx) = slot
+            .connecting
+            .as_ref()
+            .filter(|rx| rx.has_changed().is_ok())
+        {
             return Turn::Wait(rx.clone());
         }
         match least {

@@ -17,8 +17,8 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::policy::model::Object;
 use crate::policy::objects::{ObjectSet, ParseError, parse_documents};
-use crate::yaml::MAX_DOCUMENT_BYTES;
 use crate::policy::publish::{Metrics, Update};
+use crate::yaml::MAX_DOCUMENT_BYTES;
 
 /// A file's text, or `None` when it is larger than any policy file may
 /// be (read no further than that, whatever the file's size).
@@ -126,7 +126,11 @@ impl FileSource {
             Ok(None) => {
                 // Too large to read at all: refused like an unparseable
                 // file, once per change of size.
-                self.refuse(path, "too_large", &format!("larger than {MAX_DOCUMENT_BYTES} bytes"));
+                self.refuse(
+                    path,
+                    "too_large",
+                    &format!("larger than {MAX_DOCUMENT_BYTES} bytes"),
+                );
                 return;
             }
             Err(error) => {

@@ -211,9 +211,14 @@ async fn reading_stops_at_the_deadline_when_the_client_is_silent() {
     // `_client` stays open but silent.
     let (_client, mut server) = tokio::io::duplex(64);
     let mut buf = BytesMut::new();
-    let got = read_and_classify(&mut server, &mut buf, Duration::from_millis(50), 4096)
-        .await
-        .unwrap();
+    let got = read_and_classify(
+        &mut server,
+        &mut buf,
+        deadline_after(Duration::from_millis(50)),
+        4096,
+    )
+    .await
+    .unwrap();
     assert_eq!(got, Detection::Silent);
 }
 
@@ -228,9 +233,14 @@ async fn reading_collects_a_request_split_across_writes() {
         client
     });
     let mut buf = BytesMut::new();
-    let got = read_and_classify(&mut server, &mut buf, Duration::from_secs(5), 4096)
-        .await
-        .unwrap();
+    let got = read_and_classify(
+        &mut server,
+        &mut buf,
+        deadline_after(Duration::from_secs(5)),
+        4096,
+    )
+    .await
+    .unwrap();
     assert_eq!(got, Detection::Detected(Protocol::Http1));
     assert_eq!(&buf[..], b"GET /x HTTP/1.1\r\n\r\n");
     drop(writer.await.unwrap());
@@ -242,18 +252,28 @@ async fn a_half_sent_request_line_at_the_deadline_is_refused() {
     let (mut client, mut server) = tokio::io::duplex(64);
     client.write_all(b"GET /slow").await.unwrap();
     let mut buf = BytesMut::new();
-    let got = read_and_classify(&mut server, &mut buf, Duration::from_millis(50), 4096)
-        .await
-        .unwrap();
+    let got = read_and_classify(
+        &mut server,
+        &mut buf,
+        deadline_after(Duration::from_millis(50)),
+        4096,
+    )
+    .await
+    .unwrap();
     assert_eq!(got, Detection::Stalled(Stalled::MalformedHttp));
     // A half-close after part of a line is judged the same way.
     let (mut client, mut server) = tokio::io::duplex(64);
     client.write_all(b"GET / HTTP/1.1").await.unwrap();
     drop(client);
     let mut buf = BytesMut::new();
-    let got = read_and_classify(&mut server, &mut buf, Duration::from_secs(5), 4096)
-        .await
-        .unwrap();
+    let got = read_and_classify(
+        &mut server,
+        &mut buf,
+        deadline_after(Duration::from_secs(5)),
+        4096,
+    )
+    .await
+    .unwrap();
     assert_eq!(got, Detection::Stalled(Stalled::MalformedHttp));
 }
 
@@ -274,8 +294,13 @@ async fn a_client_that_closes_silently_is_reported_closed() {
     let (client, mut server) = tokio::io::duplex(64);
     drop(client);
     let mut buf = BytesMut::new();
-    let got = read_and_classify(&mut server, &mut buf, Duration::from_secs(5), 4096)
-        .await
-        .unwrap();
+    let got = read_and_classify(
+        &mut server,
+        &mut buf,
+        deadline_after(Duration::from_secs(5)),
+        4096,
+    )
+    .await
+    .unwrap();
     assert_eq!(got, Detection::Closed);
 }
