@@ -6,6 +6,7 @@
 //! every error names the offending field. `docs/configuration.md`
 //! documents each key.
 
+mod budget;
 mod file;
 mod overrides;
 mod ranges;
@@ -177,6 +178,10 @@ impl FileConfig {
         check_log_level(&self.log.level).map_err(|e| invalid("log.level", e))?;
         let policy = self.policy_config(&id)?;
 
+        let max_connections = self
+            .limits
+            .max_connections
+            .unwrap_or_else(|| budget::max_connections(self.limits.memory_limit));
         let proxy = ProxyConfig {
             inbound: self.inbound.enabled.then(|| InboundConfig {
                 listen: self.inbound.listen,
@@ -205,7 +210,14 @@ impl FileConfig {
                 handshake_timeout: self.tls.handshake_timeout,
                 detect_timeout: self.limits.detect_timeout,
                 idle_timeout: self.limits.idle_timeout,
-                max_connections: self.limits.max_connections,
+                request_head_timeout: self.limits.request_head_timeout,
+                max_connections,
+                max_plaintext_connections: self
+                    .limits
+                    .max_plaintext_connections
+                    .unwrap_or_else(|| budget::plaintext_share(max_connections))
+                    .min(max_connections),
+                max_unverified_per_source: self.limits.max_unverified_per_source,
                 max_header_bytes: self.limits.max_header_bytes,
                 app_pool_idle_timeout: self.limits.app_pool_idle_timeout,
                 // A pooled connection must be retired before the peer's idle

@@ -8,28 +8,47 @@
 //! off instead of spinning. The loop stops when `stop` resolves;
 //! connections already accepted finish on their own terms.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use futures_util::FutureExt;
+use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use self::waiting_room::{Waiter, WaitingRoom};
+
+mod registered;
+mod sources;
+mod waiting_room;
+
+pub use self::sources::{SourceSlot, Sources};
 
 /// How long to wait after `accept` fails before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// A connection the loop did not serve.
+/// What the loop tells its owner: a connection it did not serve, or that
+/// it is running out of places.
 #[derive(Debug)]
-pub enum Refused {
+pub enum Notice {
     /// `accept` itself failed; the loop waits a moment and goes on.
     AcceptFailed(std::io::Error),
     /// Every permit was taken; the connection from this peer was closed.
     AtCapacity(SocketAddr),
     /// This peer's address already holds its share; closed.
     SourceAtCapacity(SocketAddr),
+    /// The listener was full and this peer's connection, the longest
+    /// waiting for its client's first bytes, was closed to make room.
+    EvictedSilent(SocketAddr),
+    /// Fewer than [`Caps::reserve`] places are left and no silent
+    /// connection is left to give one up: the owner should shed what it
+    /// can (connections that have not yet shown who they are) before the
+    /// listener is full.
+    Crowded,
 }
 
 /// How many connections a listener serves at once.
@@ -39,6 +58,9 @@ pub struct Caps {
     /// At most this many from one source address (IPv4-mapped IPv6
     /// addresses count as their IPv4 address).
     pub per_source: Option<usize>,
+    /// Places the loop tries to keep free for whoever connects next: below
+    /// it, silent connections are let go and [`Notice::Crowded`] is sent.
+    pub reserve: usize,
 }
 
 impl Caps {
@@ -46,46 +68,32 @@ impl Caps {
         Self {
             total,
             per_source: None,
+            reserve: 0,
         }
     }
 }
 
-/// Open connections per source address, for [`Caps::per_source`].
-#[derive(Default)]
-struct Sources(Mutex<HashMap<IpAddr, usize>>);
-
-/// One connection's place in [`Sources`], given back when dropped.
-struct SourceSlot {
-    sources: Arc<Sources>,
-    ip: IpAddr,
+/// What becomes of a freshly accepted connection, decided before any task
+/// exists for it.
+pub enum Admission<C> {
+    /// Closed at once (the caller has recorded why).
+    Refuse,
+    /// Served now with this context.
+    Serve(C),
+    /// Held in the [`WaitingRoom`] until its client's first bytes (or its
+    /// end) arrive or `deadline` passes, then served. While it waits it
+    /// has no task and no buffer, and when the listener is full it is the
+    /// first to go (oldest first): a flood of silent connections cannot
+    /// keep out a client that speaks.
+    AwaitFirstBytes(C, Instant),
 }
 
-impl Sources {
-    fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<SourceSlot> {
-        let mut open = self.0.lock();
-        let count = open.entry(ip).or_default();
-        if *count >= cap {
-            return None;
-        }
-        *count += 1;
-        Some(SourceSlot {
-            sources: self.clone(),
-            ip,
-        })
-    }
-}
+/// A connection's share of the listener: its permit and, where capped,
+/// its source's slot; given back when the connection ends.
+type Share = (OwnedSemaphorePermit, Option<SourceSlot>);
 
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut open = self.sources.0.lock();
-        if let Some(count) = open.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.ip);
-            }
-        }
-    }
-}
+/// What waits with a socket in the room.
+type Seated<C> = (SocketAddr, C, Share);
 
 /// Accepts on `listener` until `stop` resolves, serving each connection
 /// with `serve` on a task of its own within `caps`. `refused` hears of
@@ -94,49 +102,214 @@ pub async fn accept_loop<S, F>(
     listener: TcpListener,
     caps: Caps,
     stop: impl Future<Output = ()>,
-    mut refused: impl FnMut(Refused),
+    refused: impl FnMut(Notice),
     mut serve: S,
 ) where
     S: FnMut(TcpStream, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    accept_admitting(
+        listener,
+        caps,
+        stop,
+        refused,
+        |_, _| Admission::Serve(()),
+        move |stream, peer, ()| serve(stream, peer),
+    )
+    .await;
+}
+
+/// [`accept_loop`] with a say, per connection and before any task exists
+/// for it, in whether it is served now, after its first bytes, or not at
+/// all (`admit`, given the socket and its peer).
+pub async fn accept_admitting<A, C, S, F>(
+    listener: TcpListener,
+    caps: Caps,
+    stop: impl Future<Output = ()>,
+    mut refused: impl FnMut(Notice),
+    mut admit: A,
+    mut serve: S,
+) where
+    A: FnMut(&std::net::TcpStream, SocketAddr) -> Admission<C>,
+    S: FnMut(TcpStream, SocketAddr, C) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    // Accepting through mio rather than tokio leaves a new socket
+    // unregistered with the runtime until it is served: a connection that
+    // waits in the room costs the runtime nothing.
+    let listener = match listener.into_std().and_then(registered::listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            refused(Notice::AcceptFailed(error));
+            return;
+        }
+    };
     // A semaphore holds at most MAX_PERMITS; more would panic.
     let limit = Arc::new(Semaphore::new(caps.total.clamp(1, Semaphore::MAX_PERMITS)));
     let sources = Arc::new(Sources::default());
+    let mut room: Option<WaitingRoom<Seated<C>>> = None;
     tokio::pin!(stop);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    refused(Refused::AcceptFailed(error));
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
+        let waiting = room.as_ref().is_some_and(|room| room.len() > 0);
+        let event = tokio::select! {
+            biased;
+            () = &mut stop => break,
+            left = async { room.as_mut()?.next().await.ok() }, if waiting => match left {
+                Some((waiter, _)) => Event::Left(waiter),
+                None => continue,
             },
-            _ = &mut stop => break,
+            accepted = accept(&listener) => Event::Accepted(accepted),
         };
-        let slot = match caps.per_source {
-            Some(cap) => match sources.take(peer.ip().to_canonical(), cap) {
-                Some(slot) => Some(slot),
-                None => {
-                    drop(stream);
-                    refused(Refused::SourceAtCapacity(peer));
-                    continue;
-                }
-            },
-            None => None,
+        let admitted = match event {
+            Event::Left(Waiter {
+                stream,
+                value: (peer, context, share),
+            }) => Some((stream, peer, context, share)),
+            Event::Accepted(Ok((stream, peer))) => admit_one(
+                std::net::TcpStream::from(stream),
+                peer,
+                &caps,
+                &limit,
+                &sources,
+                &mut room,
+                &mut admit,
+                &mut refused,
+            ),
+            Event::Accepted(Err(error)) => {
+                refused(Notice::AcceptFailed(error));
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                None
+            }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            drop(stream);
-            refused(Refused::AtCapacity(peer));
+        let Some((stream, peer, context, share)) = admitted else {
             continue;
         };
-        let task = serve(stream, peer);
-        tokio::spawn(async move {
-            task.await;
-            drop((permit, slot));
-        });
+        match TcpStream::from_std(stream) {
+            // `map` keeps the share beside the future rather than in an
+            // async block, which would hold the future twice.
+            Ok(stream) => drop(tokio::spawn(
+                serve(stream, peer, context).map(move |()| drop(share)),
+            )),
+            Err(error) => refused(Notice::AcceptFailed(error)),
+        }
+    }
+}
+
+/// A connection to serve now, with its context and share.
+type Admitted<C> = (std::net::TcpStream, SocketAddr, C, Share);
+
+/// Takes a just-accepted connection's share of the listener and asks
+/// `admit` about it: returns it if it is to be served now; seats it in the
+/// room if it waits for its first bytes; closes it otherwise.
+#[allow(clippy::too_many_arguments)]
+fn admit_one<C>(
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    caps: &Caps,
+    limit: &Arc<Semaphore>,
+    sources: &Arc<Sources>,
+    room: &mut Option<WaitingRoom<Seated<C>>>,
+    admit: &mut impl FnMut(&std::net::TcpStream, SocketAddr) -> Admission<C>,
+    refused: &mut impl FnMut(Notice),
+) -> Option<Admitted<C>> {
+    let slot = match caps.per_source {
+        Some(cap) => match sources.take(peer.ip(), cap) {
+            Some(slot) => Some(slot),
+            None => {
+                refused(Notice::SourceAtCapacity(peer));
+                return None;
+            }
+        },
+        None => None,
+    };
+    let permit = loop {
+        if let Ok(permit) = limit.clone().try_acquire_owned() {
+            break permit;
+        }
+        // Full: the longest-silent waiter makes room, if there is one.
+        match room.as_mut().and_then(WaitingRoom::evict_oldest) {
+            Some(Waiter {
+                value: (evicted, ..),
+                ..
+            }) => {
+                refused(Notice::EvictedSilent(evicted));
+            }
+            None => {
+                refused(Notice::AtCapacity(peer));
+                return None;
+            }
+        }
+    };
+    // Keep the reserve free: silent waiters go first; if none are left,
+    // the owner hears that it is crowded.
+    while limit.available_permits() < caps.reserve {
+        match room.as_mut().and_then(WaitingRoom::evict_oldest) {
+            Some(Waiter {
+                value: (evicted, ..),
+                ..
+            }) => {
+                refused(Notice::EvictedSilent(evicted));
+            }
+            None => {
+                refused(Notice::Crowded);
+                break;
+            }
+        }
+    }
+    let share = (permit, slot);
+    let (context, deadline) = match admit(&stream, peer) {
+        Admission::Refuse => return None,
+        Admission::Serve(context) => return Some((stream, peer, context, share)),
+        Admission::AwaitFirstBytes(context, deadline) => (context, deadline),
+    };
+    // Most clients have spoken by the time they are accepted: serve those
+    // at once instead of seating them.
+    match stream.peek(&mut [0u8; 1]) {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+        _ => return Some((stream, peer, context, share)),
+    }
+    let room = match room {
+        Some(room) => room,
+        None => match WaitingRoom::new() {
+            Ok(new) => room.insert(new),
+            Err(error) => {
+                refused(Notice::AcceptFailed(error));
+                return Some((stream, peer, context, share));
+            }
+        },
+    };
+    match room.seat(stream, (peer, context, share), deadline) {
+        Ok(()) => None,
+        // The poller would not take it: serve it the ordinary way.
+        Err((
+            error,
+            Waiter {
+                stream,
+                value: (peer, context, share),
+            },
+        )) => {
+            refused(Notice::AcceptFailed(error));
+            Some((stream, peer, context, share))
+        }
+    }
+}
+
+/// What woke the accept loop.
+enum Event<C> {
+    Left(Waiter<Seated<C>>),
+    Accepted(io::Result<(mio::net::TcpStream, SocketAddr)>),
+}
+
+/// The next connection on `listener`. Cancel-safe: a connection is only
+/// taken from the kernel when it is returned.
+async fn accept(
+    listener: &AsyncFd<mio::net::TcpListener>,
+) -> io::Result<(mio::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|listener| listener.get_ref().accept()) {
+            return accepted;
+        }
     }
 }
 
@@ -161,7 +334,7 @@ mod tests {
                 let _ = stop_rx.await;
             },
             move |refused| {
-                if let Refused::AtCapacity(_) = refused {
+                if let Notice::AtCapacity(_) = refused {
                     counted.fetch_add(1, Ordering::SeqCst);
                 }
             },
@@ -201,10 +374,11 @@ mod tests {
             Caps {
                 total: 10,
                 per_source: Some(2),
+                reserve: 0,
             },
             std::future::pending(),
             move |refused| {
-                if let Refused::SourceAtCapacity(_) = refused {
+                if let Notice::SourceAtCapacity(_) = refused {
                     counted.fetch_add(1, Ordering::SeqCst);
                 }
             },
@@ -237,5 +411,111 @@ mod tests {
         let mut other = from("127.0.0.3").await.unwrap();
         let open = tokio::time::timeout(Duration::from_millis(200), other.read(&mut buf)).await;
         assert!(open.is_err(), "the other source was refused: {open:?}");
+    }
+
+    /// Serves every connection after its client's first bytes (deadline
+    /// `wait` from accept), reporting each served one on `served`.
+    fn waiting_listener(
+        listener: TcpListener,
+        total: usize,
+        wait: Duration,
+        served: tokio::sync::mpsc::UnboundedSender<TcpStream>,
+        refused: tokio::sync::mpsc::UnboundedSender<Notice>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(accept_admitting(
+            listener,
+            Caps::total(total),
+            std::future::pending(),
+            move |why| drop(refused.send(why)),
+            move |_, _| Admission::AwaitFirstBytes((), Instant::now() + wait),
+            move |stream, _peer, ()| {
+                let served = served.clone();
+                async move {
+                    let _ = served.send(stream);
+                    // Hold the connection (and its share) until the test ends.
+                    std::future::pending::<()>().await;
+                }
+            },
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_served_only_once_its_client_speaks() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (served_tx, mut served) = tokio::sync::mpsc::unbounded_channel();
+        let (refused_tx, _refused) = tokio::sync::mpsc::unbounded_channel();
+        waiting_listener(listener, 10, Duration::from_secs(30), served_tx, refused_tx);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(300), served.recv()).await;
+        assert!(early.is_err(), "served before the client spoke");
+        client.write_all(b"hello").await.unwrap();
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), served.recv())
+            .await
+            .expect("served after speaking")
+            .unwrap();
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello", "the waiting consumed nothing");
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_served_at_its_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (served_tx, mut served) = tokio::sync::mpsc::unbounded_channel();
+        let (refused_tx, _refused) = tokio::sync::mpsc::unbounded_channel();
+        waiting_listener(
+            listener,
+            10,
+            Duration::from_millis(300),
+            served_tx,
+            refused_tx,
+        );
+        let started = std::time::Instant::now();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), served.recv())
+            .await
+            .expect("served at the deadline")
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn when_full_the_longest_silent_connection_makes_room_for_a_new_one() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (served_tx, mut served) = tokio::sync::mpsc::unbounded_channel();
+        let (refused_tx, mut refused) = tokio::sync::mpsc::unbounded_channel();
+        waiting_listener(listener, 2, Duration::from_secs(30), served_tx, refused_tx);
+        let mut oldest = TcpStream::connect(addr).await.unwrap();
+        let oldest_addr = oldest.local_addr().unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Both wait; a third that speaks at once still gets in.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        third.write_all(b"x").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), served.recv())
+            .await
+            .expect("the third is served")
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), refused.recv()).await {
+            Ok(Some(Notice::EvictedSilent(peer))) => assert_eq!(peer, oldest_addr),
+            other => panic!("expected the oldest to be evicted: {other:?}"),
+        }
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), oldest.read(&mut buf))
+            .await
+            .expect("the evicted connection is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        let still = tokio::time::timeout(Duration::from_millis(200), second.read(&mut buf)).await;
+        assert!(
+            still.is_err(),
+            "the younger silent connection was closed too"
+        );
     }
 }

@@ -88,9 +88,10 @@ pub fn parse_bytes(input: &str) -> Result<usize, UnitError> {
     let value: usize = s[..digits].parse().map_err(|_| fail("expected a number"))?;
     let factor = match &s[digits..] {
         "" | "B" => 1,
-        "KiB" => 1024,
-        "MiB" => 1024 * 1024,
-        _ => return Err(fail("unknown unit (use B, KiB or MiB)")),
+        "KiB" | "Ki" => 1024,
+        "MiB" | "Mi" => 1024 * 1024,
+        "GiB" | "Gi" => 1024 * 1024 * 1024,
+        _ => return Err(fail("unknown unit (use B, KiB, MiB or GiB)")),
     };
     value.checked_mul(factor).ok_or_else(|| fail("too large"))
 }
@@ -169,6 +170,20 @@ pub mod serde_bytes {
 
     pub fn serialize<S: serde::Serializer>(n: &usize, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(*n as u64)
+    }
+}
+
+/// [`serde_bytes`] for a key that may be unset.
+pub mod serde_opt_bytes {
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        super::serde_bytes::deserialize(d).map(Some)
+    }
+
+    pub fn serialize<S: serde::Serializer>(n: &Option<usize>, s: S) -> Result<S::Ok, S::Error> {
+        match n {
+            Some(n) => s.serialize_u64(*n as u64),
+            None => s.serialize_none(),
+        }
     }
 }
 

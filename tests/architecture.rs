@@ -369,3 +369,21 @@ fn no_production_file_is_over_600_lines() {
         .collect();
     assert!(long.is_empty(), "split these: {}", long.join(", "));
 }
+
+#[test]
+fn unsafe_code_lives_only_in_the_reactor_registration_module() {
+    // The crate denies `unsafe_code`; one module may allow it (see its doc).
+    let allowed = src_dir().join("listener/registered.rs");
+    let mut holders: Vec<PathBuf> = modules()
+        .into_values()
+        .filter(|source| {
+            source.code.contains("unsafe {")
+                || source.code.contains("unsafe fn")
+                || source.code.contains("unsafe impl")
+                || source.code.contains("allow(unsafe_code)")
+        })
+        .map(|source| source.path)
+        .collect();
+    holders.sort();
+    assert_eq!(holders, vec![allowed]);
+}

@@ -16,7 +16,7 @@ use crate::policy::{DefaultPolicy, MtlsMode, Probe};
 use crate::proxy::ProtocolMode;
 use crate::runtime::LogFormat;
 use crate::tls::KxGroup;
-use crate::units::{serde_bytes, serde_duration};
+use crate::units::{serde_bytes, serde_duration, serde_opt_bytes};
 
 /// The file's shape. Every section and key is optional.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -149,7 +149,20 @@ pub struct LimitsSection {
     pub detect_timeout: Duration,
     #[serde(with = "serde_duration")]
     pub idle_timeout: Duration,
-    pub max_connections: usize,
+    /// From a new HTTP/1 connection's start to its first request head.
+    #[serde(with = "serde_duration")]
+    pub request_head_timeout: Duration,
+    /// The container's memory limit (the injector passes it through the
+    /// downward API); sizes `max_connections` when that is unset.
+    #[serde(with = "serde_opt_bytes")]
+    pub memory_limit: Option<usize>,
+    /// Unset: derived from `memory_limit` (see `super::budget`).
+    pub max_connections: Option<usize>,
+    /// Unset: half of `max_connections`.
+    pub max_plaintext_connections: Option<usize>,
+    /// Inbound connections from one source address that have not yet
+    /// finished detection or the mTLS handshake.
+    pub max_unverified_per_source: usize,
     #[serde(with = "serde_bytes")]
     pub max_header_bytes: usize,
     #[serde(with = "serde_duration")]
@@ -252,7 +265,11 @@ impl Default for LimitsSection {
             connect_timeout: Duration::from_secs(1),
             detect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(3600),
-            max_connections: 10_000,
+            request_head_timeout: Duration::from_secs(10),
+            memory_limit: None,
+            max_connections: None,
+            max_plaintext_connections: None,
+            max_unverified_per_source: 128,
             max_header_bytes: 64 * 1024,
             // Below the keep-alive timeouts of common servers (Node.js: 5 s),
             // so we never reuse a connection the application is closing.

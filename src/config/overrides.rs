@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use super::file::FileConfig;
 use super::{ConfigError, invalid, parse_labels, parse_opaque_ports, parse_probes};
-use crate::units::{keyword, list};
+use crate::units::{keyword, list, parse_bytes};
 
 /// Declares [`Overrides`] and [`FileConfig::apply`] from one list of
 /// `doc flag: Type, "ENV" => "key", slot = parser;` entries.
@@ -57,6 +57,12 @@ fn set<T: Clone>(value: &T) -> Result<Option<T>, String> {
 /// A keyword or address, for a key that is unset by default.
 fn some<T: serde::de::DeserializeOwned>(value: &str) -> Result<Option<T>, String> {
     keyword(value).map(Some)
+}
+
+/// A byte size (`134217728`, `128MiB`, `128Mi`), for a key that is
+/// unset by default.
+fn byte_size(value: &str) -> Result<Option<usize>, String> {
+    parse_bytes(value).map(Some).map_err(|e| e.to_string())
 }
 
 /// A comma-separated list of keywords.
@@ -110,6 +116,10 @@ overrides! {
     /// Kubelet probes always allowed, `PORT` or `PORT/path`, comma-separated
     /// (the injector fills it from the pod's probes).
     policy_probes: String, "OUTRIDER_POLICY_PROBES" => "policy.probes", policy.probes = parse_probes;
+    /// The container's memory limit in bytes (the injector passes
+    /// `limits.memory` through the downward API); sizes the connection
+    /// limits when they are not set.
+    memory_limit: String, "OUTRIDER_MEMORY_LIMIT" => "limits.memory_limit", limits.memory_limit = byte_size;
     /// Ports that skip protocol detection, comma-separated (replaces the
     /// default list).
     opaque_ports: String, "OUTRIDER_OPAQUE_PORTS" => "opaque_ports", opaque_ports = parse_opaque_ports;

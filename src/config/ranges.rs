@@ -19,12 +19,13 @@ const DAY: Duration = Duration::from_secs(86_400);
 
 /// The most connections a listener may be configured for.
 pub const MAX_CONNECTIONS: usize = 1_000_000;
+const MIB: usize = 1024 * 1024;
 
 impl FileConfig {
     /// Every duration, count and size within its range; every address the
     /// proxy connects to one it can connect to.
     pub(super) fn check_ranges(&self) -> Result<(), ConfigError> {
-        let durations: [(&str, Duration, Duration, Duration); 13] = [
+        let durations: [(&str, Duration, Duration, Duration); 14] = [
             (
                 "identity.clock_skew",
                 self.identity.clock_skew,
@@ -66,6 +67,12 @@ impl FileConfig {
                 self.limits.detect_timeout,
                 MS,
                 5 * MINUTE,
+            ),
+            (
+                "limits.request_head_timeout",
+                self.limits.request_head_timeout,
+                100 * MS,
+                HOUR,
             ),
             (
                 "limits.idle_timeout",
@@ -117,12 +124,30 @@ impl FileConfig {
                 ));
             }
         }
-        let counts: [(&str, usize, usize, usize); 3] = [
+        let counts: [(&str, usize, usize, usize); 6] = [
             (
                 "limits.max_connections",
-                self.limits.max_connections,
+                self.limits.max_connections.unwrap_or(1),
                 1,
                 MAX_CONNECTIONS,
+            ),
+            (
+                "limits.max_plaintext_connections",
+                self.limits.max_plaintext_connections.unwrap_or(1),
+                1,
+                MAX_CONNECTIONS,
+            ),
+            (
+                "limits.max_unverified_per_source",
+                self.limits.max_unverified_per_source,
+                1,
+                MAX_CONNECTIONS,
+            ),
+            (
+                "limits.memory_limit",
+                self.limits.memory_limit.unwrap_or(MIB),
+                MIB,
+                1024 * 1024 * MIB,
             ),
             (
                 "limits.max_header_bytes",
@@ -141,6 +166,16 @@ impl FileConfig {
             if value < min || value > max {
                 return Err(invalid(field, format!("{value} is outside {min}..={max}")));
             }
+        }
+        if let (Some(plaintext), Some(total)) = (
+            self.limits.max_plaintext_connections,
+            self.limits.max_connections,
+        ) && plaintext > total
+        {
+            return Err(invalid(
+                "limits.max_plaintext_connections",
+                format!("{plaintext} is above limits.max_connections ({total})"),
+            ));
         }
         for (field, addr) in [
             ("inbound.app", self.inbound.app),

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::header::HeaderValue;
@@ -24,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::authz::{Caller, ConnectionAuthz, Enforcer};
 use super::body::RequestBody;
-use super::detect::Version;
+use super::detect::{Version, deadline_after};
 use super::headers::{
     has_duplicate_host, is_grpc, is_websocket_upgrade, set_client_id, strip_hop_by_hop,
     strip_reserved,
@@ -47,6 +48,9 @@ pub struct HttpServer {
     pub metrics: Metrics,
     pub max_header_bytes: usize,
     pub idle_timeout: Duration,
+    /// From the start of serving an HTTP/1 connection to its first
+    /// request head; see [`serve`].
+    pub request_head_timeout: Duration,
 }
 
 /// Which side of the proxy a connection is on, with what that side knows
@@ -118,8 +122,18 @@ impl HttpServer {
             activity,
             idle_timeout: self.idle_timeout,
             drain: drain.clone(),
+            head_arrived: AtomicBool::new(false),
         });
-        serve(io, forward, self.max_header_bytes, self.idle_timeout, drain).await
+        let first_head_due = deadline_after(self.request_head_timeout);
+        serve(
+            io,
+            forward,
+            self.max_header_bytes,
+            self.idle_timeout,
+            first_head_due,
+            drain,
+        )
+        .await
     }
 }
 
@@ -135,6 +149,8 @@ struct HttpForward {
     idle_timeout: Duration,
     /// Cloned into upgrade tunnels, so draining waits for them too.
     drain: Watch,
+    /// Whether a request head has come in on this connection yet.
+    head_arrived: AtomicBool,
 }
 
 /// What [`route`] looks at.
@@ -177,6 +193,7 @@ pub fn route(f: RouteFacts) -> Route {
 
 impl HttpForward {
     async fn forward(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        self.head_arrived.store(true, Ordering::Relaxed);
         let start = Instant::now();
         let grpc = is_grpc(&req);
         let refusal = if self.version == Version::Http1 && has_duplicate_host(req.headers()) {
@@ -345,12 +362,18 @@ where
 }
 
 /// Serves one downstream connection until it closes. Draining or idling
-/// asks hyper to finish in-flight requests and close. Returns how it ended.
+/// asks hyper to finish in-flight requests and close. An HTTP/1
+/// connection whose first request head is not in by `first_head_due` is
+/// closed: a client trickling its head a byte at a time would otherwise
+/// hold the connection until the idle timeout. Only the first head: later
+/// ones follow idle keep-alive periods that are the client's to choose.
+/// Returns how it ended.
 async fn serve<I>(
     io: I,
     forward: Arc<HttpForward>,
     max_header_bytes: usize,
     idle_timeout: Duration,
+    first_head_due: tokio::time::Instant,
     drain: &Watch,
 ) -> ConnOutcome
 where
@@ -358,22 +381,26 @@ where
 {
     let activity = forward.activity.clone();
     let version = forward.version;
+    let watched = forward.clone();
     let service = service_fn(move |req| {
         let forward = forward.clone();
         async move { Ok::<_, Infallible>(forward.forward(req).await) }
     });
     match version {
         Version::Http1 => {
-            // No header-read timer: hyper runs it while a keep-alive
-            // connection idles too, which would close connections that
-            // clients are about to reuse. Idle connections are bounded by
-            // `idle_timeout`, and the request line by the detection timeout.
+            // Not hyper's header-read timer: hyper runs it while a
+            // keep-alive connection idles too, which would close
+            // connections that clients are about to reuse.
             let conn = hyper::server::conn::http1::Builder::new()
                 .header_read_timeout(None)
                 .max_buf_size(max_header_bytes.max(8192))
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
-            drive(conn, &activity, idle_timeout, drain).await
+            let first_head = FirstHead {
+                due: first_head_due,
+                forward: watched,
+            };
+            drive(conn, &activity, idle_timeout, Some(first_head), drain).await
         }
         Version::Http2 => {
             // The same flow-control bounds as the pool's connections: a
@@ -386,16 +413,46 @@ where
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
                 .serve_connection(TokioIo::new(io), service);
-            drive(conn, &activity, idle_timeout, drain).await
+            drive(conn, &activity, idle_timeout, None, drain).await
         }
     }
 }
 
-async fn drive<C, E>(conn: C, activity: &Activity, idle: Duration, drain: &Watch) -> ConnOutcome
+/// When the first request head of a connection is due, and where its
+/// arrival shows.
+struct FirstHead {
+    due: tokio::time::Instant,
+    forward: Arc<HttpForward>,
+}
+
+impl FirstHead {
+    /// Completes if the deadline passes before a head came in.
+    async fn overdue(self) {
+        tokio::time::sleep_until(self.due).await;
+        if self.forward.head_arrived.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn drive<C, E>(
+    conn: C,
+    activity: &Activity,
+    idle: Duration,
+    first_head: Option<FirstHead>,
+    drain: &Watch,
+) -> ConnOutcome
 where
     C: GracefulConnection<Output = Result<(), E>>,
 {
     tokio::pin!(conn);
+    let head_overdue = async {
+        match first_head {
+            Some(first_head) => first_head.overdue().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(head_overdue);
     let mut closing: Option<ConnOutcome> = None;
     loop {
         tokio::select! {
@@ -405,6 +462,10 @@ where
                     (Ok(()), None) => ConnOutcome::Ok,
                     (Err(_), None) => ConnOutcome::Error,
                 };
+            }
+            () = &mut head_overdue, if closing.is_none() => {
+                // Nothing is in flight to finish: close at once.
+                return ConnOutcome::HeadTimeout;
             }
             _ = drain.signaled(), if closing.is_none() => {
                 conn.as_mut().shut_down();

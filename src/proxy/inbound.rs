@@ -10,12 +10,15 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use super::authz::{Caller, Enforcer};
 use super::connect::{AppConnector, Connect};
@@ -29,12 +32,15 @@ use super::metrics::{Direction, Metrics, OpenConnection};
 use super::orig_dst::original_dst;
 use super::outcome::{ConnError, ConnOutcome, HandshakeFailure};
 use super::respond::refuse_malformed;
+use super::shedding::Shedder;
 use super::tls_status::{NoTlsReason, TlsStatus};
 use super::{
     Error, Handler, InboundConfig, InboundTarget, Limits, Listener, MAX_DETECT_BYTES, ProtocolMode,
     ProxyConfig, TlsRx, bind, http_server,
 };
+use crate::identity::SpiffeId;
 use crate::lifecycle::Watch;
+use crate::listener::{Admission, SourceSlot, Sources};
 use crate::policy::authz::admits_plaintext;
 use crate::policy::{MtlsMode, PolicyRx};
 use crate::tls::handshake_failure_reason;
@@ -53,6 +59,13 @@ pub struct Inbound {
     metrics: Metrics,
     app: Arc<AppConnector>,
     enforcer: Arc<Enforcer>,
+    /// Connections per source address still in detection or the mTLS
+    /// handshake: one neighbour cannot hold them all.
+    unverified: Arc<Sources>,
+    /// Places for connections without a mesh identity: however many
+    /// plaintext clients come, the rest of the listener is for mesh peers.
+    plaintext: Arc<Semaphore>,
+    shedder: Shedder,
 }
 
 impl Inbound {
@@ -86,6 +99,11 @@ impl Inbound {
                     metrics.clone(),
                     &limits,
                 ),
+                unverified: Arc::new(Sources::default()),
+                shedder: Shedder::default(),
+                plaintext: Arc::new(Semaphore::new(
+                    limits.max_plaintext_connections.min(Semaphore::MAX_PERMITS),
+                )),
                 limits,
                 tls,
                 enforcer: Arc::new(Enforcer::new(policy, metrics.clone())),
@@ -96,32 +114,27 @@ impl Inbound {
     }
 }
 
-impl Handler for Inbound {
-    async fn handle(self: Arc<Self>, stream: TcpStream, client: SocketAddr, drain: Watch) {
-        let open = self.metrics.accepted(DIRECTION);
-        // Until its first bytes arrive, a connection holds no buffer and
-        // only this small task: the rest of the work (and its state) is
-        // allocated when there is something to read, or at the deadline.
-        let deadline = deadline_after(self.limits.detect_timeout);
-        let _ = tokio::time::timeout_at(deadline, stream.readable()).await;
-        Box::pin(self.serve(stream, client, drain, deadline, open)).await
-    }
+/// What the inbound listener learns about a connection as it accepts it.
+pub struct Accepted {
+    app_addr: SocketAddr,
+    accepted_at: tokio::time::Instant,
+    /// When protocol detection gives up on a silent client.
+    deadline: tokio::time::Instant,
+    /// Held until the connection is identified (mesh handshake done, or
+    /// plaintext detected).
+    unverified: SourceSlot,
+    _open: OpenConnection,
 }
 
-impl Inbound {
-    async fn serve(
-        &self,
-        stream: TcpStream,
-        client: SocketAddr,
-        drain: Watch,
-        deadline: tokio::time::Instant,
-        _open: OpenConnection,
-    ) {
+impl Handler for Inbound {
+    type Context = Accepted;
+
+    fn admit(&self, stream: &std::net::TcpStream, client: SocketAddr) -> Admission<Accepted> {
         let app_addr = match &self.target {
             InboundTarget::App(addr) => *addr,
-            InboundTarget::OriginalDst => match original_dst(&stream) {
-                Ok(addr) => addr,
-                Err(_) => return,
+            InboundTarget::OriginalDst => match stream.local_addr() {
+                Ok(local) => original_dst(stream.as_fd(), local),
+                Err(_) => return Admission::Refuse,
             },
         };
         if app_addr == self.local {
@@ -129,19 +142,121 @@ impl Inbound {
             // would connect the proxy to itself.
             self.metrics
                 .connection_error(DIRECTION, ConnError::LoopDetected);
-            return;
+            return Admission::Refuse;
         }
+        let Some(unverified) = self
+            .unverified
+            .take(client.ip(), self.limits.max_unverified_per_source)
+        else {
+            self.metrics
+                .connection_error(DIRECTION, ConnError::UnverifiedAtCapacity);
+            tracing::debug!(%client, "Too many unidentified connections from this address; closing");
+            return Admission::Refuse;
+        };
+        // Every inbound connection begins with its client's bytes (a
+        // ClientHello, or plaintext): until they arrive it waits in the
+        // listener's room, holding no task and no buffer.
+        let accepted_at = tokio::time::Instant::now();
+        let deadline = deadline_after(self.limits.detect_timeout);
+        let accepted = Accepted {
+            app_addr,
+            accepted_at,
+            deadline,
+            unverified,
+            _open: self.metrics.accepted(DIRECTION),
+        };
+        Admission::AwaitFirstBytes(accepted, deadline)
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        client: SocketAddr,
+        accepted: Accepted,
+        drain: Watch,
+    ) {
+        let Accepted {
+            app_addr,
+            accepted_at,
+            deadline,
+            unverified,
+            ..
+        } = accepted;
+        let identified = tokio::select! {
+            identified = self.identify(stream, client, app_addr, deadline) => identified,
+            () = self.shedder.shed(accepted_at) => {
+                self.metrics.connection_error(DIRECTION, ConnError::Shed);
+                tracing::debug!(%client, "Listener crowded; cut a connection that had not identified itself");
+                None
+            }
+        };
+        drop(unverified);
+        match identified {
+            Some(Identified::Mesh {
+                tls,
+                peer,
+                activity,
+            }) => {
+                self.serve_mesh(tls, peer, client, app_addr, activity, drain)
+                    .await;
+            }
+            Some(Identified::Plaintext {
+                io,
+                prefix,
+                detected,
+                activity,
+            }) => {
+                self.serve_plaintext(io, prefix, detected, client, app_addr, activity, drain)
+                    .await;
+            }
+            None => {}
+        }
+    }
+
+    fn crowded(&self) {
+        self.shedder.crowded();
+    }
+}
+
+/// Who a connection turned out to be from. One per connection, on its
+/// task: boxing the large variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Identified {
+    /// A peer proxy, authenticated by mTLS.
+    Mesh {
+        tls: TlsStream<Rewind<MeteredIo<TcpStream>>>,
+        peer: SpiffeId,
+        activity: Arc<Activity>,
+    },
+    /// A client without mesh TLS, on a port that admits it.
+    Plaintext {
+        io: MeteredIo<TcpStream>,
+        prefix: BytesMut,
+        detected: Detection,
+        activity: Arc<Activity>,
+    },
+}
+
+impl Inbound {
+    /// Detection, and the mTLS handshake for a mesh peer: the part of a
+    /// connection's life before it has shown who it is (and may be shed).
+    /// `None` when it closed, failed or was refused (each counted).
+    async fn identify(
+        &self,
+        stream: TcpStream,
+        client: SocketAddr,
+        app_addr: SocketAddr,
+        deadline: tokio::time::Instant,
+    ) -> Option<Identified> {
         // The port's mTLS mode as the policy says now (PeerAuthentication,
         // or the mesh default).
         let strict = self.enforcer.policy().borrow().mtls_mode(app_addr.port()) == MtlsMode::Strict;
         let activity = Activity::new();
         let mut io = MeteredIo::new(stream, activity.clone());
         let mut prefix = BytesMut::new();
-        let detected =
-            match read_and_classify(&mut io, &mut prefix, deadline, MAX_DETECT_BYTES).await {
-                Ok(detected) => detected,
-                Err(_) => return,
-            };
+        let detected = read_and_classify(&mut io, &mut prefix, deadline, MAX_DETECT_BYTES)
+            .await
+            .ok()?;
 
         // A peer proxy asks for the mesh ALPN. In strict mode a client that
         // offers no ALPN at all also gets the mesh handshake: a SPIFFE-aware
@@ -155,18 +270,17 @@ impl Inbound {
             _ => false,
         };
         if mesh {
-            return self
-                .serve_mesh(
-                    Rewind::new(prefix.freeze(), io),
-                    client,
-                    app_addr,
-                    activity,
-                    drain,
-                )
-                .await;
+            let (tls, peer) = self
+                .handshake(Rewind::new(prefix.freeze(), io), client)
+                .await?;
+            return Some(Identified::Mesh {
+                tls,
+                peer,
+                activity,
+            });
         }
         if detected == Detection::Closed {
-            return;
+            return None;
         }
         // Not mesh TLS: the client has no proxy (or is the kubelet). On a
         // strict port only the kubelet's probes may get further, and the
@@ -175,8 +289,78 @@ impl Inbound {
             self.metrics
                 .connection_error(DIRECTION, ConnError::PlaintextRefused);
             tracing::debug!(%client, "Refused a connection without mesh TLS (strict mode)");
-            return;
+            return None;
         }
+        Some(Identified::Plaintext {
+            io,
+            prefix,
+            detected,
+            activity,
+        })
+    }
+
+    /// The server side of the mesh mTLS handshake; the peer's identity.
+    async fn handshake(
+        &self,
+        io: Rewind<MeteredIo<TcpStream>>,
+        client: SocketAddr,
+    ) -> Option<(TlsStream<Rewind<MeteredIo<TcpStream>>>, SpiffeId)> {
+        let Some(mesh) = self.tls.borrow().clone() else {
+            self.metrics
+                .handshake_failed(DIRECTION, HandshakeFailure::NoIdentity);
+            return None;
+        };
+        let accept = TlsAcceptor::from(mesh.server_config()).accept(io);
+        let tls = match tokio::time::timeout(self.limits.handshake_timeout, accept).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                let reason = handshake_failure_reason(&error);
+                self.metrics
+                    .handshake_failed(DIRECTION, HandshakeFailure::Tls(reason));
+                tracing::debug!(%client, reason, %error, "Inbound mTLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                self.metrics
+                    .handshake_failed(DIRECTION, HandshakeFailure::Timeout);
+                return None;
+            }
+        };
+        let peer = {
+            let (_, session) = tls.get_ref();
+            session
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|leaf| mesh.client_id(leaf))
+        };
+        let Some(peer) = peer else {
+            self.metrics
+                .handshake_failed(DIRECTION, HandshakeFailure::UnknownPeer);
+            return None;
+        };
+        self.metrics.handshake_ok(DIRECTION);
+        Some((tls, peer))
+    }
+
+    /// A client without mesh TLS: within the plaintext share, forwarded
+    /// by what detection found.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_plaintext(
+        &self,
+        mut io: MeteredIo<TcpStream>,
+        prefix: BytesMut,
+        detected: Detection,
+        client: SocketAddr,
+        app_addr: SocketAddr,
+        activity: Arc<Activity>,
+        drain: Watch,
+    ) {
+        let Ok(_plaintext) = self.plaintext.clone().try_acquire_owned() else {
+            self.metrics
+                .connection_error(DIRECTION, ConnError::PlaintextAtCapacity);
+            tracing::debug!(%client, "The plaintext share of the listener is full; closing");
+            return;
+        };
         if matches!(detected, Detection::Silent | Detection::Stalled(_)) {
             self.metrics.detect_timeout(DIRECTION);
         }
@@ -207,50 +391,17 @@ impl Inbound {
         conn.set_result(self.forward(io, prefix, next, connection).await);
     }
 
-    /// Terminates mesh mTLS, then forwards by protocol.
+    /// A peer proxy's connection after the handshake: its own protocol
+    /// detection, then forwarding.
     async fn serve_mesh(
         &self,
-        io: Rewind<MeteredIo<TcpStream>>,
+        mut tls: TlsStream<Rewind<MeteredIo<TcpStream>>>,
+        peer: SpiffeId,
         client: SocketAddr,
         app_addr: SocketAddr,
         activity: Arc<Activity>,
         drain: Watch,
     ) {
-        let Some(mesh) = self.tls.borrow().clone() else {
-            self.metrics
-                .handshake_failed(DIRECTION, HandshakeFailure::NoIdentity);
-            return;
-        };
-        let accept = TlsAcceptor::from(mesh.server_config()).accept(io);
-        let mut tls = match tokio::time::timeout(self.limits.handshake_timeout, accept).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(error)) => {
-                let reason = handshake_failure_reason(&error);
-                self.metrics
-                    .handshake_failed(DIRECTION, HandshakeFailure::Tls(reason));
-                tracing::debug!(%client, reason, %error, "Inbound mTLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                self.metrics
-                    .handshake_failed(DIRECTION, HandshakeFailure::Timeout);
-                return;
-            }
-        };
-        let peer = {
-            let (_, session) = tls.get_ref();
-            session
-                .peer_certificates()
-                .and_then(|certs| certs.first())
-                .and_then(|leaf| mesh.client_id(leaf))
-        };
-        let Some(peer) = peer else {
-            self.metrics
-                .handshake_failed(DIRECTION, HandshakeFailure::UnknownPeer);
-            return;
-        };
-        drop(mesh);
-        self.metrics.handshake_ok(DIRECTION);
         let caller = Caller {
             peer: Some(peer.clone()),
             source: client.ip(),

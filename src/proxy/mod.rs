@@ -23,6 +23,7 @@ mod outbound;
 pub mod outcome;
 mod pool;
 mod respond;
+mod shedding;
 mod tcp;
 mod tls_status;
 
@@ -45,7 +46,7 @@ use self::outbound::Outbound;
 use self::outcome::ConnError;
 use crate::identity::SpiffeId;
 use crate::lifecycle::Watch;
-use crate::listener::{Caps, Refused, accept_loop};
+use crate::listener::{Admission, Caps, Notice, accept_admitting};
 use crate::policy::{MtlsMode, PolicyRx};
 use crate::tls::MeshTls;
 
@@ -106,7 +107,15 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub detect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// From the start of a new HTTP/1 connection to its first request head.
+    pub request_head_timeout: Duration,
+    /// Per listener.
     pub max_connections: usize,
+    /// Inbound connections without a mesh identity, of `max_connections`.
+    pub max_plaintext_connections: usize,
+    /// Inbound connections from one address still in detection or the
+    /// mTLS handshake.
+    pub max_unverified_per_source: usize,
     pub max_header_bytes: usize,
     /// Idle pooled connections to the local application are not reused
     /// after this.
@@ -143,12 +152,25 @@ pub struct Proxy {
 
 /// Serves one accepted connection.
 trait Handler: Send + Sync + 'static {
+    /// What [`Handler::admit`] learns about a connection and hands on.
+    type Context: Send + 'static;
+
+    /// Decides, as the connection is accepted and before any task exists
+    /// for it, whether it is served now, after its client's first bytes,
+    /// or not at all.
+    fn admit(&self, stream: &std::net::TcpStream, client: SocketAddr) -> Admission<Self::Context>;
+
     fn handle(
         self: Arc<Self>,
         stream: TcpStream,
         client: SocketAddr,
+        context: Self::Context,
         drain: Watch,
     ) -> impl Future<Output = ()> + Send;
+
+    /// The listener is running short of places (see
+    /// [`crate::listener::Notice::Crowded`]).
+    fn crowded(&self) {}
 }
 
 /// A bound listener and what serves its connections.
@@ -189,23 +211,35 @@ impl<H: Handler> Listener<H> {
     async fn run(self, drain: Watch) {
         let (handler, direction, metrics) = (self.handler, self.direction, self.metrics);
         let stop = drain.clone();
-        accept_loop(
+        accept_admitting(
             self.listener,
-            Caps::total(self.max_connections),
+            Caps {
+                total: self.max_connections,
+                per_source: None,
+                // A tenth kept free, so a newcomer (a mesh peer above all)
+                // finds a place while others are being shed.
+                reserve: self.max_connections / 10,
+            },
             async move { stop.signaled().await },
             |refused| match refused {
-                Refused::AcceptFailed(error) => {
+                Notice::AcceptFailed(error) => {
                     tracing::warn!(direction = direction.as_str(), %error, "Accept failed");
                     metrics.connection_error(direction, ConnError::AcceptFailed);
                 }
-                Refused::AtCapacity(client) | Refused::SourceAtCapacity(client) => {
+                Notice::AtCapacity(client) | Notice::SourceAtCapacity(client) => {
                     tracing::debug!(direction = direction.as_str(), %client, "Connection limit reached; closing");
                     metrics.connection_error(direction, ConnError::MaxConnections);
                 }
+                Notice::Crowded => handler.crowded(),
+                Notice::EvictedSilent(client) => {
+                    tracing::debug!(direction = direction.as_str(), %client, "Connection limit reached; closed the longest silent connection");
+                    metrics.connection_error(direction, ConnError::EvictedSilent);
+                }
             },
-            |stream, client| {
+            |stream, client| handler.admit(stream, client),
+            |stream, client, context| {
                 let _ = stream.set_nodelay(true);
-                handler.clone().handle(stream, client, drain.clone())
+                handler.clone().handle(stream, client, context, drain.clone())
             },
         )
         .await;
@@ -291,5 +325,6 @@ fn http_server(
         metrics,
         max_header_bytes: limits.max_header_bytes,
         idle_timeout: limits.idle_timeout,
+        request_head_timeout: limits.request_head_timeout,
     }
 }

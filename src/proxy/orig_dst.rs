@@ -8,18 +8,19 @@
 
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 
-use nix::sys::socket::{SockaddrIn, SockaddrIn6, getsockopt, sockopt};
-use tokio::net::TcpStream;
+use std::os::fd::BorrowedFd;
 
-/// Where `stream` was headed before the redirect, or its local address.
-pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
-    let local = stream.local_addr()?;
+use nix::sys::socket::{SockaddrIn, SockaddrIn6, getsockopt, sockopt};
+
+/// Where `socket` (bound locally to `local`) was headed before the
+/// redirect, or `local`.
+pub fn original_dst(socket: BorrowedFd<'_>, local: SocketAddr) -> SocketAddr {
     let original = match local {
-        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).ok().map(|raw| {
+        SocketAddr::V4(_) => getsockopt(&socket, sockopt::OriginalDst).ok().map(|raw| {
             let addr = SockaddrIn::from(raw);
             SocketAddr::V4(SocketAddrV4::new(addr.ip(), addr.port()))
         }),
-        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst)
+        SocketAddr::V6(_) => getsockopt(&socket, sockopt::Ip6tOriginalDst)
             .ok()
             .map(|raw| {
                 let addr = SockaddrIn6::from(raw);
@@ -31,5 +32,5 @@ pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
                 ))
             }),
     };
-    Ok(original.unwrap_or(local))
+    original.unwrap_or(local)
 }

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -27,6 +28,7 @@ use super::{
     ProtocolMode, ProxyConfig, TlsRx, bind, http_server,
 };
 use crate::lifecycle::Watch;
+use crate::listener::Admission;
 
 const DIRECTION: Direction = Direction::Outbound;
 
@@ -90,44 +92,55 @@ impl Outbound {
     }
 }
 
+/// What the outbound listener learns about a connection as it accepts it.
+pub struct Accepted {
+    dst: SocketAddr,
+    opaque: bool,
+    /// When protocol detection gives up on a silent client.
+    deadline: tokio::time::Instant,
+    _open: OpenConnection,
+}
+
 impl Handler for Outbound {
-    async fn handle(self: Arc<Self>, stream: TcpStream, _client: SocketAddr, drain: Watch) {
+    type Context = Accepted;
+
+    fn admit(&self, stream: &std::net::TcpStream, _client: SocketAddr) -> Admission<Accepted> {
         let dst = match &self.target {
             OutboundTarget::Peer { addr, .. } => *addr,
-            OutboundTarget::OriginalDst => match original_dst(&stream) {
-                Ok(addr) => addr,
-                Err(_) => return,
+            OutboundTarget::OriginalDst => match stream.local_addr() {
+                Ok(local) => original_dst(stream.as_fd(), local),
+                Err(_) => return Admission::Refuse,
             },
         };
         if dst == self.local {
             self.metrics
                 .connection_error(DIRECTION, ConnError::LoopDetected);
-            return;
+            return Admission::Refuse;
         }
-        let open = self.metrics.accepted(DIRECTION);
         // Server-speaks-first protocols live on opaque ports: connect at
         // once, without waiting for the client.
         let opaque =
             self.protocol == ProtocolMode::Opaque || self.opaque_ports.contains(&dst.port());
-        // Otherwise, until its first bytes arrive, a connection holds no
-        // buffer and only this small task.
-        let deadline = deadline_after(self.limits.detect_timeout);
-        if !opaque {
-            let _ = tokio::time::timeout_at(deadline, stream.readable()).await;
+        let accepted = Accepted {
+            dst,
+            opaque,
+            deadline: deadline_after(self.limits.detect_timeout),
+            _open: self.metrics.accepted(DIRECTION),
+        };
+        if opaque {
+            Admission::Serve(accepted)
+        } else {
+            let deadline = accepted.deadline;
+            Admission::AwaitFirstBytes(accepted, deadline)
         }
-        Box::pin(self.serve(stream, dst, opaque, deadline, drain, open)).await
     }
-}
 
-impl Outbound {
-    async fn serve(
-        &self,
+    async fn handle(
+        self: Arc<Self>,
         stream: TcpStream,
-        dst: SocketAddr,
-        opaque: bool,
-        deadline: tokio::time::Instant,
+        _client: SocketAddr,
+        accepted: Accepted,
         drain: Watch,
-        _open: OpenConnection,
     ) {
         let activity = Activity::new();
         let mut io = MeteredIo::new(stream, activity.clone());
@@ -135,8 +148,8 @@ impl Outbound {
         let detection = app_protocol(
             &mut io,
             &mut prefix,
-            opaque,
-            deadline,
+            accepted.opaque,
+            accepted.deadline,
             MAX_DETECT_BYTES,
             || self.metrics.detect_timeout(DIRECTION),
         )
@@ -147,10 +160,12 @@ impl Outbound {
         // The application's own TLS stays end-to-end encrypted even if
         // the destination turns out to have no proxy.
         let app_tls = matches!(detection, Detection::Detected(Protocol::Tls(_)));
-        self.forward(io, prefix, next, dst, app_tls, activity, drain)
+        self.forward(io, prefix, next, accepted.dst, app_tls, activity, drain)
             .await;
     }
+}
 
+impl Outbound {
     /// Serves, relays or refuses the connection as `next` says.
     #[allow(clippy::too_many_arguments)]
     async fn forward(

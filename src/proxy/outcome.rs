@@ -13,6 +13,9 @@ pub enum ConnOutcome {
     Error,
     /// Nothing moved for the idle timeout.
     IdleTimeout,
+    /// An HTTP/1 connection's first request head did not arrive within
+    /// `limits.request_head_timeout`.
+    HeadTimeout,
     /// The proxy was draining and closed it after its in-flight requests.
     Drained,
     /// Authorization refused it when it started.
@@ -30,6 +33,7 @@ impl ConnOutcome {
             Self::Ok => "ok",
             Self::Error => "error",
             Self::IdleTimeout => "idle_timeout",
+            Self::HeadTimeout => "head_timeout",
             Self::Drained => "drained",
             Self::Denied => "denied",
             Self::Terminated => "terminated",
@@ -47,6 +51,17 @@ pub enum ConnError {
     AcceptFailed,
     /// The listener's connection limit was reached.
     MaxConnections,
+    /// The listener was full; this connection, the longest silent one
+    /// waiting for its client's first bytes, was closed to make room.
+    EvictedSilent,
+    /// One source address already holds its share of connections still in
+    /// detection or the mTLS handshake.
+    UnverifiedAtCapacity,
+    /// The plaintext share of the inbound listener is taken.
+    PlaintextAtCapacity,
+    /// The listener was crowded and the connection had not identified
+    /// itself within the grace period.
+    Shed,
     /// Sent straight to the proxy's own port rather than redirected to it.
     LoopDetected,
     /// Plaintext on a port whose mTLS mode is STRICT.
@@ -69,6 +84,10 @@ impl ConnError {
         match self {
             Self::AcceptFailed => "accept_failed",
             Self::MaxConnections => "max_connections",
+            Self::EvictedSilent => "evicted_silent",
+            Self::UnverifiedAtCapacity => "unverified_at_capacity",
+            Self::PlaintextAtCapacity => "plaintext_at_capacity",
+            Self::Shed => "shed",
             Self::LoopDetected => "loop_detected",
             Self::PlaintextRefused => "plaintext_refused",
             Self::ConnectTimeout => "connect_timeout",
