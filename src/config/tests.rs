@@ -233,3 +233,51 @@ fn probes_and_opaque_ports_from_the_environment_replace_the_files_lists() {
         .unwrap_err();
     assert_eq!(err.field, "policy.probes");
 }
+
+#[test]
+fn connection_limits_follow_the_memory_limit_unless_set() {
+    let limits = |extra: &str| {
+        FileConfig::from_yaml(&format!("{ID}limits:\n{extra}"))
+            .unwrap()
+            .validate()
+            .unwrap()
+            .proxy
+            .limits
+    };
+    let derived = limits("  memory_limit: 128Mi\n");
+    assert_eq!(derived.max_connections, 1536);
+    assert_eq!(derived.max_plaintext_connections, 768);
+    let unlimited = limits("  idle_timeout: 1h\n");
+    assert_eq!(unlimited.max_connections, 10_000);
+    let explicit = limits("  memory_limit: 128Mi\n  max_connections: 50\n");
+    assert_eq!(explicit.max_connections, 50);
+    assert_eq!(explicit.max_plaintext_connections, 25);
+}
+
+#[test]
+fn the_memory_limit_comes_from_the_environment_in_bytes() {
+    let mut file = FileConfig::from_yaml(ID).unwrap();
+    let overrides = Overrides {
+        memory_limit: Some("268435456".into()),
+        ..Overrides::default()
+    };
+    file.apply(&overrides).unwrap();
+    assert_eq!(file.validate().unwrap().proxy.limits.max_connections, 3584);
+    let mut file = FileConfig::from_yaml(ID).unwrap();
+    let bad = Overrides {
+        memory_limit: Some("lots".into()),
+        ..Overrides::default()
+    };
+    assert_eq!(file.apply(&bad).unwrap_err().field, "limits.memory_limit");
+}
+
+#[test]
+fn a_plaintext_share_above_the_total_is_refused() {
+    let err = FileConfig::from_yaml(&format!(
+        "{ID}limits:\n  max_connections: 10\n  max_plaintext_connections: 11\n"
+    ))
+    .unwrap()
+    .validate()
+    .unwrap_err();
+    assert_eq!(err.field, "limits.max_plaintext_connections");
+}

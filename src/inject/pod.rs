@@ -9,8 +9,9 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
     DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSpec, Probe as KubeProbe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    ProjectedVolumeSource, ResourceFieldSelector, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -298,6 +299,22 @@ fn proxy_container(settings: &PodSettings, probes: &[Probe]) -> Container {
     }
     if let Some(ports) = &mesh.opaque_ports {
         env_vars.push(env("OUTRIDER_OPAQUE_PORTS", ports.replace(' ', "")));
+    }
+    if mesh.resources.memory_limit.is_some() {
+        // The proxy sizes its connection limits from the memory it may
+        // use; Kubernetes passes the limit in bytes.
+        env_vars.push(EnvVar {
+            name: "OUTRIDER_MEMORY_LIMIT".into(),
+            value_from: Some(EnvVarSource {
+                resource_field_ref: Some(ResourceFieldSelector {
+                    container_name: Some(PROXY_CONTAINER.into()),
+                    resource: "limits.memory".into(),
+                    ..ResourceFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
     }
     let http_probe = |path: &str, period: i32, failures: i32| KubeProbe {
         http_get: Some(HTTPGetAction {
