@@ -26,7 +26,6 @@ use crate::listener::{Caps, accept_loop};
 const CAPS: Caps = Caps {
     total: 256,
     per_source: Some(8),
-    reserve: 0,
 };
 /// An admin connection must deliver a request head this soon, also after
 /// a keep-alive response: probes and scrapes are fast, an idle connection

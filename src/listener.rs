@@ -1,12 +1,17 @@
 //! Accepting TCP connections: the one loop behind the proxy's listeners,
 //! the admin server and the controller's webhook.
 //!
-//! Each accepted connection is served on its own task while it holds one
-//! of a fixed number of permits, and, where a per-source cap is set, one
-//! of its source address's share; a connection over either is closed at
-//! once. A failing `accept` (out of file descriptors and the like) backs
-//! off instead of spinning. The loop stops when `stop` resolves;
-//! connections already accepted finish on their own terms.
+//! Each accepted connection holds one of a fixed number of places
+//! (permits) and, where a per-source cap is set, one of its source
+//! address's share. Its owner may have it wait for its client's first
+//! bytes in the [`WaitingRoom`] (no task, no buffer) and then be served on
+//! [`Probation`] until it has shown who it is. When every place is taken,
+//! a newcomer gets the place of the longest silent waiter, else of the
+//! longest on probation past its grace, else it is closed at once: what
+//! can be held without being identified can always be taken back. A
+//! failing `accept` (out of file descriptors and the like) backs off
+//! instead of spinning. The loop stops when `stop` resolves; connections
+//! already accepted finish on their own terms.
 
 use std::future::Future;
 use std::io;
@@ -20,19 +25,26 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use self::probation::Probation;
 use self::waiting_room::{Waiter, WaitingRoom};
 
+mod probation;
 mod registered;
+mod seats;
 mod sources;
 mod waiting_room;
 
+pub use self::probation::{OnProbation, Place};
 pub use self::sources::{SourceSlot, Sources};
 
 /// How long to wait after `accept` fails before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a newcomer waits for the place of a connection told to give
+/// it up (its task must run first); past it, the newcomer is closed.
+const EVICTION_WAIT: Duration = Duration::from_millis(250);
 
-/// What the loop tells its owner: a connection it did not serve, or that
-/// it is running out of places.
+/// What the loop tells its owner: a connection it did not serve, or one
+/// that lost its place.
 #[derive(Debug)]
 pub enum Notice {
     /// `accept` itself failed; the loop waits a moment and goes on.
@@ -44,11 +56,10 @@ pub enum Notice {
     /// The listener was full and this peer's connection, the longest
     /// waiting for its client's first bytes, was closed to make room.
     EvictedSilent(SocketAddr),
-    /// Fewer than [`Caps::reserve`] places are left and no silent
-    /// connection is left to give one up: the owner should shed what it
-    /// can (connections that have not yet shown who they are) before the
-    /// listener is full.
-    Crowded,
+    /// The listener was full and the connection longest on probation was
+    /// told to give its place to a newcomer (the connection itself hears
+    /// of it through [`OnProbation::cut`]).
+    EvictedOnProbation,
 }
 
 /// How many connections a listener serves at once.
@@ -58,9 +69,6 @@ pub struct Caps {
     /// At most this many from one source address (IPv4-mapped IPv6
     /// addresses count as their IPv4 address).
     pub per_source: Option<usize>,
-    /// Places the loop tries to keep free for whoever connects next: below
-    /// it, silent connections are let go and [`Notice::Crowded`] is sent.
-    pub reserve: usize,
 }
 
 impl Caps {
@@ -68,7 +76,6 @@ impl Caps {
         Self {
             total,
             per_source: None,
-            reserve: 0,
         }
     }
 }
@@ -86,23 +93,28 @@ pub enum Admission<C> {
     /// first to go (oldest first): a flood of silent connections cannot
     /// keep out a client that speaks.
     AwaitFirstBytes(C, Instant),
+    /// As [`Admission::AwaitFirstBytes`], then served on [`Probation`]:
+    /// until the server says the connection has shown who it is, its
+    /// place may go to a newcomer when the listener is full.
+    Probation(C, Instant),
 }
 
 /// A connection's share of the listener: its permit and, where capped,
 /// its source's slot; given back when the connection ends.
 type Share = (OwnedSemaphorePermit, Option<SourceSlot>);
 
-/// What waits with a socket in the room.
-type Seated<C> = (SocketAddr, C, Share);
+/// What waits with a socket in the room: its peer, its context, its
+/// share, and whether it is served on probation.
+type Seated<C> = (SocketAddr, C, Share, bool);
 
 /// Accepts on `listener` until `stop` resolves, serving each connection
-/// with `serve` on a task of its own within `caps`. `refused` hears of
+/// with `serve` on a task of its own within `caps`. `notice` hears of
 /// every connection that was not served.
 pub async fn accept_loop<S, F>(
     listener: TcpListener,
     caps: Caps,
     stop: impl Future<Output = ()>,
-    refused: impl FnMut(Notice),
+    notice: impl FnMut(Notice),
     mut serve: S,
 ) where
     S: FnMut(TcpStream, SocketAddr) -> F,
@@ -112,26 +124,27 @@ pub async fn accept_loop<S, F>(
         listener,
         caps,
         stop,
-        refused,
+        notice,
         |_, _| Admission::Serve(()),
-        move |stream, peer, ()| serve(stream, peer),
+        move |stream, peer, (), _| serve(stream, peer),
     )
     .await;
 }
 
 /// [`accept_loop`] with a say, per connection and before any task exists
-/// for it, in whether it is served now, after its first bytes, or not at
-/// all (`admit`, given the socket and its peer).
+/// for it, in whether it is served now, after its first bytes, on
+/// probation, or not at all (`admit`, given the socket and its peer).
+/// `serve` gets the connection's probation where it asked for one.
 pub async fn accept_admitting<A, C, S, F>(
     listener: TcpListener,
     caps: Caps,
     stop: impl Future<Output = ()>,
-    mut refused: impl FnMut(Notice),
+    mut notice: impl FnMut(Notice),
     mut admit: A,
     mut serve: S,
 ) where
     A: FnMut(&std::net::TcpStream, SocketAddr) -> Admission<C>,
-    S: FnMut(TcpStream, SocketAddr, C) -> F,
+    S: FnMut(TcpStream, SocketAddr, C, Option<OnProbation>) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
     // Accepting through mio rather than tokio leaves a new socket
@@ -140,162 +153,173 @@ pub async fn accept_admitting<A, C, S, F>(
     let listener = match listener.into_std().and_then(registered::listener) {
         Ok(listener) => listener,
         Err(error) => {
-            refused(Notice::AcceptFailed(error));
+            notice(Notice::AcceptFailed(error));
             return;
         }
     };
-    // A semaphore holds at most MAX_PERMITS; more would panic.
-    let limit = Arc::new(Semaphore::new(caps.total.clamp(1, Semaphore::MAX_PERMITS)));
-    let sources = Arc::new(Sources::default());
-    let mut room: Option<WaitingRoom<Seated<C>>> = None;
+    let mut places = Places {
+        caps,
+        // A semaphore holds at most MAX_PERMITS; more would panic.
+        limit: Arc::new(Semaphore::new(caps.total.clamp(1, Semaphore::MAX_PERMITS))),
+        sources: Arc::new(Sources::default()),
+        room: None,
+        probation: Arc::new(Probation::default()),
+    };
     tokio::pin!(stop);
     loop {
-        let waiting = room.as_ref().is_some_and(|room| room.len() > 0);
+        let waiting = places.room.as_ref().is_some_and(|room| room.len() > 0);
         let event = tokio::select! {
             biased;
             () = &mut stop => break,
-            left = async { room.as_mut()?.next().await.ok() }, if waiting => match left {
-                Some((waiter, _)) => Event::Left(waiter),
+            left = async { places.room.as_mut()?.next().await.ok() }, if waiting => match left {
+                Some((waiter, _)) => Woke::Left(waiter),
                 None => continue,
             },
-            accepted = accept(&listener) => Event::Accepted(accepted),
+            accepted = accept(&listener) => Woke::Accepted(accepted),
         };
         let admitted = match event {
-            Event::Left(Waiter {
+            Woke::Left(Waiter {
                 stream,
-                value: (peer, context, share),
-            }) => Some((stream, peer, context, share)),
-            Event::Accepted(Ok((stream, peer))) => admit_one(
-                std::net::TcpStream::from(stream),
-                peer,
-                &caps,
-                &limit,
-                &sources,
-                &mut room,
-                &mut admit,
-                &mut refused,
-            ),
-            Event::Accepted(Err(error)) => {
-                refused(Notice::AcceptFailed(error));
+                value: (peer, context, share, probation),
+            }) => Some((stream, peer, context, share, probation)),
+            Woke::Accepted(Ok((stream, peer))) => {
+                places
+                    .admit(
+                        std::net::TcpStream::from(stream),
+                        peer,
+                        &mut admit,
+                        &mut notice,
+                    )
+                    .await
+            }
+            Woke::Accepted(Err(error)) => {
+                notice(Notice::AcceptFailed(error));
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 None
             }
         };
-        let Some((stream, peer, context, share)) = admitted else {
+        let Some((stream, peer, context, share, probation)) = admitted else {
             continue;
         };
-        match TcpStream::from_std(stream) {
-            // `map` keeps the share beside the future rather than in an
-            // async block, which would hold the future twice.
-            Ok(stream) => drop(tokio::spawn(
-                serve(stream, peer, context).map(move |()| drop(share)),
-            )),
-            Err(error) => refused(Notice::AcceptFailed(error)),
-        }
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(error) => {
+                notice(Notice::AcceptFailed(error));
+                continue;
+            }
+        };
+        let (on_probation, held) = if probation {
+            (Some(places.probation.admit(share)), None)
+        } else {
+            (None, Some(share))
+        };
+        // `map` keeps the share beside the future rather than in an async
+        // block, which would hold the future twice.
+        let task = serve(stream, peer, context, on_probation).map(move |()| drop(held));
+        drop(tokio::spawn(task));
     }
 }
 
-/// A connection to serve now, with its context and share.
-type Admitted<C> = (std::net::TcpStream, SocketAddr, C, Share);
+/// A connection to serve now: socket, peer, context, share, probation.
+type Admitted<C> = (std::net::TcpStream, SocketAddr, C, Share, bool);
 
-/// Takes a just-accepted connection's share of the listener and asks
-/// `admit` about it: returns it if it is to be served now; seats it in the
-/// room if it waits for its first bytes; closes it otherwise.
-#[allow(clippy::too_many_arguments)]
-fn admit_one<C>(
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
-    caps: &Caps,
-    limit: &Arc<Semaphore>,
-    sources: &Arc<Sources>,
-    room: &mut Option<WaitingRoom<Seated<C>>>,
-    admit: &mut impl FnMut(&std::net::TcpStream, SocketAddr) -> Admission<C>,
-    refused: &mut impl FnMut(Notice),
-) -> Option<Admitted<C>> {
-    let slot = match caps.per_source {
-        Some(cap) => match sources.take(peer.ip(), cap) {
-            Some(slot) => Some(slot),
-            None => {
-                refused(Notice::SourceAtCapacity(peer));
-                return None;
-            }
-        },
-        None => None,
-    };
-    let permit = loop {
-        if let Ok(permit) = limit.clone().try_acquire_owned() {
-            break permit;
-        }
-        // Full: the longest-silent waiter makes room, if there is one.
-        match room.as_mut().and_then(WaitingRoom::evict_oldest) {
-            Some(Waiter {
-                value: (evicted, ..),
-                ..
-            }) => {
-                refused(Notice::EvictedSilent(evicted));
-            }
-            None => {
-                refused(Notice::AtCapacity(peer));
-                return None;
-            }
-        }
-    };
-    // Keep the reserve free: silent waiters go first; if none are left,
-    // the owner hears that it is crowded.
-    while limit.available_permits() < caps.reserve {
-        match room.as_mut().and_then(WaitingRoom::evict_oldest) {
-            Some(Waiter {
-                value: (evicted, ..),
-                ..
-            }) => {
-                refused(Notice::EvictedSilent(evicted));
-            }
-            None => {
-                refused(Notice::Crowded);
-                break;
-            }
-        }
-    }
-    let share = (permit, slot);
-    let (context, deadline) = match admit(&stream, peer) {
-        Admission::Refuse => return None,
-        Admission::Serve(context) => return Some((stream, peer, context, share)),
-        Admission::AwaitFirstBytes(context, deadline) => (context, deadline),
-    };
-    // Most clients have spoken by the time they are accepted: serve those
-    // at once instead of seating them.
-    match stream.peek(&mut [0u8; 1]) {
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-        _ => return Some((stream, peer, context, share)),
-    }
-    let room = match room {
-        Some(room) => room,
-        None => match WaitingRoom::new() {
-            Ok(new) => room.insert(new),
-            Err(error) => {
-                refused(Notice::AcceptFailed(error));
-                return Some((stream, peer, context, share));
-            }
-        },
-    };
-    match room.seat(stream, (peer, context, share), deadline) {
-        Ok(()) => None,
-        // The poller would not take it: serve it the ordinary way.
-        Err((
-            error,
-            Waiter {
-                stream,
-                value: (peer, context, share),
+/// A listener's places and who holds them.
+struct Places<C> {
+    caps: Caps,
+    limit: Arc<Semaphore>,
+    sources: Arc<Sources>,
+    room: Option<WaitingRoom<Seated<C>>>,
+    probation: Arc<Probation>,
+}
+
+impl<C> Places<C> {
+    /// A place for a connection from `peer`: a free one, else one given up
+    /// by the longest silent waiter (at once: it has no task), else by the
+    /// longest on probation (once its task has let go, waited for up to
+    /// [`EVICTION_WAIT`] while new connections queue in the kernel).
+    async fn take(&mut self, peer: SocketAddr, notice: &mut impl FnMut(Notice)) -> Option<Share> {
+        let slot = match self.caps.per_source {
+            Some(cap) => match self.sources.take(peer.ip(), cap) {
+                Some(slot) => Some(slot),
+                None => {
+                    notice(Notice::SourceAtCapacity(peer));
+                    return None;
+                }
             },
-        )) => {
-            refused(Notice::AcceptFailed(error));
-            Some((stream, peer, context, share))
+            None => None,
+        };
+        loop {
+            if let Ok(permit) = self.limit.clone().try_acquire_owned() {
+                return Some((permit, slot));
+            }
+            let Some(Waiter {
+                value: (evicted, ..),
+                ..
+            }) = self.room.as_mut().and_then(WaitingRoom::evict_oldest)
+            else {
+                break;
+            };
+            notice(Notice::EvictedSilent(evicted));
+        }
+        if self.probation.evict_oldest() {
+            notice(Notice::EvictedOnProbation);
+            let freed =
+                tokio::time::timeout(EVICTION_WAIT, self.limit.clone().acquire_owned()).await;
+            if let Ok(Ok(permit)) = freed {
+                return Some((permit, slot));
+            }
+        }
+        notice(Notice::AtCapacity(peer));
+        None
+    }
+
+    /// Gives a just-accepted connection a place and asks `admit` about
+    /// it: returns it if it is to be served now; seats it in the room if it
+    /// waits for its first bytes; closes it otherwise.
+    async fn admit(
+        &mut self,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        admit: &mut impl FnMut(&std::net::TcpStream, SocketAddr) -> Admission<C>,
+        notice: &mut impl FnMut(Notice),
+    ) -> Option<Admitted<C>> {
+        let share = self.take(peer, notice).await?;
+        let (context, deadline, probation) = match admit(&stream, peer) {
+            Admission::Refuse => return None,
+            Admission::Serve(context) => return Some((stream, peer, context, share, false)),
+            Admission::AwaitFirstBytes(context, deadline) => (context, deadline, false),
+            Admission::Probation(context, deadline) => (context, deadline, true),
+        };
+        // Most clients have spoken by the time they are accepted: serve
+        // those at once instead of seating them.
+        match stream.peek(&mut [0u8; 1]) {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            _ => return Some((stream, peer, context, share, probation)),
+        }
+        let room = match &mut self.room {
+            Some(room) => room,
+            None => match WaitingRoom::new() {
+                Ok(new) => self.room.insert(new),
+                Err(error) => {
+                    notice(Notice::AcceptFailed(error));
+                    return Some((stream, peer, context, share, probation));
+                }
+            },
+        };
+        match room.seat(stream, (peer, context, share, probation), deadline) {
+            Ok(()) => None,
+            // The poller would not take it: serve it the ordinary way.
+            Err((error, Waiter { stream, value })) => {
+                notice(Notice::AcceptFailed(error));
+                let (peer, context, share, probation) = value;
+                Some((stream, peer, context, share, probation))
+            }
         }
     }
 }
 
 /// What woke the accept loop.
-enum Event<C> {
+enum Woke<C> {
     Left(Waiter<Seated<C>>),
     Accepted(io::Result<(mio::net::TcpStream, SocketAddr)>),
 }
@@ -374,7 +398,6 @@ mod tests {
             Caps {
                 total: 10,
                 per_source: Some(2),
-                reserve: 0,
             },
             std::future::pending(),
             move |refused| {
@@ -428,7 +451,7 @@ mod tests {
             std::future::pending(),
             move |why| drop(refused.send(why)),
             move |_, _| Admission::AwaitFirstBytes((), Instant::now() + wait),
-            move |stream, _peer, ()| {
+            move |stream, _peer, (), _probation| {
                 let served = served.clone();
                 async move {
                     let _ = served.send(stream);

@@ -611,15 +611,46 @@ fn kubelet_env(container: &serde_json::Value, namespace: &str, sa: &str) -> Vec<
             }
             value
         } else {
-            match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-                Some("metadata.namespace") => namespace.to_string(),
-                Some("spec.serviceAccountName") => sa.to_string(),
-                other => panic!("unexpected field {other:?}"),
+            let source = &var["valueFrom"];
+            if let Some(resource) = source["resourceFieldRef"]["resource"].as_str() {
+                assert_eq!(
+                    source["resourceFieldRef"]["containerName"],
+                    container["name"]
+                );
+                assert_eq!(resource, "limits.memory");
+                let limit = container["resources"]["limits"]["memory"].as_str();
+                quantity_bytes(limit.expect("a memory limit")).to_string()
+            } else {
+                match source["fieldRef"]["fieldPath"].as_str() {
+                    Some("metadata.namespace") => namespace.to_string(),
+                    Some("spec.serviceAccountName") => sa.to_string(),
+                    other => panic!("unexpected field {other:?}"),
+                }
             }
         };
         env.push((name, value));
     }
     env
+}
+
+/// A Kubernetes quantity in bytes, as kubelet passes `limits.memory`
+/// (divisor 1) to a `resourceFieldRef`.
+fn quantity_bytes(quantity: &str) -> u64 {
+    let split = quantity
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(quantity.len());
+    let (number, unit) = quantity.split_at(split);
+    let scale: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        other => panic!("unexpected unit {other:?} in {quantity}"),
+    };
+    number.parse::<u64>().expect("a whole number") * scale
 }
 
 fn container<'a>(pod: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {

@@ -187,7 +187,8 @@ async fn connections_beyond_the_limit_are_closed_and_counted_while_admitted_ones
             Some(app),
             None,
             "permissive",
-            "limits:\n  max_connections: 2\n",
+            // Both kinds of place: the total is what is tested here.
+            "limits:\n  max_connections: 2\n  max_plaintext_connections: 2\n",
         ),
     ))
     .await;

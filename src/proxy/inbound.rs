@@ -32,7 +32,6 @@ use super::metrics::{Direction, Metrics, OpenConnection};
 use super::orig_dst::original_dst;
 use super::outcome::{ConnError, ConnOutcome, HandshakeFailure};
 use super::respond::refuse_malformed;
-use super::shedding::Shedder;
 use super::tls_status::{NoTlsReason, TlsStatus};
 use super::{
     Error, Handler, InboundConfig, InboundTarget, Limits, Listener, MAX_DETECT_BYTES, ProtocolMode,
@@ -40,7 +39,7 @@ use super::{
 };
 use crate::identity::SpiffeId;
 use crate::lifecycle::Watch;
-use crate::listener::{Admission, SourceSlot, Sources};
+use crate::listener::{Admission, OnProbation, SourceSlot, Sources};
 use crate::policy::authz::admits_plaintext;
 use crate::policy::{MtlsMode, PolicyRx};
 use crate::tls::handshake_failure_reason;
@@ -65,7 +64,6 @@ pub struct Inbound {
     /// Places for connections without a mesh identity: however many
     /// plaintext clients come, the rest of the listener is for mesh peers.
     plaintext: Arc<Semaphore>,
-    shedder: Shedder,
 }
 
 impl Inbound {
@@ -100,7 +98,6 @@ impl Inbound {
                     &limits,
                 ),
                 unverified: Arc::new(Sources::default()),
-                shedder: Shedder::default(),
                 plaintext: Arc::new(Semaphore::new(
                     limits.max_plaintext_connections.min(Semaphore::MAX_PERMITS),
                 )),
@@ -117,7 +114,6 @@ impl Inbound {
 /// What the inbound listener learns about a connection as it accepts it.
 pub struct Accepted {
     app_addr: SocketAddr,
-    accepted_at: tokio::time::Instant,
     /// When protocol detection gives up on a silent client.
     deadline: tokio::time::Instant,
     /// Held until the connection is identified (mesh handshake done, or
@@ -156,16 +152,14 @@ impl Handler for Inbound {
         // Every inbound connection begins with its client's bytes (a
         // ClientHello, or plaintext): until they arrive it waits in the
         // listener's room, holding no task and no buffer.
-        let accepted_at = tokio::time::Instant::now();
         let deadline = deadline_after(self.limits.detect_timeout);
         let accepted = Accepted {
             app_addr,
-            accepted_at,
             deadline,
             unverified,
             _open: self.metrics.accepted(DIRECTION),
         };
-        Admission::AwaitFirstBytes(accepted, deadline)
+        Admission::Probation(accepted, deadline)
     }
 
     async fn handle(
@@ -173,24 +167,38 @@ impl Handler for Inbound {
         stream: TcpStream,
         client: SocketAddr,
         accepted: Accepted,
+        probation: Option<OnProbation>,
         drain: Watch,
     ) {
         let Accepted {
             app_addr,
-            accepted_at,
             deadline,
             unverified,
             ..
         } = accepted;
+        // Admitted on probation (see `admit`); without one there is
+        // nothing to give up.
+        let Some(mut probation) = probation else {
+            return;
+        };
         let identified = tokio::select! {
             identified = self.identify(stream, client, app_addr, deadline) => identified,
-            () = self.shedder.shed(accepted_at) => {
-                self.metrics.connection_error(DIRECTION, ConnError::Shed);
-                tracing::debug!(%client, "Listener crowded; cut a connection that had not identified itself");
-                None
+            place = probation.cut() => {
+                self.metrics.connection_error(DIRECTION, ConnError::EvictedUnidentified);
+                tracing::debug!(%client, "Listener full; a newcomer takes the place of this unidentified connection");
+                // The connection's socket and buffers went with the
+                // `identify` future above; now the place can go too.
+                drop(place);
+                return;
             }
         };
         drop(unverified);
+        let Some(_place) = probation.pass() else {
+            // The place went to a newcomer just as the connection passed.
+            self.metrics
+                .connection_error(DIRECTION, ConnError::EvictedUnidentified);
+            return;
+        };
         match identified {
             Some(Identified::Mesh {
                 tls,
@@ -211,10 +219,6 @@ impl Handler for Inbound {
             }
             None => {}
         }
-    }
-
-    fn crowded(&self) {
-        self.shedder.crowded();
     }
 }
 

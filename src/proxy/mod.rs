@@ -23,7 +23,6 @@ mod outbound;
 pub mod outcome;
 mod pool;
 mod respond;
-mod shedding;
 mod tcp;
 mod tls_status;
 
@@ -46,7 +45,7 @@ use self::outbound::Outbound;
 use self::outcome::ConnError;
 use crate::identity::SpiffeId;
 use crate::lifecycle::Watch;
-use crate::listener::{Admission, Caps, Notice, accept_admitting};
+use crate::listener::{Admission, Caps, Notice, OnProbation, accept_admitting};
 use crate::policy::{MtlsMode, PolicyRx};
 use crate::tls::MeshTls;
 
@@ -160,17 +159,16 @@ trait Handler: Send + Sync + 'static {
     /// or not at all.
     fn admit(&self, stream: &std::net::TcpStream, client: SocketAddr) -> Admission<Self::Context>;
 
+    /// Serves a connection; `probation` is there when `admit` asked for
+    /// it, and must be passed once the connection has shown who it is.
     fn handle(
         self: Arc<Self>,
         stream: TcpStream,
         client: SocketAddr,
         context: Self::Context,
+        probation: Option<OnProbation>,
         drain: Watch,
     ) -> impl Future<Output = ()> + Send;
-
-    /// The listener is running short of places (see
-    /// [`crate::listener::Notice::Crowded`]).
-    fn crowded(&self) {}
 }
 
 /// A bound listener and what serves its connections.
@@ -213,13 +211,7 @@ impl<H: Handler> Listener<H> {
         let stop = drain.clone();
         accept_admitting(
             self.listener,
-            Caps {
-                total: self.max_connections,
-                per_source: None,
-                // A tenth kept free, so a newcomer (a mesh peer above all)
-                // finds a place while others are being shed.
-                reserve: self.max_connections / 10,
-            },
+            Caps::total(self.max_connections),
             async move { stop.signaled().await },
             |refused| match refused {
                 Notice::AcceptFailed(error) => {
@@ -230,16 +222,20 @@ impl<H: Handler> Listener<H> {
                     tracing::debug!(direction = direction.as_str(), %client, "Connection limit reached; closing");
                     metrics.connection_error(direction, ConnError::MaxConnections);
                 }
-                Notice::Crowded => handler.crowded(),
+                Notice::EvictedOnProbation => {
+                    tracing::debug!(direction = direction.as_str(), "Connection limit reached; the longest unidentified connection gave up its place");
+                }
                 Notice::EvictedSilent(client) => {
                     tracing::debug!(direction = direction.as_str(), %client, "Connection limit reached; closed the longest silent connection");
                     metrics.connection_error(direction, ConnError::EvictedSilent);
                 }
             },
             |stream, client| handler.admit(stream, client),
-            |stream, client, context| {
+            |stream, client, context, probation| {
                 let _ = stream.set_nodelay(true);
-                handler.clone().handle(stream, client, context, drain.clone())
+                handler
+                    .clone()
+                    .handle(stream, client, context, probation, drain.clone())
             },
         )
         .await;

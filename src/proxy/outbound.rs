@@ -28,7 +28,7 @@ use super::{
     ProtocolMode, ProxyConfig, TlsRx, bind, http_server,
 };
 use crate::lifecycle::Watch;
-use crate::listener::Admission;
+use crate::listener::{Admission, OnProbation};
 
 const DIRECTION: Direction = Direction::Outbound;
 
@@ -140,6 +140,7 @@ impl Handler for Outbound {
         stream: TcpStream,
         _client: SocketAddr,
         accepted: Accepted,
+        _probation: Option<OnProbation>,
         drain: Watch,
     ) {
         let activity = Activity::new();

@@ -59,9 +59,9 @@ pub enum ConnError {
     UnverifiedAtCapacity,
     /// The plaintext share of the inbound listener is taken.
     PlaintextAtCapacity,
-    /// The listener was crowded and the connection had not identified
-    /// itself within the grace period.
-    Shed,
+    /// The listener was full and a newcomer took the place of this
+    /// connection, the longest still in detection or its handshake.
+    EvictedUnidentified,
     /// Sent straight to the proxy's own port rather than redirected to it.
     LoopDetected,
     /// Plaintext on a port whose mTLS mode is STRICT.
@@ -87,7 +87,7 @@ impl ConnError {
             Self::EvictedSilent => "evicted_silent",
             Self::UnverifiedAtCapacity => "unverified_at_capacity",
             Self::PlaintextAtCapacity => "plaintext_at_capacity",
-            Self::Shed => "shed",
+            Self::EvictedUnidentified => "evicted_unidentified",
             Self::LoopDetected => "loop_detected",
             Self::PlaintextRefused => "plaintext_refused",
             Self::ConnectTimeout => "connect_timeout",
