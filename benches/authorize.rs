@@ -120,14 +120,14 @@ fn main() {
         measure(&format!("{name}: authorize"), || {
             authorize(black_box(&policy), black_box(&request)).is_ok()
         });
-        let view = CallerPolicy::new(policy.clone(), caller);
+        let view = CallerPolicy::new(policy.clone(), caller).unwrap();
+        println!("{name}: the caller's view holds {} bytes", view.bytes());
         measure(&format!("{name}: CallerPolicy::decide"), || {
             black_box(&view).decide(black_box(Some(http))).is_ok()
         });
         measure(&format!("{name}: CallerPolicy::new"), || {
             CallerPolicy::new(black_box(policy.clone()), caller)
-                .policy()
-                .synced
+                .is_some_and(|view| view.policy().synced)
         });
     }
 }

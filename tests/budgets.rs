@@ -361,3 +361,88 @@ async fn a_10000_connection_flood_stays_inside_128_mib_while_a_mesh_peer_is_serv
         "the flood never reached a limit:\n{metrics}"
     );
 }
+
+/// An ALLOW policy of 10,000 rules for `app: payments`, the last one
+/// letting anyone `GET /open`.
+fn ten_thousand_rules() -> String {
+    let mut yaml = String::from(
+        "apiVersion: security.outrider.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: large}\nspec:\n  selector: {matchLabels: {app: payments}}\n  action: ALLOW\n  rules:\n",
+    );
+    for i in 1..10_000 {
+        yaml += &format!("  - to: [{{methods: [POST], paths: [\"/only/{i}\"]}}]\n");
+    }
+    yaml + "  - to: [{methods: [GET], paths: [\"/open\"]}]\n"
+}
+
+/// Sends `GET /open` on `stream` and reads the answer's head.
+async fn get_open(stream: &mut TcpStream) -> Result<String, String> {
+    stream
+        .write_all(b"GET /open HTTP/1.1\r\nhost: payments\r\n\r\n")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .map_err(|_| "no answer within 10 s".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    Ok(String::from_utf8_lossy(&answer[..n]).into_owned())
+}
+
+#[tokio::test]
+async fn a_10000_rule_policy_is_held_once_per_caller_not_once_per_connection() {
+    let _turn = MEASURING.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("cluster.local");
+    let dir = tmp.path().join("policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("large.yaml"), ten_thousand_rules()).unwrap();
+    let app = apps::http1_app(Duration::ZERO).await;
+    let w: Workload = workload(tmp.path(), &ca, "shop", "payments");
+    let server = ProxyProcess::start(&config(
+        &w,
+        &sections(
+            Some(app),
+            None,
+            "permissive",
+            &format!(
+                "workload:\n  labels: {{app: payments}}\npolicy:\n  source: files\n  dir: {}\n",
+                dir.display()
+            ),
+        ),
+    ))
+    .await;
+    let inbound = server.inbound();
+    let loaded = common::eventually(Duration::from_secs(20), async || {
+        let mut stream = TcpStream::connect(inbound).await.ok()?;
+        let answer = get_open(&mut stream).await.ok()?;
+        answer.starts_with("HTTP/1.1 200").then_some(())
+    })
+    .await;
+    assert!(loaded.is_some(), "the policy never allowed GET /open");
+    // Warm-up: hyper's and the allocator's first connections.
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(inbound).await.unwrap();
+        get_open(&mut stream).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let pid = server.pid();
+    let before = status_kib(pid, "VmRSS");
+    let mut held = Vec::new();
+    for i in 0..200 {
+        let mut stream = TcpStream::connect(inbound).await.unwrap();
+        let answer = get_open(&mut stream).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{i}: {answer:?}");
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let per_connection = status_kib(pid, "VmRSS").saturating_sub(before) as f64 / 200.0;
+    eprintln!("{per_connection:.1} KiB per keep-alive connection");
+    // An HTTP/1 connection's own buffers and tasks, both sides of the
+    // proxy; the caller's view of the policy (about 240 KiB here) is
+    // shared by all of them.
+    assert!(
+        per_connection <= 64.0,
+        "{per_connection:.1} KiB per keep-alive connection under a 10,000-rule policy"
+    );
+}

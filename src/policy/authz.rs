@@ -105,9 +105,37 @@ pub fn authorize(policy: &WorkloadPolicy, req: &Request<'_>) -> Result<Permit, D
         policy,
         probe,
         plaintext_refused,
-        |list, i| first_match(&policy.list(list)[i], &facts),
+        &EveryRule {
+            policy,
+            facts: &facts,
+        },
         || default_allows(policy, req.peer),
     )
+}
+
+/// The policies of a list that match a request, each with its first
+/// matching rule: what [`decide`] asks of a request, however the rules are
+/// looked at.
+trait Matches {
+    /// (index of the policy in `list`, index of its first matching rule),
+    /// in list order.
+    fn matches(&self, list: List) -> impl Iterator<Item = (usize, usize)> + '_;
+}
+
+/// Every rule of every policy, judged against the request's facts.
+struct EveryRule<'a> {
+    policy: &'a WorkloadPolicy,
+    facts: &'a Facts<'a>,
+}
+
+impl Matches for EveryRule<'_> {
+    fn matches(&self, list: List) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.policy
+            .list(list)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, policy)| first_match(policy, self.facts).map(|rule| (i, rule)))
+    }
 }
 
 /// Which of a workload's policy lists.
@@ -128,24 +156,26 @@ impl WorkloadPolicy {
     }
 }
 
-/// The decision order, over a matcher that names the first matching rule
-/// of the `i`th policy of a list: shared by [`authorize`] and
-/// [`CallerPolicy`], so both decide alike by construction.
+/// The decision order, over the policies a request matches: shared by
+/// [`authorize`] and [`CallerPolicy`], so both decide alike by
+/// construction.
 fn decide(
     policy: &WorkloadPolicy,
     probe: bool,
     plaintext_refused: bool,
-    first_match: impl Fn(List, usize) -> Option<usize>,
+    matcher: &impl Matches,
     default_allows: impl FnOnce() -> bool,
 ) -> Result<Permit, Denied> {
+    // An index from the matcher always names a policy of that list; were
+    // one not to, a DENY match would still deny and an ALLOW match would
+    // not allow.
+    let named = |list: List, i: usize| policy.list(list).get(i).map(|p| p.id.clone());
     let audits = || -> Vec<AuditMatch> {
-        policy
-            .audit
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| {
-                first_match(List::Audit, i).map(|rule| AuditMatch {
-                    id: p.id.clone(),
+        matcher
+            .matches(List::Audit)
+            .filter_map(|(i, rule)| {
+                Some(AuditMatch {
+                    id: named(List::Audit, i)?,
                     rule,
                 })
             })
@@ -169,28 +199,23 @@ fn decide(
             audits: Vec::new(),
         });
     }
-    for (i, deny) in policy.deny.iter().enumerate() {
-        if let Some(rule) = first_match(List::Deny, i) {
-            return Err(Denied {
-                by: Decider::Policy {
-                    id: deny.id.clone(),
-                    rule,
-                },
-                audits: audits(),
-            });
-        }
+    if let Some((i, rule)) = matcher.matches(List::Deny).next() {
+        return Err(Denied {
+            by: Decider::Policy {
+                id: named(List::Deny, i).unwrap_or_else(|| Arc::from("unknown")),
+                rule,
+            },
+            audits: audits(),
+        });
     }
     if !policy.allow.is_empty() {
-        for (i, allow) in policy.allow.iter().enumerate() {
-            if let Some(rule) = first_match(List::Allow, i) {
-                return Ok(Permit {
-                    by: Decider::Policy {
-                        id: allow.id.clone(),
-                        rule,
-                    },
-                    audits: audits(),
-                });
-            }
+        if let Some((i, rule)) = matcher.matches(List::Allow).next()
+            && let Some(id) = named(List::Allow, i)
+        {
+            return Ok(Permit {
+                by: Decider::Policy { id, rule },
+                audits: audits(),
+            });
         }
         return Err(Denied {
             by: Decider::NoAllowMatched,
@@ -248,12 +273,13 @@ fn default_allows(policy: &WorkloadPolicy, peer: Option<&SpiffeId>) -> bool {
 
 /// One caller's view of a workload's policy: every rule whose source and
 /// port conditions the caller meets, reduced to its method and path
-/// conditions. Built once per connection (and again when the policy
-/// changes), it decides each request on that connection without looking
-/// at rules that could never match it again: with HTTP keep-alive or
-/// HTTP/2 the cost of a large policy is paid per connection, not per
-/// request. [`CallerPolicy::decide`] equals [`authorize`] for the same
-/// caller; a property test holds it to that.
+/// conditions. Built once per caller (and again when the policy changes),
+/// it decides each request without looking at rules that could never
+/// match it: with HTTP keep-alive or HTTP/2 the cost of a large policy is
+/// paid per caller, not per request. Compact (20 bytes per rule left
+/// possible), so that callers can share it and a budget can bound it.
+/// [`CallerPolicy::decide`] equals [`authorize`] for the same caller; a
+/// property test holds it to that.
 #[derive(Debug)]
 pub struct CallerPolicy {
     policy: Arc<WorkloadPolicy>,
@@ -262,13 +288,25 @@ pub struct CallerPolicy {
     /// Unauthenticated, on a STRICT port.
     plaintext_refused: bool,
     default_allows: bool,
-    /// Parallel to `policy.deny`, `.allow` and `.audit`: for each policy,
-    /// the rules still possible, as (rule index, operations still
-    /// possible); `None` operations: the rule has no `to` and matches any
-    /// request.
-    deny: Vec<Vec<(usize, Option<Vec<usize>>)>>,
-    allow: Vec<Vec<(usize, Option<Vec<usize>>)>>,
-    audit: Vec<Vec<(usize, Option<Vec<usize>>)>>,
+    /// The rules still possible in `policy.deny`, `.allow` and `.audit`,
+    /// in list and rule order.
+    deny: Box<[Residual]>,
+    allow: Box<[Residual]>,
+    audit: Box<[Residual]>,
+    /// The operations still possible of every residual rule, as indices
+    /// into its `to`.
+    operations: Box<[u32]>,
+}
+
+/// A rule the caller's source and port leave possible.
+#[derive(Debug, Clone, Copy)]
+struct Residual {
+    /// Index of its policy in the list.
+    policy: u32,
+    rule: u32,
+    /// Its possible operations, `operations[start..end]` of the view;
+    /// `None`: the rule has no `to` and matches any request.
+    operations: Option<(u32, u32)>,
 }
 
 /// Who is calling which port: the connection-level facts of a request.
@@ -280,7 +318,10 @@ pub struct CallerFacts<'a> {
 }
 
 impl CallerPolicy {
-    pub fn new(policy: Arc<WorkloadPolicy>, caller: CallerFacts<'_>) -> Self {
+    /// `None` only for a policy whose lists or rules could not be counted
+    /// in 32 bits, which no document under the size cap comes near; the
+    /// caller then decides with [`authorize`].
+    pub fn new(policy: Arc<WorkloadPolicy>, caller: CallerFacts<'_>) -> Option<Self> {
         let req = Request {
             peer: caller.peer,
             source: caller.source,
@@ -288,34 +329,44 @@ impl CallerPolicy {
             http: None,
         };
         let facts = Facts::of(&req);
-        let residuals = |list: &[Arc<Policy>]| -> Vec<Vec<(usize, Option<Vec<usize>>)>> {
-            list.iter()
-                .map(|p| {
-                    p.rules
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, rule)| {
-                            rule.from.is_empty()
-                                || rule.from.iter().any(|s| source_matches(s, &facts))
-                        })
-                        .filter_map(|(i, rule)| {
-                            if rule.to.is_empty() {
-                                return Some((i, None));
+        let mut operations: Vec<u32> = Vec::new();
+        let mut residuals = |list: &[Arc<Policy>]| -> Option<Box<[Residual]>> {
+            let mut kept = Vec::new();
+            for (i, p) in list.iter().enumerate() {
+                for (r, rule) in p.rules.iter().enumerate() {
+                    if !(rule.from.is_empty()
+                        || rule.from.iter().any(|s| source_matches(s, &facts)))
+                    {
+                        continue;
+                    }
+                    let residual_operations = if rule.to.is_empty() {
+                        None
+                    } else {
+                        let start = u32::try_from(operations.len()).ok()?;
+                        for (j, op) in rule.to.iter().enumerate() {
+                            if op.ports.check(|p| *p == caller.port) {
+                                operations.push(u32::try_from(j).ok()?);
                             }
-                            let ops: Vec<usize> = rule
-                                .to
-                                .iter()
-                                .enumerate()
-                                .filter(|(_, op)| op.ports.check(|p| *p == caller.port))
-                                .map(|(j, _)| j)
-                                .collect();
-                            (!ops.is_empty()).then_some((i, Some(ops)))
-                        })
-                        .collect()
-                })
-                .collect()
+                        }
+                        let end = u32::try_from(operations.len()).ok()?;
+                        if start == end {
+                            continue;
+                        }
+                        Some((start, end))
+                    };
+                    kept.push(Residual {
+                        policy: u32::try_from(i).ok()?,
+                        rule: u32::try_from(r).ok()?,
+                        operations: residual_operations,
+                    });
+                }
+            }
+            Some(kept.into_boxed_slice())
         };
-        Self {
+        let deny = residuals(&policy.deny)?;
+        let allow = residuals(&policy.allow)?;
+        let audit = residuals(&policy.audit)?;
+        Some(Self {
             probes: if caller.peer.is_none() {
                 policy
                     .probes
@@ -329,16 +380,28 @@ impl CallerPolicy {
             plaintext_refused: caller.peer.is_none()
                 && policy.mtls_mode(caller.port) == MtlsMode::Strict,
             default_allows: default_allows(&policy, caller.peer),
-            deny: residuals(&policy.deny),
-            allow: residuals(&policy.allow),
-            audit: residuals(&policy.audit),
+            deny,
+            allow,
+            audit,
+            operations: operations.into_boxed_slice(),
             policy,
-        }
+        })
     }
 
     /// The policy this view was built from.
     pub fn policy(&self) -> &Arc<WorkloadPolicy> {
         &self.policy
+    }
+
+    /// What this view holds in memory, in bytes (the policy it points to
+    /// is shared and not counted).
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + std::mem::size_of_val(&*self.deny)
+            + std::mem::size_of_val(&*self.allow)
+            + std::mem::size_of_val(&*self.audit)
+            + std::mem::size_of_val(&*self.operations)
+            + self.probes.capacity() * std::mem::size_of::<Probe>()
     }
 
     /// Decides one request (`None`: the connection is opaque).
@@ -348,25 +411,57 @@ impl CallerPolicy {
             &self.policy,
             probe,
             self.plaintext_refused,
-            |list, i| {
-                let (policies, residuals) = match list {
-                    List::Deny => (&self.policy.deny, &self.deny),
-                    List::Allow => (&self.policy.allow, &self.allow),
-                    List::Audit => (&self.policy.audit, &self.audit),
-                };
-                let policy = &policies[i];
-                residuals[i].iter().find_map(|(rule, ops)| {
-                    let hit = match ops {
-                        None => true,
-                        Some(ops) => ops.iter().any(|&j| {
-                            request_matches(&policy.rules[*rule].to[j], policy.action, http)
-                        }),
-                    };
-                    hit.then_some(*rule)
-                })
-            },
+            &ViewedRequest { view: self, http },
             || self.default_allows,
         )
+    }
+}
+
+/// One request, judged through its caller's view.
+struct ViewedRequest<'a> {
+    view: &'a CallerPolicy,
+    http: Option<Http<'a>>,
+}
+
+impl ViewedRequest<'_> {
+    /// Whether the residual rule matches the request.
+    fn hits(&self, policy: &Policy, residual: &Residual) -> bool {
+        let Some((start, end)) = residual.operations else {
+            return true;
+        };
+        let (Some(rule), Some(operations)) = (
+            policy.rules.get(residual.rule as usize),
+            self.view.operations.get(start as usize..end as usize),
+        ) else {
+            // Never: the view was built from this policy.
+            return false;
+        };
+        operations.iter().any(|&j| {
+            rule.to
+                .get(j as usize)
+                .is_some_and(|op| request_matches(op, policy.action, self.http))
+        })
+    }
+}
+
+impl Matches for ViewedRequest<'_> {
+    fn matches(&self, list: List) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let residuals = match list {
+            List::Deny => &self.view.deny,
+            List::Allow => &self.view.allow,
+            List::Audit => &self.view.audit,
+        };
+        let policies = self.view.policy.list(list);
+        residuals
+            .chunk_by(|a, b| a.policy == b.policy)
+            .filter_map(move |of_one_policy| {
+                let first = of_one_policy.first()?;
+                let policy = policies.get(first.policy as usize)?;
+                of_one_policy
+                    .iter()
+                    .find(|residual| self.hits(policy, residual))
+                    .map(|residual| (residual.policy as usize, residual.rule as usize))
+            })
     }
 }
 

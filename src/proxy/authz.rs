@@ -3,11 +3,13 @@
 //!
 //! Opaque connections are judged once when they start and again whenever
 //! the policy changes (a newly denied connection is closed); HTTP requests
-//! are judged one by one, through a per-connection view of the policy.
+//! are judged one by one, through their caller's view of the policy,
+//! shared by the caller's connections and bounded in total.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -16,6 +18,7 @@ use super::metrics::{Direction, Metrics};
 use super::outcome::AuthzKind;
 use crate::identity::SpiffeId;
 use crate::policy::PolicyRx;
+use crate::policy::WorkloadPolicy;
 use crate::policy::authz::{CallerFacts, CallerPolicy};
 use crate::policy::{Denied, Http, Permit, Request, authorize};
 
@@ -46,6 +49,7 @@ pub struct Enforcer {
     policy: PolicyRx,
     metrics: Metrics,
     logged: Mutex<HashMap<LogKey, Instant>>,
+    views: SharedViews,
 }
 
 impl Enforcer {
@@ -54,6 +58,7 @@ impl Enforcer {
             policy,
             metrics,
             logged: Mutex::new(HashMap::new()),
+            views: SharedViews::default(),
         }
     }
 
@@ -176,12 +181,13 @@ impl Enforcer {
 }
 
 /// Judges the HTTP requests of one connection. The caller is fixed for the
-/// connection, so its view of the policy ([`CallerPolicy`]) is built once
-/// and rebuilt only when the policy changes.
+/// connection, so its view of the policy ([`CallerPolicy`]) is looked up
+/// once, shared with the caller's other connections, and looked up again
+/// only when the policy changes.
 pub struct ConnectionAuthz {
     enforcer: Arc<Enforcer>,
     caller: Caller,
-    view: Mutex<Option<Arc<CallerPolicy>>>,
+    view: Mutex<Option<Arc<SharedView>>>,
 }
 
 impl ConnectionAuthz {
@@ -195,33 +201,127 @@ impl ConnectionAuthz {
 
     /// Judges one request.
     pub fn check_http(&self, method: &str, path: &str) -> Result<Permit, Denied> {
-        let outcome = self.view().decide(Some(Http { method, path }));
+        let http = Http { method, path };
+        let current = self.enforcer.policy.borrow().clone();
+        let outcome = match self.view(&current) {
+            Some(view) => view.policy.decide(Some(http)),
+            // Past the views' budget: every rule, every request.
+            None => authorize(&current, &request(&self.caller, Some(http))),
+        };
         self.enforcer
             .record(AuthzKind::Http, &self.caller, &outcome, Some(method));
         outcome
     }
 
-    /// The view of the policy in force now.
-    fn view(&self) -> Arc<CallerPolicy> {
-        let current = self.enforcer.policy.borrow().clone();
+    /// The caller's view of `current`, if one fits the budget.
+    fn view(&self, current: &Arc<WorkloadPolicy>) -> Option<Arc<SharedView>> {
         // Only this connection's requests share the lock, for the time of
         // a pointer comparison.
         let mut cached = self.view.lock();
-        match &*cached {
-            Some(view) if Arc::ptr_eq(view.policy(), &current) => view.clone(),
-            _ => {
-                let view = Arc::new(CallerPolicy::new(
-                    current,
-                    CallerFacts {
-                        peer: self.caller.peer.as_ref(),
-                        source: self.caller.source,
-                        port: self.caller.port,
-                    },
-                ));
-                *cached = Some(view.clone());
-                view
-            }
+        if let Some(view) = &*cached
+            && Arc::ptr_eq(view.policy.policy(), current)
+        {
+            return Some(view.clone());
         }
+        *cached = self.enforcer.views.view(&self.caller, current);
+        cached.clone()
+    }
+}
+
+/// Views kept past this many bytes in all are not built: connections
+/// whose caller has none judge each request against every rule instead.
+/// A 10,000-rule policy costs about 200 KiB per distinct caller, so this
+/// holds some eighty such callers at once; small policies never come near.
+const VIEWS_BUDGET: usize = 16 * 1024 * 1024;
+
+/// The callers' views of the policy, shared by every connection of the
+/// same caller (identity, address, port) and counted against
+/// [`VIEWS_BUDGET`] while any connection holds them.
+struct SharedViews {
+    by_caller: Mutex<ViewTable>,
+    /// Bytes held by live views.
+    held: Arc<AtomicUsize>,
+    budget: usize,
+}
+
+impl Default for SharedViews {
+    fn default() -> Self {
+        Self {
+            by_caller: Mutex::default(),
+            held: Arc::default(),
+            budget: VIEWS_BUDGET,
+        }
+    }
+}
+
+#[derive(Default)]
+struct ViewTable {
+    views: HashMap<(Option<SpiffeId>, IpAddr, u16), Weak<SharedView>>,
+    /// Entries of closed callers are swept once the table reaches this.
+    sweep_at: usize,
+}
+
+/// A view, and its bytes given back to the budget when the last
+/// connection holding it lets go.
+struct SharedView {
+    policy: CallerPolicy,
+    bytes: usize,
+    held: Arc<AtomicUsize>,
+}
+
+impl Drop for SharedView {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl SharedViews {
+    fn view(&self, caller: &Caller, current: &Arc<WorkloadPolicy>) -> Option<Arc<SharedView>> {
+        let key = (caller.peer.clone(), caller.source, caller.port);
+        let shared = self
+            .by_caller
+            .lock()
+            .views
+            .get(&key)
+            .and_then(Weak::upgrade);
+        if let Some(view) = shared
+            && Arc::ptr_eq(view.policy.policy(), current)
+        {
+            return Some(view);
+        }
+        // Built outside the table's lock: a large policy takes a while,
+        // and other callers' connections should not wait for it.
+        let policy = CallerPolicy::new(
+            current.clone(),
+            CallerFacts {
+                peer: caller.peer.as_ref(),
+                source: caller.source,
+                port: caller.port,
+            },
+        )?;
+        let bytes = policy.bytes();
+        let before = self.held.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > self.budget {
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+            tracing::debug!(
+                bytes,
+                held = before,
+                "Policy views are at their budget; judging this caller's requests rule by rule"
+            );
+            return None;
+        }
+        let view = Arc::new(SharedView {
+            policy,
+            bytes,
+            held: self.held.clone(),
+        });
+        let mut table = self.by_caller.lock();
+        table.views.insert(key, Arc::downgrade(&view));
+        if table.views.len() >= table.sweep_at {
+            table.views.retain(|_, view| view.strong_count() > 0);
+            table.sweep_at = (table.views.len() * 2).max(64);
+        }
+        Some(view)
     }
 }
 
@@ -233,3 +333,6 @@ fn request<'a>(caller: &'a Caller, http: Option<Http<'a>>) -> Request<'a> {
         http,
     }
 }
+
+#[cfg(test)]
+mod tests;

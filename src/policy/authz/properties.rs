@@ -299,7 +299,8 @@ proptest! {
         let view = CallerPolicy::new(
             policy.clone(),
             CallerFacts { peer: req.peer.as_ref(), source: req.source, port: req.port },
-        );
+        )
+        .expect("a small policy always has a view");
         // Several requests on one connection, as keep-alive would send them.
         for http in std::iter::once(req.http).chain(more) {
             let one = Req { http, ..req.clone() };
