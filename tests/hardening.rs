@@ -538,3 +538,98 @@ async fn clients_that_stop_reading_do_not_stall_other_requests_to_the_destinatio
     );
     drop(stalled);
 }
+
+/// A request head as a hostile client might write one: a tchar method,
+/// odd separators and versions, smuggling headers, and the reserved
+/// header in some spelling carrying a forged identity, somewhere.
+fn hostile_head() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    use proptest::sample::select;
+    let line = (
+        select(vec![
+            "GET", "POST", "HEAD", "OPTIONS", "M-SEARCH", "G3T", "PRI",
+        ]),
+        select(vec![" ", " ", "\t", "  ", "\x0b"]),
+        select(vec!["/", "/a?b=c", "*", "http://app/x", "/%00", "/\u{7f}"]),
+        select(vec![" ", " ", "\t"]),
+        select(vec![
+            "HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/1.2", "HTTP/2.0", "http/1.1",
+        ]),
+    )
+        .prop_map(|(m, s1, t, s2, v)| format!("{m}{s1}{t}{s2}{v}"));
+    let header = select(vec![
+        "Host: app",
+        "Host: other",
+        "Upgrade: h2c",
+        "Upgrade: websocket",
+        "Connection: Upgrade, HTTP2-Settings",
+        "HTTP2-Settings: AAMAAABkAAQAAP__",
+        "Content-Length: 0",
+        "Te: trailers",
+        "X-Forwarded-For: 10.0.0.1",
+    ]);
+    let forged_name = select(vec![
+        "x-outrider-client-id",
+        "X-Outrider-Client-Id",
+        "x_outrider_client_id",
+        "X_OUTRIDER_CLIENT_ID",
+        "x-outrider-client_id",
+        "x-outrider-client-id ",
+        " x-outrider-client-id",
+        "\tx-outrider-client-id",
+    ]);
+    (
+        line,
+        proptest::collection::vec(header, 0..5),
+        forged_name,
+        any::<prop::sample::Index>(),
+        select(vec!["\r\n", "\r\n", "\n"]),
+    )
+        .prop_map(|(line, mut headers, name, at, eol)| {
+            let forged = format!("{name}: {FORGED}");
+            let position = at.index(headers.len() + 1);
+            let mut lines = vec![line];
+            lines.extend(headers.drain(..position).map(String::from));
+            lines.push(forged);
+            lines.extend(headers.into_iter().map(String::from));
+            // Answered at once, and the connection closed after it.
+            lines.push("Connection: close".into());
+            (lines.join(eol) + eol + eol).into_bytes()
+        })
+}
+
+#[tokio::test]
+async fn hostile_request_heads_never_deliver_a_forged_identity_nor_stop_the_proxy() {
+    use proptest::strategy::{Strategy, ValueTree};
+    let setup = Setup::new(None).await;
+    // The same 400 heads every run, so a failure reproduces.
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = hostile_head();
+    for _ in 0..400 {
+        let head = strategy.new_tree(&mut runner).unwrap().current();
+        for (door, addr) in setup.doors() {
+            let answer = apps::raw_exchange(addr, &head, Duration::from_secs(1)).await;
+            assert!(
+                answer.is_empty() || answer.starts_with("HTTP/1."),
+                "{:?} via {door} got {answer:?}",
+                String::from_utf8_lossy(&head)
+            );
+            assert!(
+                !setup.recorded.saw(FORGED),
+                "{:?} via {door} delivered the forged identity:\n{}",
+                String::from_utf8_lossy(&head),
+                setup.recorded.text()
+            );
+        }
+    }
+    // Both proxies still serve an ordinary request.
+    for (door, addr) in setup.doors() {
+        let answer = apps::raw_exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+            WAIT,
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{door}: {answer:?}");
+    }
+}

@@ -432,3 +432,6 @@ pub async fn app_protocol<T: AsyncRead + Unpin>(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod properties;
