@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use prometheus::{IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntGaugeVec, Opts, Registry};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -18,6 +18,7 @@ use crate::admin::{self, Admin};
 use crate::config::{Config, PolicyConfig, PolicySource};
 use crate::identity::reload::{self, CredentialsRx, Reloader};
 use crate::lifecycle::{self, Drained};
+use crate::memory;
 use crate::policy::publish::{self, PolicyRx, Publisher};
 use crate::policy::source::{self, files::FileSource};
 use crate::proxy::{self, Proxy};
@@ -133,6 +134,13 @@ impl Sidecar {
                 let _ = rx.wait_for(|stop| *stop).await;
             }
         };
+
+        let memory_returned = IntCounter::with_opts(Opts::new(
+            "memory_returned_bytes_total",
+            "Free memory given back to the system after bursts of connections (malloc_trim).",
+        ))?;
+        registry.register(Box::new(memory_returned.clone()))?;
+        tokio::spawn(memory::give_back_after_bursts(memory_returned, stopped()));
 
         let (reloader, credentials) =
             Reloader::new(config.identity.clone(), reload::Metrics::new(&registry)?);

@@ -34,6 +34,7 @@ pub mod inject;
 pub mod kube_client;
 pub mod lifecycle;
 pub mod listener;
+pub mod memory;
 pub mod policy;
 pub mod proxy;
 pub mod runtime;

@@ -446,3 +446,54 @@ async fn a_10000_rule_policy_is_held_once_per_caller_not_once_per_connection() {
         "{per_connection:.1} KiB per keep-alive connection under a 10,000-rule policy"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_burst_needed_is_given_back_once_it_is_over() {
+    let _turn = MEASURING.lock().await;
+    raise_open_files(16_000);
+    let mesh = mesh("limits:\n  memory_limit: 128Mi\n").await;
+    let server = mesh.server.pid();
+    let inbound = mesh.server.inbound();
+    // The first trim calibrates on the idle proxy.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = status_kib(server, "VmRSS");
+
+    // A burst: 6,000 connections, a third of them relayed.
+    let mut held = Vec::new();
+    for i in 0..6_000usize {
+        let source = format!("127.0.8.{}", 1 + i % 100);
+        let Ok(mut stream) = connect_from(&source, inbound).await else {
+            continue;
+        };
+        let _ = match i % 3 {
+            0 => Ok(()),
+            1 => stream.write_all(b"[plaintext, relayed]").await,
+            _ => stream.write_all(&[0x16, 0x03, 0x01, 0x02]).await,
+        };
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = status_kib(server, "VmRSS");
+    assert!(
+        during > idle + 8 * 1024,
+        "the burst needed only {} KiB",
+        during - idle
+    );
+    drop(held);
+
+    let given_back = common::eventually(Duration::from_secs(15), async || {
+        let now = status_kib(server, "VmRSS");
+        (now < idle + (during - idle) / 4).then_some(now)
+    })
+    .await;
+    assert!(
+        given_back.is_some(),
+        "idle {idle} KiB, {during} KiB during the burst, still {} KiB 15 s after it",
+        status_kib(server, "VmRSS")
+    );
+    let returned = mesh
+        .server
+        .metric("outrider_memory_returned_bytes_total", &[])
+        .await;
+    assert!(returned > 0.0, "{returned}");
+}

@@ -1,5 +1,6 @@
 //! Descriptors this crate owns, registered with tokio's reactor: the only
-//! `unsafe` in the crate (`tests/architecture.rs` holds it here).
+//! `unsafe` in the crate besides `memory::allocator` (`tests/architecture.rs`
+//! holds it to those two).
 //!
 //! `AsyncFd::register` is unsafe because the reactor cannot check that the
 //! descriptor stays open and unchanged while registered. Each function
