@@ -55,6 +55,26 @@ async fn silent_connections(to: SocketAddr, n: usize, net: u8) -> Vec<TcpStream>
     held
 }
 
+/// A neighbour's flood: `n` connections from `127.0.<net>.1..100`, in
+/// three kinds: silent; plaintext that is relayed and then idles; half a
+/// TLS record that stalls.
+async fn flood(to: SocketAddr, n: usize, net: u8) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for i in 0..n {
+        let source = format!("127.0.{net}.{}", 1 + i % 100);
+        let Ok(mut stream) = connect_from(&source, to).await else {
+            continue;
+        };
+        let _ = match i % 3 {
+            0 => Ok(()),
+            1 => stream.write_all(b"[plaintext, relayed]").await,
+            _ => stream.write_all(&[0x16, 0x03, 0x01, 0x02]).await,
+        };
+        held.push(stream);
+    }
+    held
+}
+
 /// Whether the peer closed `stream` within `within`.
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 64];
@@ -283,25 +303,8 @@ async fn a_10000_connection_flood_stays_inside_128_mib_while_a_mesh_peer_is_serv
     let inbound = mesh.server.inbound();
     let client_outbound = mesh.client.outbound();
 
-    // The neighbour: 10,000 connections from 100 addresses, in three
-    // kinds: silent; plaintext that is relayed and then idles; half a TLS
-    // record that stalls.
-    let flood = tokio::spawn(async move {
-        let mut held = Vec::new();
-        for i in 0..10_000usize {
-            let source = format!("127.0.9.{}", 1 + i % 100);
-            let Ok(mut stream) = connect_from(&source, inbound).await else {
-                continue;
-            };
-            let _ = match i % 3 {
-                0 => Ok(()),
-                1 => stream.write_all(b"[plaintext, relayed]").await,
-                _ => stream.write_all(&[0x16, 0x03, 0x01, 0x02]).await,
-            };
-            held.push(stream);
-        }
-        held
-    });
+    // The neighbour: 10,000 connections from 100 addresses.
+    let flood = tokio::spawn(flood(inbound, 10_000, 9));
 
     // Meanwhile the mesh peer makes new connections.
     let mut failures = Vec::new();
@@ -459,19 +462,7 @@ async fn memory_a_burst_needed_is_given_back_once_it_is_over() {
     let idle = status_kib(server, "VmRSS");
 
     // A burst: 6,000 connections, a third of them relayed.
-    let mut held = Vec::new();
-    for i in 0..6_000usize {
-        let source = format!("127.0.8.{}", 1 + i % 100);
-        let Ok(mut stream) = connect_from(&source, inbound).await else {
-            continue;
-        };
-        let _ = match i % 3 {
-            0 => Ok(()),
-            1 => stream.write_all(b"[plaintext, relayed]").await,
-            _ => stream.write_all(&[0x16, 0x03, 0x01, 0x02]).await,
-        };
-        held.push(stream);
-    }
+    let held = flood(inbound, 6_000, 8).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let during = status_kib(server, "VmRSS");
     assert!(
