@@ -32,10 +32,24 @@ http.server.ThreadingHTTPServer(("127.0.0.1", 18080), H).serve_forever()
 EOF
 sleep 0.5
 
+# The proxies read a configuration file, as the bench's do
+# (bench/outrider-contender.sh), so the code that parses one is laid out
+# with the rest of startup; the flags below override it.
+cat > "$work/base.yaml" <<'YAML'
+mtls_mode: strict
+tls:
+  resumption: false
+  key_exchange: [x25519]
+log:
+  level: warn
+limits:
+  detect_timeout: 1s
+YAML
+
 proxy() { # name protocol role args...
   local name=$1 protocol=$2; shift 2
   valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/$name.out" \
-    "$bin" proxy --mtls-mode strict --log-level warn "$@" \
+    "$bin" proxy --config "$work/base.yaml" --mtls-mode strict --log-level warn "$@" \
     --inbound-protocol "$protocol" --outbound-protocol "$protocol" 2>"$work/$name.log" &
 }
 server_id=spiffe://cluster.local/ns/bench/sa/server
