@@ -187,7 +187,17 @@ impl Enforcer {
 pub struct ConnectionAuthz {
     enforcer: Arc<Enforcer>,
     caller: Caller,
-    view: Mutex<Option<Arc<SharedView>>>,
+    view: Mutex<Option<CachedView>>,
+}
+
+/// What a connection found when it last looked for its caller's view.
+#[derive(Clone)]
+enum CachedView {
+    Shared(Arc<SharedView>),
+    /// None fitted the budget for this policy: not looked for again until
+    /// the policy changes (building one to throw it away would double the
+    /// cost of every request).
+    OverBudget(Arc<WorkloadPolicy>),
 }
 
 impl ConnectionAuthz {
@@ -218,13 +228,19 @@ impl ConnectionAuthz {
         // Only this connection's requests share the lock, for the time of
         // a pointer comparison.
         let mut cached = self.view.lock();
-        if let Some(view) = &*cached
-            && Arc::ptr_eq(view.policy.policy(), current)
-        {
-            return Some(view.clone());
+        match &*cached {
+            Some(CachedView::Shared(view)) if Arc::ptr_eq(view.policy.policy(), current) => {
+                return Some(view.clone());
+            }
+            Some(CachedView::OverBudget(policy)) if Arc::ptr_eq(policy, current) => return None,
+            _ => {}
         }
-        *cached = self.enforcer.views.view(&self.caller, current);
-        cached.clone()
+        let found = self.enforcer.views.view(&self.caller, current);
+        *cached = Some(match &found {
+            Some(view) => CachedView::Shared(view.clone()),
+            None => CachedView::OverBudget(current.clone()),
+        });
+        found
     }
 }
 

@@ -57,7 +57,10 @@ fn caller(source: &str) -> Caller {
 }
 
 fn cached(connection: &ConnectionAuthz) -> Option<Arc<SharedView>> {
-    connection.view.lock().clone()
+    match connection.view.lock().clone() {
+        Some(CachedView::Shared(view)) => Some(view),
+        _ => None,
+    }
 }
 
 #[test]
@@ -120,6 +123,10 @@ fn past_the_budget_requests_are_judged_rule_by_rule_with_the_same_outcomes() {
     assert!(
         cached(&without).is_none(),
         "a view was built past the budget"
+    );
+    assert!(
+        matches!(*without.view.lock(), Some(CachedView::OverBudget(_))),
+        "the connection would look for a view again on its next request"
     );
     assert_eq!(full.views.held.load(Ordering::Relaxed), 0);
     assert_eq!(
