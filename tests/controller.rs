@@ -92,6 +92,25 @@ impl ControllerProcess {
     }
 }
 
+impl ControllerProcess {
+    /// SIGTERM, as kubelet sends it in a rolling update; waits for the
+    /// process to exit (up to 10 s) while the fake API server, on this
+    /// test's runtime, keeps answering it.
+    async fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let pid = i32::try_from(self.child.id()).unwrap();
+        kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+}
+
 impl Drop for ControllerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -714,6 +733,64 @@ async fn a_replica_that_loses_the_lease_stops_issuing_and_only_one_of_two_leads(
             .get("secrets", "shop", "outrider-identity-unissued")
             .is_none(),
         "a follower issued"
+    );
+}
+
+#[tokio::test]
+async fn a_leader_stopped_for_a_rolling_update_hands_over_within_two_seconds() {
+    let c = cluster().await;
+    // client-go's lease duration (15 s): without a release the other
+    // replica would wait for it to expire.
+    let lease = ["--lease-duration", "15s", "--lease-retry", "500ms"];
+    let spawn = |name: &str| {
+        let mut args = lease.to_vec();
+        args.extend(["--replica-name", name]);
+        ControllerProcess::spawn(&c.kubeconfig, &args)
+    };
+    let mut replicas = [spawn("a"), spawn("b")];
+    let leads = async |replica: &ControllerProcess| {
+        metric(&replica.metrics().await, "outrider_controller_leader", &[]) == 1.0
+    };
+    let leader = eventually(Duration::from_secs(10), async || {
+        for (i, replica) in replicas.iter().enumerate() {
+            if leads(replica).await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+    .expect("a leader");
+    let other = 1 - leader;
+
+    let stopped = std::time::Instant::now();
+    let status = replicas[leader].terminate().await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the leader did not stop cleanly: {status:?}\n{}",
+        replicas[leader].logs()
+    );
+    let lease = c
+        .api
+        .get("leases", "outrider-system", "outrider-controller")
+        .unwrap();
+    assert!(
+        lease["spec"]["holderIdentity"]
+            .as_str()
+            .is_none_or(|h| h != ["a", "b"][leader]),
+        "the stopped leader still holds the lease: {lease}\n{}",
+        replicas[leader].logs()
+    );
+    let took_over = eventually(Duration::from_secs(10), async || {
+        leads(&replicas[other]).await.then(|| stopped.elapsed())
+    })
+    .await
+    .expect("the other replica never led");
+    eprintln!("failover took {took_over:?}");
+    assert!(
+        took_over < Duration::from_secs(2),
+        "failover took {took_over:?}\n{}",
+        replicas[other].logs()
     );
 }
 

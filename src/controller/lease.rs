@@ -92,17 +92,73 @@ fn micro(now: OffsetDateTime) -> Option<MicroTime> {
         .map(MicroTime)
 }
 
-/// Keeps trying to lead; publishes whether we lead on `leading`.
+/// How long a stopping leader tries to hand its Lease back.
+const RELEASE_WITHIN: Duration = Duration::from_secs(2);
+
+/// Keeps trying to lead, publishing whether we lead on `leading`, until
+/// `stop` resolves; then stops leading and, if it held the Lease, hands
+/// it back so another replica takes over at its next try instead of when
+/// the Lease expires (client-go's `ReleaseOnCancel`).
 pub async fn run(
     api: Api<Lease>,
     name: String,
     me: String,
     timing: LeaseTiming,
     leading: watch::Sender<bool>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut stop = std::pin::pin!(stop);
+    tokio::select! {
+        () = lead(&api, &name, &me, timing, &leading) => {}
+        () = &mut stop => {}
+    }
+    let held = leading.send_replace(false);
+    if held {
+        match tokio::time::timeout(RELEASE_WITHIN, release(&api, &name, &me)).await {
+            Ok(Ok(())) => tracing::info!(lease = %name, "Released the lease"),
+            Ok(Err(error)) => {
+                tracing::warn!(lease = %name, %error, "Cannot release the lease; it expires on its own");
+            }
+            Err(_) => {
+                tracing::warn!(lease = %name, "Releasing the lease timed out; it expires on its own")
+            }
+        }
+    }
+}
+
+/// Gives the Lease up if we still hold it: no holder, so any replica
+/// acquires it at once.
+async fn release(api: &Api<Lease>, name: &str, me: &str) -> Result<(), kube::Error> {
+    let Some(mut lease) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if spec.holder_identity.as_deref() != Some(me) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = micro(OffsetDateTime::now_utc());
+    // Carries the resourceVersion we read: if someone took it meanwhile,
+    // the 409 leaves their hold alone.
+    match api.replace(name, &PostParams::default(), &lease).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The leadership loop; never returns.
+async fn lead(
+    api: &Api<Lease>,
+    name: &str,
+    me: &str,
+    timing: LeaseTiming,
+    leading: &watch::Sender<bool>,
 ) {
     let mut last_renewal: Option<tokio::time::Instant> = None;
     loop {
-        let result = attempt(&api, &name, &me, timing).await;
+        let result = attempt(api, name, me, timing).await;
         match result {
             Ok(true) => {
                 if !*leading.borrow() {

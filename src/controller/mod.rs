@@ -216,24 +216,37 @@ pub async fn run(
     ));
     ready.store(true, Ordering::Relaxed);
 
-    // Leadership.
+    // Leadership, released when we stop (see `lease::run`).
     let (leading_tx, leading_rx) = watch::channel(false);
-    tasks.spawn(lease::run(
+    let (stop_leading, mut stopping) = watch::channel(false);
+    let mut leadership = tokio::spawn(lease::run(
         Api::<Lease>::namespaced(client.clone(), &config.namespace),
         config.lease_name.clone(),
         config.identity.clone(),
         config.lease,
         leading_tx,
+        async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        },
     ));
 
     tasks.spawn(reconcile::reconcile_forever(controller, leading_rx));
     tokio::select! {
         _ = &mut shutdown => {}
+        result = &mut leadership => {
+            tracing::error!(?result, "The leadership task ended unexpectedly");
+            return Err(Error::TaskEnded);
+        }
         Some(result) = tasks.join_next() => {
             // Exit non-zero so the restart is visible, not a clean stop.
             tracing::error!(?result, "A controller task ended unexpectedly");
             return Err(Error::TaskEnded);
         }
     }
+    // Stop reconciling first, so nothing is written once another replica
+    // may lead; then hand the Lease over.
+    tasks.shutdown().await;
+    let _ = stop_leading.send(true);
+    let _ = leadership.await;
     Ok(())
 }
