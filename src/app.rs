@@ -76,7 +76,7 @@ async fn start_policy(
             tasks.push(tokio::spawn(files.run(tx.clone())));
         }
         PolicySource::Kubernetes { kubeconfig } => {
-            let client = crate::kube_client::client(kubeconfig.as_deref()).await?;
+            let client = crate::kube_client::client(kubeconfig.as_deref(), "proxy").await?;
             tasks.push(tokio::spawn(source::kube::run(
                 client,
                 workload.namespace.clone(),

@@ -16,8 +16,10 @@ pub enum Error {
 }
 
 /// A client from an explicit kubeconfig, or inferred the usual way
-/// (`KUBECONFIG`, `~/.kube/config`, in-cluster service account).
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
+/// (`KUBECONFIG`, `~/.kube/config`, in-cluster service account). Its
+/// requests carry the User-Agent `outrider-<component>/<version>`, so the
+/// API server's audit log and metrics name who sent them.
+pub async fn client(kubeconfig: Option<&Path>, component: &str) -> Result<Client, Error> {
     let config = match kubeconfig {
         Some(path) => {
             let fail = |reason: String| Error::Kubeconfig {
@@ -37,5 +39,9 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
             .await
             .map_err(|e| Error::Client(e.to_string()))?,
     };
+    let mut config = config;
+    let agent = format!("outrider-{component}/{}", env!("CARGO_PKG_VERSION"));
+    let agent = http::HeaderValue::from_str(&agent).map_err(|e| Error::Client(e.to_string()))?;
+    config.headers.push((http::header::USER_AGENT, agent));
     Client::try_from(config).map_err(|e| Error::Client(e.to_string()))
 }

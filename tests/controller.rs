@@ -737,6 +737,44 @@ async fn a_replica_that_loses_the_lease_stops_issuing_and_only_one_of_two_leads(
 }
 
 #[tokio::test]
+async fn every_write_names_the_controller_as_field_manager_and_every_request_its_agent() {
+    let c = cluster().await;
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    assert!(identity(&c.api, "shop", "orders").await.is_some());
+    // The Lease renewed at least once, and the caBundle written.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seen = c.api.seen();
+    let writes: Vec<_> = seen
+        .iter()
+        .filter(|r| matches!(r.method.as_str(), "POST" | "PUT" | "PATCH"))
+        .collect();
+    for kind in ["leases", "secrets"] {
+        assert!(
+            writes.iter().any(|w| w.path.contains(kind)),
+            "no write to {kind} seen"
+        );
+    }
+    for write in &writes {
+        assert!(
+            write.query.contains("fieldManager=outrider-controller"),
+            "{} {}?{} names no field manager\n{}",
+            write.method,
+            write.path,
+            write.query,
+            controller.logs()
+        );
+    }
+    let agent = format!("outrider-controller/{}", env!("CARGO_PKG_VERSION"));
+    for request in &seen {
+        assert_eq!(
+            request.user_agent, agent,
+            "{} {}",
+            request.method, request.path
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_leader_stopped_for_a_rolling_update_hands_over_within_two_seconds() {
     let c = cluster().await;
     // client-go's lease duration (15 s): without a release the other

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -109,7 +109,7 @@ impl Controller {
             ..Default::default()
         };
         let api = self.ca_secrets();
-        match api.create(&PostParams::default(), &secret).await {
+        match api.create(&super::write_params(), &secret).await {
             Ok(created) => {
                 tracing::info!(
                     secret = CA_SECRET,

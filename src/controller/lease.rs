@@ -12,7 +12,6 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Api;
-use kube::api::PostParams;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -141,7 +140,7 @@ async fn release(api: &Api<Lease>, name: &str, me: &str) -> Result<(), kube::Err
     spec.renew_time = micro(OffsetDateTime::now_utc());
     // Carries the resourceVersion we read: if someone took it meanwhile,
     // the 409 leaves their hold alone.
-    match api.replace(name, &PostParams::default(), &lease).await {
+    match api.replace(name, &super::write_params(), &lease).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e),
@@ -217,7 +216,7 @@ async fn attempt(
                     ..LeaseSpec::default()
                 }),
             };
-            match api.create(&PostParams::default(), &lease).await {
+            match api.create(&super::write_params(), &lease).await {
                 Ok(_) => Ok(true),
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
                 Err(e) => Err(e),
@@ -234,7 +233,7 @@ async fn attempt(
             spec.lease_duration_seconds = Some(duration_seconds);
             // Carries the resourceVersion we read: a concurrent writer
             // makes this a 409 and we follow.
-            match api.replace(name, &PostParams::default(), &lease).await {
+            match api.replace(name, &super::write_params(), &lease).await {
                 Ok(_) => Ok(true),
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
                 Err(e) => Err(e),

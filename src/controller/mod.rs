@@ -42,6 +42,15 @@ use crate::inject::InjectConfig;
 /// The field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "outrider-controller";
 
+/// Create and replace carry our field manager too, so `managedFields`
+/// names us for every object we write, not `unknown`.
+fn write_params() -> kube::api::PostParams {
+    kube::api::PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..kube::api::PostParams::default()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
     /// The control-plane namespace (the CA Secret, the Lease).
@@ -146,7 +155,7 @@ pub async fn run(
     config: ControllerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
-    let client = crate::kube_client::client(config.kubeconfig.as_deref()).await?;
+    let client = crate::kube_client::client(config.kubeconfig.as_deref(), "controller").await?;
     let registry = Registry::new();
     let metrics = ControllerMetrics::new(&registry)?;
     let ready = Arc::new(AtomicBool::new(false));

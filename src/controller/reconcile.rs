@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -334,7 +334,7 @@ async fn upkeep_ca_bundle(controller: &Controller, ca: &CaMaterial) {
     }
     // The resourceVersion we read makes a concurrent edit a 409; the next
     // pass reads again.
-    match api.replace(name, &PostParams::default(), &config).await {
+    match api.replace(name, &super::write_params(), &config).await {
         Ok(_) => tracing::info!(webhook = %name, "Updated the webhook caBundle"),
         Err(error) => tracing::warn!(%error, webhook = %name, "Cannot update the webhook caBundle"),
     }

@@ -45,6 +45,7 @@ pub struct Seen {
     pub path: String,
     pub query: String,
     pub content_type: String,
+    pub user_agent: String,
 }
 
 #[derive(Default)]
@@ -417,6 +418,12 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    let user_agent = req
+        .headers()
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let metadata_only = req
         .headers()
         .get("accept")
@@ -439,6 +446,7 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
         path: path.clone(),
         query: raw_query.clone(),
         content_type: content_type.clone(),
+        user_agent,
     });
     if let Some(i) = state
         .failures

@@ -85,7 +85,9 @@ mod kube_source {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kubeconfig");
         std::fs::write(&path, server.kubeconfig()).unwrap();
-        let client = crate::kube_client::client(Some(&path)).await.unwrap();
+        let client = crate::kube_client::client(Some(&path), "proxy")
+            .await
+            .unwrap();
         let (tx, mut rx) = mpsc::channel(16);
         let task = tokio::spawn(kube::run(client, "shop".into(), metrics(), tx));
 
