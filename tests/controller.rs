@@ -35,6 +35,12 @@ struct ControllerProcess {
 
 impl ControllerProcess {
     fn spawn(kubeconfig: &Path, extra: &[&str]) -> Self {
+        // A quick resync unless the test sets its own.
+        let resync: &[&str] = if extra.contains(&"--resync") {
+            &[]
+        } else {
+            &["--resync", "1s"]
+        };
         let mut child = Command::new(BIN)
             .arg("controller")
             .arg("--kubeconfig")
@@ -45,7 +51,8 @@ impl ControllerProcess {
                 "--webhook-listen",
                 "127.0.0.1:0",
             ])
-            .args(["--log-format", "json", "--resync", "1s"])
+            .args(["--log-format", "json"])
+            .args(resync)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -772,6 +779,53 @@ async fn every_write_names_the_controller_as_field_manager_and_every_request_its
             request.method, request.path
         );
     }
+}
+
+#[tokio::test]
+async fn lease_renewals_on_an_idle_cluster_start_no_reconcile_pass() {
+    let c = cluster().await;
+    // Renewing five times a second: before, each renewal woke a pass
+    // (at most one a second), and each pass read the CA Secret and the
+    // webhook configuration.
+    let controller =
+        ControllerProcess::spawn(&c.kubeconfig, &["--lease-retry", "200ms", "--resync", "1h"]);
+    assert!(identity(&c.api, "shop", "orders").await.is_some());
+    // Let the first passes finish (issuing, the caBundle): two quiet
+    // seconds in a row, on a busy machine too.
+    let others = |from: usize| {
+        c.api.seen()[from..]
+            .iter()
+            .filter(|r| !r.path.contains("/leases"))
+            .count()
+    };
+    let mut quiet = 0;
+    for _ in 0..20 {
+        let mark = c.api.seen().len();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        quiet = if others(mark) == 0 { quiet + 1 } else { 0 };
+        if quiet == 2 {
+            break;
+        }
+    }
+    let before = c.api.seen().len();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let seen = c.api.seen();
+    let idle: Vec<String> = seen[before..]
+        .iter()
+        .filter(|r| !r.path.contains("/leases"))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    let renewals = seen[before..]
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.contains("/leases"))
+        .count();
+    eprintln!("{renewals} renewals, {} other requests in 6 s", idle.len());
+    assert!(renewals >= 10, "the lease was not renewed: {renewals}");
+    assert!(
+        idle.is_empty(),
+        "requests other than the lease on an idle cluster: {idle:?}\n{}",
+        controller.logs()
+    );
 }
 
 #[tokio::test]

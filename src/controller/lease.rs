@@ -164,14 +164,14 @@ async fn lead(
                     tracing::info!(lease = %name, "Became the leader");
                 }
                 last_renewal = Some(tokio::time::Instant::now());
-                let _ = leading.send(true);
+                set(leading, true);
             }
             Ok(false) => {
                 if *leading.borrow() {
                     tracing::warn!(lease = %name, "Lost the lease to another replica");
                 }
                 last_renewal = None;
-                let _ = leading.send(false);
+                set(leading, false);
             }
             Err(error) => {
                 tracing::warn!(lease = %name, %error, "Cannot read or write the lease");
@@ -180,12 +180,18 @@ async fn lead(
                 if last_renewal.is_some_and(|t| t.elapsed() >= timing.renew_deadline) {
                     tracing::warn!(lease = %name, "Renew deadline passed: no longer the leader");
                     last_renewal = None;
-                    let _ = leading.send(false);
+                    set(leading, false);
                 }
             }
         }
         tokio::time::sleep(timing.retry_period).await;
     }
+}
+
+/// Publishes whether we lead, waking the watchers only when it changes:
+/// a renewal that changes nothing must not start a reconcile pass.
+fn set(leading: &watch::Sender<bool>, now_leading: bool) {
+    leading.send_if_modified(|leads| std::mem::replace(leads, now_leading) != now_leading);
 }
 
 /// One round: `Ok(true)` if we hold the Lease afterwards.
