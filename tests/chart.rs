@@ -295,3 +295,27 @@ fn injected_manifests_and_the_examples_pass_kubernetes_validate() {
     files.push(unrolled(dir.path(), "demo.yaml", &injected));
     validate(&files);
 }
+
+/// Every pod created in a namespace that is not meshed is sent to the
+/// pod-level webhook (for the annotation opt-in); a hung injector must
+/// delay those creations by seconds at most, and never block them.
+#[test]
+fn a_hung_injector_delays_pods_of_unmeshed_namespaces_by_at_most_three_seconds() {
+    let rendered = helm_template(None);
+    let configuration = outrider::yaml::documents(&rendered)
+        .unwrap()
+        .into_iter()
+        .find(|doc| doc["kind"] == "MutatingWebhookConfiguration")
+        .expect("a MutatingWebhookConfiguration");
+    let webhooks = configuration["webhooks"].as_array().unwrap();
+    let pod_level = webhooks
+        .iter()
+        .find(|w| w["name"] == "pod.inject.outrider.dev")
+        .expect("the pod-level webhook");
+    assert_eq!(pod_level["failurePolicy"], "Ignore");
+    let timeout = pod_level["timeoutSeconds"].as_u64().unwrap();
+    assert!(
+        timeout <= 3,
+        "a hung injector delays every pod by {timeout} s"
+    );
+}
