@@ -343,6 +343,12 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncReadExt;
 
+    /// Serves a connection by holding it open until `release` says go.
+    async fn held(stream: TcpStream, mut release: tokio::sync::watch::Receiver<bool>) {
+        let _ = release.wait_for(|go| *go).await;
+        drop(stream);
+    }
+
     #[tokio::test]
     async fn connections_over_the_limit_are_closed_and_reported() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -362,13 +368,7 @@ mod tests {
                     counted.fetch_add(1, Ordering::SeqCst);
                 }
             },
-            move |stream, _peer| {
-                let mut release = release_rx.clone();
-                async move {
-                    let _ = release.wait_for(|go| *go).await;
-                    drop(stream);
-                }
-            },
+            move |stream, _peer| held(stream, release_rx.clone()),
         ));
         let _held = TcpStream::connect(addr).await.unwrap();
         // The second connection is accepted by the kernel, then closed by
@@ -405,13 +405,7 @@ mod tests {
                     counted.fetch_add(1, Ordering::SeqCst);
                 }
             },
-            move |stream, _peer| {
-                let mut release = release_rx.clone();
-                async move {
-                    let _ = release.wait_for(|go| *go).await;
-                    drop(stream);
-                }
-            },
+            move |stream, _peer| held(stream, release_rx.clone()),
         ));
         let from = |ip: &str| {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();

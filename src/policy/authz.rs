@@ -429,17 +429,20 @@ impl ViewedRequest<'_> {
         let Some((start, end)) = residual.operations else {
             return true;
         };
+        // An index the view cannot resolve never happens (it was built
+        // from this policy); were it to, it fails closed: a DENY rule
+        // matches, an ALLOW rule does not.
+        let unresolved = policy.action == Action::Deny;
         let (Some(rule), Some(operations)) = (
             policy.rules.get(residual.rule as usize),
             self.view.operations.get(start as usize..end as usize),
         ) else {
-            // Never: the view was built from this policy.
-            return false;
+            return unresolved;
         };
         operations.iter().any(|&j| {
-            rule.to
-                .get(j as usize)
-                .is_some_and(|op| request_matches(op, policy.action, self.http))
+            rule.to.get(j as usize).map_or(unresolved, |op| {
+                request_matches(op, policy.action, self.http)
+            })
         })
     }
 }
