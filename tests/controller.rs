@@ -246,10 +246,10 @@ async fn service_accounts_of_meshed_namespaces_get_identities_kept_in_step_with_
         api.get("serviceaccounts", "shop", "orders").unwrap()["metadata"]["uid"]
     );
     assert!(identity(api, "shop", "default").await.is_some());
-    // Written by server-side apply with our field manager.
-    assert!(api.seen().iter().any(|r| r.method == "PATCH"
-        && r.path.ends_with("/secrets/outrider-identity-orders")
-        && r.content_type.starts_with("application/apply-patch")
+    // Created (so a foreign Secret of that name would be noticed, not
+    // overwritten) with our field manager.
+    assert!(api.seen().iter().any(|r| r.method == "POST"
+        && r.path.ends_with("/namespaces/shop/secrets")
         && r.query.contains("fieldManager=outrider-controller")));
     // The namespace's proxies may read its policies.
     let binding = eventually(Duration::from_secs(5), async || {
@@ -385,6 +385,209 @@ async fn an_identity_is_renewed_when_a_third_of_its_lifetime_remains_and_write_c
     );
     assert!(
         metric(&metrics, "outrider_controller_renewal_failures_total", &[]) >= 1.0,
+        "{metrics}"
+    );
+}
+
+/// The Warning events recorded about `ns/name`, by reason.
+fn events_about(api: &FakeApiServer, ns: &str, name: &str) -> Vec<String> {
+    api.all("events")
+        .iter()
+        .filter(|e| e["metadata"]["namespace"] == ns && e["regarding"]["name"] == name)
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_foreign_secret_under_an_identity_name_is_replaced_and_reported() {
+    let c = cluster().await;
+    // `kubectl create secret generic outrider-identity-orders ...`: no
+    // type (Opaque, immutable), no label, so the cache never sees it.
+    c.api.apply(
+        "secrets",
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "outrider-identity-orders", "namespace": "shop"},
+               "data": {"hand-made.pem": "aGFuZA=="}}),
+    );
+    // Of the right type but unlabelled: taken over in place.
+    c.api.apply(
+        "secrets",
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+               "metadata": {"name": "outrider-identity-default", "namespace": "shop"},
+               "data": {"tls.crt": "", "tls.key": ""}}),
+    );
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    for sa in ["orders", "default"] {
+        let name = format!("outrider-identity-{sa}");
+        let replaced = eventually(Duration::from_secs(10), async || {
+            let s = c.api.get("secrets", "shop", &name)?;
+            (s["type"] == "kubernetes.io/tls" && !decode(&s, "tls.crt").is_empty()).then_some(s)
+        })
+        .await
+        .unwrap_or_else(|| panic!("{name} not replaced:\n{}", controller.logs()));
+        assert_eq!(
+            identity_of(&replaced).0,
+            format!("spiffe://cluster.local/ns/shop/sa/{sa}")
+        );
+        assert_eq!(
+            replaced["metadata"]["labels"]["outrider.dev/identity"],
+            "true"
+        );
+        let events = eventually(Duration::from_secs(5), async || {
+            let events = events_about(&c.api, "shop", &name);
+            (!events.is_empty()).then_some(events)
+        })
+        .await
+        .unwrap_or_default();
+        assert_eq!(events, ["ForeignObjectReplaced"], "{name}");
+    }
+    assert!(controller.logs().contains(
+        "Replaced Secret shop/outrider-identity-orders: its type is Opaque, not kubernetes.io/tls"
+    ));
+    // The delete was guarded by the object's uid and resourceVersion.
+    assert!(c.api.seen().iter().any(|r| {
+        r.method == "DELETE"
+            && r.path
+                .ends_with("/namespaces/shop/secrets/outrider-identity-orders")
+    }));
+    let metrics = controller.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "outrider_controller_foreign_objects_total",
+            &[("kind", "Secret"), ("resolution", "replaced")]
+        ),
+        2.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_foreign_secret_kept_by_another_tool_is_left_alone_reported_once_and_not_retried_blindly()
+{
+    let c = cluster().await;
+    c.api.apply(
+        "secrets",
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+               "metadata": {"name": "outrider-identity-orders", "namespace": "shop",
+                            "labels": {"app.kubernetes.io/managed-by": "Helm"}},
+               "data": {"token": "c2VjcmV0"}}),
+    );
+    // Resync every 2 s: the held Secret is looked at again that often.
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &["--resync", "2s"]);
+    assert!(identity(&c.api, "shop", "default").await.is_some());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let kept = c
+        .api
+        .get("secrets", "shop", "outrider-identity-orders")
+        .unwrap();
+    assert_eq!(kept["type"], "Opaque");
+    assert_eq!(kept["data"]["token"], "c2VjcmV0");
+    assert_eq!(
+        events_about(&c.api, "shop", "outrider-identity-orders"),
+        ["ForeignObjectLeftAlone"],
+        "{}",
+        controller.logs()
+    );
+    // Not every pass: a look per resync (2 s) at most, a create and a GET.
+    let creates = c
+        .api
+        .seen()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/namespaces/shop/secrets"))
+        .count();
+    assert!((1..=5).contains(&creates), "{creates} creates");
+    assert!(controller.logs().contains(
+        "Secret shop/outrider-identity-orders is not outrider's (its type is Opaque, not kubernetes.io/tls) and is managed by Helm"
+    ));
+    let metrics = controller.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "outrider_controller_objects_left_alone",
+            &[("kind", "Secret")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "outrider_controller_renewal_failures_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+    // Once it is gone, the identity is issued at the next look.
+    c.api.delete("secrets", "outrider-identity-orders");
+    let issued = eventually(Duration::from_secs(8), async || {
+        let s = c.api.get("secrets", "shop", "outrider-identity-orders")?;
+        (s["type"] == "kubernetes.io/tls").then_some(s)
+    })
+    .await;
+    assert!(issued.is_some(), "{}", controller.logs());
+    let metrics = eventually(Duration::from_secs(3), async || {
+        let m = controller.metrics().await;
+        (metric(
+            &m,
+            "outrider_controller_objects_left_alone",
+            &[("kind", "Secret")],
+        ) == 0.0)
+            .then_some(m)
+    })
+    .await;
+    assert!(metrics.is_some(), "the gauge still counts the Secret");
+}
+
+#[tokio::test]
+async fn a_policy_reader_binding_granting_another_role_is_recreated_unless_a_tool_keeps_it() {
+    let c = cluster().await;
+    c.api.apply("namespaces", namespace("kept", true));
+    let binding = |ns: &str, labels: Value| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "outrider-policy-reader", "namespace": ns, "labels": labels},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+               "subjects": [{"kind": "User", "name": "alice", "apiGroup": "rbac.authorization.k8s.io"}]})
+    };
+    c.api.apply("rolebindings", binding("shop", json!({})));
+    c.api.apply(
+        "rolebindings",
+        binding("kept", json!({"app.kubernetes.io/managed-by": "argocd"})),
+    );
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    let fixed = eventually(Duration::from_secs(10), async || {
+        let b = c
+            .api
+            .get("rolebindings", "shop", "outrider-policy-reader")?;
+        (b["roleRef"]["name"] == "outrider-policy-reader").then_some(b)
+    })
+    .await
+    .unwrap_or_else(|| panic!("not recreated:\n{}", controller.logs()));
+    assert_eq!(fixed["subjects"][0]["name"], "system:serviceaccounts:shop");
+    assert_eq!(fixed["subjects"].as_array().map(Vec::len), Some(1));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kept = c
+        .api
+        .get("rolebindings", "kept", "outrider-policy-reader")
+        .unwrap();
+    assert_eq!(kept["roleRef"]["name"], "edit");
+    assert_eq!(
+        events_about(&c.api, "shop", "outrider-policy-reader"),
+        ["ForeignObjectReplaced"],
+        "{:?}\n{}",
+        c.api.all("events"),
+        controller.logs()
+    );
+    assert_eq!(
+        events_about(&c.api, "kept", "outrider-policy-reader"),
+        ["ForeignObjectLeftAlone"]
+    );
+    assert!(controller.logs().contains("it grants ClusterRole edit"));
+    let metrics = controller.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "outrider_controller_objects_left_alone",
+            &[("kind", "RoleBinding")]
+        ),
+        1.0,
         "{metrics}"
     );
 }

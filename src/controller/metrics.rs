@@ -1,7 +1,7 @@
 //! The controller's metrics, on its admin port: what it issued, what
 //! failed, whether it leads, and the expiry dates operators alert on.
 
-use prometheus::{Gauge, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone, Debug)]
 pub struct ControllerMetrics {
@@ -14,6 +14,8 @@ pub struct ControllerMetrics {
     anchor_expiry: Gauge,
     soonest_identity_expiry: Gauge,
     ca_load_failures: prometheus::IntCounter,
+    foreign_objects: IntCounterVec,
+    left_alone: IntGaugeVec,
 }
 
 impl ControllerMetrics {
@@ -64,6 +66,22 @@ impl ControllerMetrics {
             "ca_load_failures_total",
             "Times the CA Secret was unreadable or failed its checks (the last good CA is kept).",
         ))?;
+        let foreign_objects = IntCounterVec::new(
+            opts(
+                "foreign_objects_total",
+                "Objects found under a name the controller writes that it did not write, by kind and resolution (replaced, left_alone).",
+            ),
+            &["kind", "resolution"],
+        )?;
+        let left_alone = IntGaugeVec::new(
+            opts(
+                "objects_left_alone",
+                "Foreign objects holding a name the controller writes, left alone because another controller or tool keeps them (what they block does not work).",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(foreign_objects.clone()))?;
+        registry.register(Box::new(left_alone.clone()))?;
         registry.register(Box::new(issued.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(deleted.clone()))?;
@@ -83,6 +101,8 @@ impl ControllerMetrics {
             anchor_expiry,
             soonest_identity_expiry,
             ca_load_failures,
+            foreign_objects,
+            left_alone,
         })
     }
 
@@ -114,6 +134,18 @@ impl ControllerMetrics {
     pub fn set_soonest_identity_expiry(&self, at: Option<time::OffsetDateTime>) {
         self.soonest_identity_expiry
             .set(at.map_or(0.0, |t| t.unix_timestamp() as f64));
+    }
+
+    pub fn foreign_object(&self, kind: &str, resolution: &str) {
+        self.foreign_objects
+            .with_label_values(&[kind, resolution])
+            .inc();
+    }
+
+    pub fn set_left_alone(&self, kind: &str, count: usize) {
+        self.left_alone
+            .with_label_values(&[kind])
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     pub fn ca_load_failure(&self) {

@@ -10,9 +10,11 @@
 //! writes, [`rbac`] binds the policy readers.
 
 pub mod ca;
+mod conflicts;
 pub mod identities;
 pub mod lease;
 pub mod metrics;
+pub mod ownership;
 mod rbac;
 mod reconcile;
 pub mod webhook;
@@ -118,6 +120,8 @@ pub enum Error {
     NoServingCert,
     #[error("a controller task ended unexpectedly (see the log)")]
     TaskEnded,
+    #[error("cannot build the object to write: {0}")]
+    Encode(serde_json::Error),
 }
 
 impl Error {
@@ -134,6 +138,7 @@ impl Error {
             Self::Issue(_) | Self::Id(_) => "issue",
             Self::ServingKey(_) | Self::NoServingCert => "serving_cert",
             Self::TaskEnded => "task_ended",
+            Self::Encode(_) => "encode",
         }
     }
 }
@@ -148,6 +153,8 @@ struct Controller {
     ca_data: Mutex<Option<BTreeMap<String, ByteString>>>,
     /// When each meshed namespace's policy-reader binding was last applied.
     bound: Mutex<BTreeMap<String, tokio::time::Instant>>,
+    /// Foreign objects under our names.
+    conflicts: conflicts::Conflicts,
 }
 
 /// Runs until `shutdown` resolves.
@@ -189,6 +196,12 @@ pub async fn run(
         ca: ca_tx,
         ca_data: Mutex::new(None),
         bound: Mutex::new(BTreeMap::new()),
+        conflicts: conflicts::Conflicts::new(
+            client.clone(),
+            &config.identity,
+            metrics.clone(),
+            config.resync,
+        ),
     });
 
     // The CA first: nothing else can work without it (not ready until

@@ -1,15 +1,19 @@
 //! The policy-reader bindings: in each meshed namespace, a RoleBinding
 //! `outrider-policy-reader` gives that namespace's service accounts the
 //! chart's ClusterRole of the same name, which reads policies and nothing
-//! else, so a proxy can read its own namespace's policies only.
+//! else, so a proxy can read its own namespace's policies only. A binding
+//! of that name granting another role is replaced or left alone by the
+//! rule of [`super::ownership`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, ObjectMeta};
 
-use super::{Controller, FIELD_MANAGER};
+use super::Controller;
+use super::conflicts::{FirstWrite, ObjectKey, Written};
+use super::ownership::claim_policy_binding;
 
 /// The ClusterRole (from the chart) and the RoleBinding that grants it.
 pub const POLICY_READER: &str = "outrider-policy-reader";
@@ -56,21 +60,34 @@ pub(super) async fn bind_policy_readers(controller: &Controller, meshed: &BTreeS
         // k8s-openapi types serialize their apiVersion and kind, which
         // server-side apply needs in the body.
         let binding = policy_reader_binding(namespace);
+        let key = ObjectKey {
+            kind: "RoleBinding",
+            namespace: namespace.clone(),
+            name: POLICY_READER.into(),
+        };
+        if controller.conflicts.blocked(&key) {
+            continue;
+        }
         let api: Api<RoleBinding> = Api::namespaced(controller.client.clone(), namespace);
-        let result = api
-            .patch(
-                POLICY_READER,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&binding),
+        let result = controller
+            .conflicts
+            .write(
+                &api,
+                &key,
+                &binding,
+                FirstWrite::Apply,
+                |existing| claim_policy_binding(existing, &binding.role_ref),
+                "the proxies of this namespace cannot read their policies and never become ready",
             )
             .await;
         match result {
-            Ok(_) => {
+            Ok(Written::Done) => {
                 controller
                     .bound
                     .lock()
                     .insert(namespace.clone(), tokio::time::Instant::now());
             }
+            Ok(Written::LeftAlone) => {}
             Err(error) => {
                 controller.metrics.failure("policy_reader_binding");
                 tracing::warn!(%namespace, %error, "Cannot bind the policy reader role");

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -22,8 +22,10 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, watch};
 
 use super::ca::warn_before_expiry;
+use super::conflicts::{FirstWrite, ObjectKey, Written};
 use super::identities::{self, Action, IDENTITY_LABEL, IdentitySecret, ServiceAccountRef};
-use super::{Controller, Error, FIELD_MANAGER};
+use super::ownership::claim_identity_secret;
+use super::{Controller, Error};
 use crate::ca::secret::CaMaterial;
 use crate::identity::SpiffeId;
 use crate::inject::config::INJECT;
@@ -233,28 +235,42 @@ async fn reconcile_once(
                 service_account,
                 reason,
             } => {
-                if let Err(error) = issue(controller, ca, &service_account, now).await {
-                    failed = true;
-                    let cause = match error {
-                        Error::Issue(_) | Error::Id(_) => "issue",
-                        _ => "write",
-                    };
-                    controller.metrics.failure(cause);
-                    tracing::warn!(
-                        namespace = %service_account.namespace,
-                        service_account = %service_account.name,
-                        %error,
-                        reason = error.label(),
-                        "Cannot write the identity Secret; retrying"
-                    );
-                } else {
-                    controller.metrics.issued("identity", reason.label());
-                    tracing::info!(
-                        namespace = %service_account.namespace,
-                        service_account = %service_account.name,
-                        reason = reason.label(),
-                        "Issued an identity"
-                    );
+                let key = identity_key(&service_account);
+                if controller.conflicts.blocked(&key) {
+                    continue;
+                }
+                // Nothing of ours in the cache: create, so that a foreign
+                // Secret holding the name is noticed, not overwritten.
+                let first = match reason {
+                    identities::Reason::Missing => FirstWrite::Create,
+                    _ => FirstWrite::Apply,
+                };
+                match issue(controller, ca, &service_account, &key, first, now).await {
+                    Ok(Written::Done) => {
+                        controller.metrics.issued("identity", reason.label());
+                        tracing::info!(
+                            namespace = %service_account.namespace,
+                            service_account = %service_account.name,
+                            reason = reason.label(),
+                            "Issued an identity"
+                        );
+                    }
+                    Ok(Written::LeftAlone) => {}
+                    Err(error) => {
+                        failed = true;
+                        let cause = match error {
+                            Error::Issue(_) | Error::Id(_) => "issue",
+                            _ => "write",
+                        };
+                        controller.metrics.failure(cause);
+                        tracing::warn!(
+                            namespace = %service_account.namespace,
+                            service_account = %service_account.name,
+                            %error,
+                            reason = error.label(),
+                            "Cannot write the identity Secret; retrying"
+                        );
+                    }
                 }
             }
             Action::Delete { namespace, name } => {
@@ -284,29 +300,47 @@ async fn reconcile_once(
     }
 }
 
-/// Writes a fresh identity Secret for `sa`.
+fn identity_key(sa: &ServiceAccountRef) -> ObjectKey {
+    ObjectKey {
+        kind: "Secret",
+        namespace: sa.namespace.clone(),
+        name: crate::inject::pod::identity_secret_name(&sa.name),
+    }
+}
+
+/// Writes a fresh identity Secret for `sa` under `key`.
 async fn issue(
     controller: &Controller,
     ca: &CaMaterial,
     sa: &ServiceAccountRef,
+    key: &ObjectKey,
+    first: FirstWrite,
     now: OffsetDateTime,
-) -> Result<(), Error> {
+) -> Result<Written, Error> {
     let id = SpiffeId::workload(&ca.trust_domain, &sa.namespace, &sa.name)?;
     let svid = ca
         .signing
         .issue(&id, controller.config.identity_lifetime, now)?;
-    let secret = identities::desired_secret(sa, &svid, &ca.bundle_pem);
+    let secret: Secret =
+        serde_json::from_value(identities::desired_secret(sa, &svid, &ca.bundle_pem))
+            .map_err(Error::Encode)?;
     let api: Api<Secret> = Api::namespaced(controller.client.clone(), &sa.namespace);
-    let name = crate::inject::pod::identity_secret_name(&sa.name);
-    // Server-side apply with a fixed manager; forced, because these
-    // Secrets are ours alone and a stale manager must not block renewal.
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&secret),
-    )
-    .await?;
-    Ok(())
+    let consequence = format!(
+        "pods running as ServiceAccount {} get no identity and never become ready",
+        sa.name
+    );
+    let written = controller
+        .conflicts
+        .write(
+            &api,
+            key,
+            &secret,
+            first,
+            claim_identity_secret,
+            &consequence,
+        )
+        .await?;
+    Ok(written)
 }
 
 /// Keeps the webhook configuration's caBundle equal to the trust bundle.

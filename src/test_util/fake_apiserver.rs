@@ -317,6 +317,7 @@ fn kind_of(plural: &str) -> String {
         "authorizationpolicies" => "AuthorizationPolicy".into(),
         "serviceaccounts" => "ServiceAccount".into(),
         "mutatingwebhookconfigurations" => "MutatingWebhookConfiguration".into(),
+        "rolebindings" => "RoleBinding".into(),
         other => {
             let singular = other.strip_suffix('s').unwrap_or(other);
             let mut chars = singular.chars();
@@ -332,6 +333,8 @@ fn api_version_of(plural: &str) -> &'static str {
     match plural {
         "peerauthentications" | "authorizationpolicies" => "security.outrider.dev/v1alpha1",
         "leases" => "coordination.k8s.io/v1",
+        "events" => "events.k8s.io/v1",
+        "rolebindings" => "rbac.authorization.k8s.io/v1",
         "mutatingwebhookconfigurations" => "admissionregistration.k8s.io/v1",
         _ => "v1",
     }
@@ -594,6 +597,9 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                     status_body(409, "Conflict", "the object has been modified"),
                 );
             }
+            if let Some(refusal) = immutable_change(&key.0, current, &object) {
+                return refusal;
+            }
             let stored = store(&mut state, key, object);
             json_response(StatusCode::OK, stored)
         }
@@ -650,18 +656,58 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                 }
                 current
             };
+            if let Some(current) = state.objects.get(&key)
+                && let Some(refusal) = immutable_change(&key.0, current, &patched)
+            {
+                return refusal;
+            }
             let stored = store(&mut state, key, patched);
             json_response(StatusCode::OK, stored)
         }
-        (Method::DELETE, Some(name)) => match remove(&mut state, &(plural, ns, name)) {
-            Some(object) => json_response(StatusCode::OK, object),
-            None => not_found(),
-        },
+        (Method::DELETE, Some(name)) => {
+            let key = (plural, ns, name);
+            // DeleteOptions.preconditions: uid and resourceVersion must
+            // still be those of the stored object.
+            let options = serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
+            if let Some(current) = state.objects.get(&key) {
+                for field in ["uid", "resourceVersion"] {
+                    let expected = &options["preconditions"][field];
+                    if !expected.is_null() && *expected != current["metadata"][field] {
+                        return json_response(
+                            StatusCode::CONFLICT,
+                            status_body(409, "Conflict", &format!("Precondition failed: {field}")),
+                        );
+                    }
+                }
+            }
+            match remove(&mut state, &key) {
+                Some(object) => json_response(StatusCode::OK, object),
+                None => not_found(),
+            }
+        }
         _ => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             status_body(405, "MethodNotAllowed", "not supported by the fake"),
         ),
     }
+}
+
+/// The real server's refusals of a change to an immutable field: a
+/// Secret's `type` (absent means Opaque) and a RoleBinding's `roleRef`.
+fn immutable_change(plural: &str, current: &Value, next: &Value) -> Option<Response<Body>> {
+    let refused = match plural {
+        "secrets" => {
+            let kind = |v: &Value| v["type"].as_str().unwrap_or("Opaque").to_string();
+            (kind(current) != kind(next)).then_some("type: Invalid value: field is immutable")
+        }
+        "rolebindings" => (current["roleRef"] != next["roleRef"])
+            .then_some("roleRef: Invalid value: cannot change roleRef"),
+        _ => None,
+    }?;
+    Some(json_response(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        status_body(422, "Invalid", refused),
+    ))
 }
 
 /// Server-side apply, as far as one field manager is concerned: maps
