@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need,
 # then checks formatting and lints, runs every test (unit, black-box, the
-# real Prometheus scrape, interception in network namespaces), and builds
+# real Prometheus scrape, interception in network namespaces, the
+# controller against a real kube-apiserver), and builds
 # and runs the container image from the Dockerfile (ci/image.sh). CI runs
 # exactly this (.ci/run), as root.
 set -euo pipefail
@@ -50,6 +51,10 @@ if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
 fi
 export HELM="$tools/helm/helm"
 export KUBERNETES_VALIDATE="$tools/venv/bin/kubernetes-validate"
+# A real kube-apiserver and etcd for tests/kube_apiserver.rs (built from
+# Debian's source package: ~6-10 min the first time, kept under target/).
+ci/kube-apiserver.sh "$tools/kas"
+export OUTRIDER_KUBE_APISERVER="$tools/kas"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

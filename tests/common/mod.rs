@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, mpsc};
 
+pub mod controller;
+
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
