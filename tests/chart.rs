@@ -13,6 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use serde_json::{Value, json};
+
 const BIN: &str = env!("CARGO_BIN_EXE_outrider");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The oldest and newest Kubernetes versions we support: native sidecars
@@ -296,26 +298,117 @@ fn injected_manifests_and_the_examples_pass_kubernetes_validate() {
     validate(&files);
 }
 
-/// Every pod created in a namespace that is not meshed is sent to the
-/// pod-level webhook (for the annotation opt-in); a hung injector must
-/// delay those creations by seconds at most, and never block them.
-#[test]
-fn a_hung_injector_delays_pods_of_unmeshed_namespaces_by_at_most_three_seconds() {
-    let rendered = helm_template(None);
-    let configuration = outrider::yaml::documents(&rendered)
+fn webhooks(rendered: &str) -> Vec<Value> {
+    let configuration = outrider::yaml::documents(rendered)
         .unwrap()
         .into_iter()
         .find(|doc| doc["kind"] == "MutatingWebhookConfiguration")
         .expect("a MutatingWebhookConfiguration");
-    let webhooks = configuration["webhooks"].as_array().unwrap();
-    let pod_level = webhooks
+    configuration["webhooks"].as_array().unwrap().clone()
+}
+
+fn pod_level(webhooks: &[Value]) -> Value {
+    webhooks
         .iter()
         .find(|w| w["name"] == "pod.inject.outrider.dev")
-        .expect("the pod-level webhook");
+        .expect("the pod-level webhook")
+        .clone()
+}
+
+/// A hung injector must delay what the pod-level webhook is sent by
+/// seconds at most, and never block it.
+#[test]
+fn a_hung_injector_delays_pods_of_unmeshed_namespaces_by_at_most_three_seconds() {
+    let pod_level = pod_level(&webhooks(&helm_template(None)));
     assert_eq!(pod_level["failurePolicy"], "Ignore");
     let timeout = pod_level["timeoutSeconds"].as_u64().unwrap();
     assert!(
         timeout <= 3,
         "a hung injector delays every pod by {timeout} s"
+    );
+}
+
+/// Runs a webhook's CEL match condition on `pod` with a real CEL engine
+/// (kube's, as for the CRD rules): `object` is the pod, as the API
+/// server binds it, here `self`.
+fn match_condition(expression: &str, pod: &Value) -> bool {
+    let rule = expression.replace("object.", "self.");
+    // Below the root, where the validator (as the API server for CRDs)
+    // does not trim `metadata` to name and generateName.
+    // `metadata` typed as the Pod schema has it: labels and annotations
+    // are maps of strings.
+    let map = json!({"type": "object", "additionalProperties": {"type": "string"}});
+    let schema = json!({
+        "type": "object",
+        "properties": {"pod": {
+            "type": "object",
+            "properties": {
+                "apiVersion": {"type": "string"},
+                "kind": {"type": "string"},
+                "metadata": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "labels": map, "annotations": map
+                }}
+            },
+            "x-kubernetes-validations": [{"rule": rule}]
+        }}
+    });
+    match kube::core::cel::Validator::new().validate(&schema, &json!({ "pod": pod }), None) {
+        Ok(()) => true,
+        Err(errors) => {
+            let text = format!("{errors:?}");
+            // A rule that evaluates to false, not one that cannot run.
+            assert!(text.contains("failed rule"), "{expression}: {text}");
+            false
+        }
+    }
+}
+
+/// Only pods that opt in are sent to the pod-level webhook: an unmeshed
+/// namespace's pods never wait on the injector (docs/install.md).
+#[test]
+fn the_api_server_sends_the_pod_level_webhook_only_pods_that_opt_in() {
+    let default = pod_level(&webhooks(&helm_template(None)));
+    let conditions = default["matchConditions"]
+        .as_array()
+        .expect("matchConditions");
+    assert_eq!(conditions.len(), 1);
+    let expression = conditions[0]["expression"].as_str().unwrap();
+    let pod = |metadata: Value| json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata});
+    let sent = [
+        pod(json!({"annotations": {"outrider.dev/inject": "enabled"}})),
+        pod(json!({"labels": {"outrider.dev/inject": "enabled"}})),
+        pod(json!({"labels": {"app": "web"}, "annotations": {"outrider.dev/inject": "enabled"}})),
+    ];
+    let not_sent = [
+        pod(json!({"name": "plain"})),
+        pod(json!({"annotations": {}, "labels": {}})),
+        pod(json!({"annotations": {"outrider.dev/inject": "disabled"}})),
+        pod(json!({"annotations": {"other": "enabled"}, "labels": {"outrider.dev/inject": "yes"}})),
+    ];
+    for pod in &sent {
+        assert!(match_condition(expression, pod), "not sent: {pod}");
+    }
+    for pod in &not_sent {
+        assert!(!match_condition(expression, pod), "sent: {pod}");
+    }
+    // The fallback for API servers without matchConditions: the label,
+    // by objectSelector.
+    let fallback = pod_level(&webhooks(&helm_template(Some(
+        "charts/outrider/ci/non-default-values.yaml",
+    ))));
+    assert!(fallback.get("matchConditions").is_none());
+    assert_eq!(
+        fallback["objectSelector"]["matchLabels"]["outrider.dev/inject"],
+        "enabled"
+    );
+    assert_eq!(fallback["timeoutSeconds"], 2);
+    // In meshed namespaces, a pod labelled disabled is not sent either.
+    let namespace_level = webhooks(&helm_template(None))
+        .into_iter()
+        .find(|w| w["name"] == "namespace.inject.outrider.dev")
+        .unwrap();
+    assert_eq!(
+        namespace_level["objectSelector"]["matchExpressions"][0],
+        json!({"key": "outrider.dev/inject", "operator": "NotIn", "values": ["disabled"]})
     );
 }

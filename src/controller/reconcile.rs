@@ -28,7 +28,7 @@ use super::ownership::claim_identity_secret;
 use super::{Controller, Error};
 use crate::ca::secret::CaMaterial;
 use crate::identity::SpiffeId;
-use crate::inject::config::INJECT;
+use crate::inject::config::{INJECT, PodChoice, pod_choice};
 
 /// The reconciler looks at everything at most this often.
 const MIN_PASS_INTERVAL: Duration = Duration::from_secs(1);
@@ -190,7 +190,12 @@ async fn reconcile_once(
             .pods
             .state()
             .iter()
-            .filter(|p| p.annotations().get(INJECT).map(String::as_str) == Some("enabled"))
+            .filter(|p| {
+                pod_choice(
+                    p.annotations().get(INJECT).map(String::as_str),
+                    p.labels().get(INJECT).map(String::as_str),
+                ) == PodChoice::Enabled
+            })
             .filter_map(|p| p.namespace()),
     );
     let service_accounts: Vec<ServiceAccountRef> = caches

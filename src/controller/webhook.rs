@@ -6,7 +6,8 @@
 //! MutatingWebhookConfiguration: `/inject/namespace` for pods in
 //! namespaces labelled `outrider.dev/inject=enabled` (inject unless the pod
 //! says `disabled`), `/inject/pod` for every other namespace (inject only
-//! pods annotated `outrider.dev/inject: enabled`). Anything malformed is
+//! pods that opt in with `outrider.dev/inject: enabled`, as an annotation
+//! or a label: [`pod_choice`]). Anything malformed is
 //! answered with a denial and its reason, never with a 500.
 
 use std::convert::Infallible;
@@ -28,7 +29,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::metrics::ControllerMetrics;
-use crate::inject::config::INJECT;
+use crate::inject::config::{INJECT, PodChoice, pod_choice};
 use crate::inject::{InjectConfig, Outcome, pod_patch};
 use crate::listener::{Caps, accept_loop};
 
@@ -142,10 +143,13 @@ pub fn review(body: &[u8], path: &str, mesh: &InjectConfig) -> (Value, Verdict) 
             Verdict::Malformed,
         );
     };
-    let annotation = pod["metadata"]["annotations"][INJECT].as_str();
+    let choice = pod_choice(
+        pod["metadata"]["annotations"][INJECT].as_str(),
+        pod["metadata"]["labels"][INJECT].as_str(),
+    );
     let wanted = match path {
         NAMESPACE_PATH => true,
-        POD_PATH => annotation == Some("enabled"),
+        POD_PATH => choice == PodChoice::Enabled,
         other => {
             let message = format!("outrider injector: unknown path {other}");
             return (
@@ -390,6 +394,20 @@ mod tests {
         assert_eq!(verdict, Verdict::Skipped);
         assert_eq!(answer["response"]["allowed"], true);
         assert!(answer["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn the_label_opts_a_pod_in_or_out_as_the_annotation_does() {
+        let mesh = InjectConfig::default();
+        let labelled = |value: &str| {
+            let mut pod = pod(json!({}));
+            pod["metadata"]["labels"] = json!({"outrider.dev/inject": value});
+            admission(pod)
+        };
+        let (answer, verdict) = review(&labelled("enabled"), POD_PATH, &mesh);
+        assert_eq!(verdict, Verdict::Injected, "{answer}");
+        let (_, verdict) = review(&labelled("disabled"), NAMESPACE_PATH, &mesh);
+        assert_eq!(verdict, Verdict::Skipped);
     }
 
     #[test]

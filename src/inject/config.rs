@@ -22,6 +22,29 @@ pub const INJECT: &str = "outrider.dev/inject";
 /// Set on injected pods, with the proxy version.
 pub const INJECTED: &str = "outrider.dev/proxy-version";
 
+/// What a pod asks for with `outrider.dev/inject`, as an annotation (the
+/// contract) or as a label (which the API server can select on, so the
+/// chart's `label` selection sends only labelled pods to the webhook).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodChoice {
+    Enabled,
+    Disabled,
+    Unsaid,
+}
+
+/// `disabled` in either place wins (never mesh a pod that says no), then
+/// `enabled` in either place; any other value says nothing.
+pub fn pod_choice(annotation: Option<&str>, label: Option<&str>) -> PodChoice {
+    let said = [annotation, label];
+    if said.contains(&Some("disabled")) {
+        PodChoice::Disabled
+    } else if said.contains(&Some("enabled")) {
+        PodChoice::Enabled
+    } else {
+        PodChoice::Unsaid
+    }
+}
+
 /// Where the proxy runs in the pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -255,6 +278,28 @@ fn is_quantity(q: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pod_opts_out_or_in_by_annotation_or_label_and_no_wins() {
+        use super::{PodChoice, pod_choice};
+        let table = [
+            (None, None, PodChoice::Unsaid),
+            (Some("enabled"), None, PodChoice::Enabled),
+            (None, Some("enabled"), PodChoice::Enabled),
+            (Some("disabled"), None, PodChoice::Disabled),
+            (None, Some("disabled"), PodChoice::Disabled),
+            (Some("enabled"), Some("disabled"), PodChoice::Disabled),
+            (Some("disabled"), Some("enabled"), PodChoice::Disabled),
+            (Some("yes"), None, PodChoice::Unsaid),
+        ];
+        for (annotation, label, choice) in table {
+            assert_eq!(
+                pod_choice(annotation, label),
+                choice,
+                "{annotation:?} {label:?}"
+            );
+        }
+    }
+
     use super::*;
 
     fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -17,7 +17,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::config::{INJECT, INJECTED, InjectConfig, PodSettings, SidecarMode, ValueError};
+use super::config::{
+    INJECT, INJECTED, InjectConfig, PodChoice, PodSettings, SidecarMode, ValueError, pod_choice,
+};
 use crate::policy::index::Probe;
 
 pub const PROXY_CONTAINER: &str = "outrider-proxy";
@@ -60,7 +62,12 @@ pub fn inject_template(
     mesh: &InjectConfig,
 ) -> Result<Outcome, ValueError> {
     let annotations = metadata.annotations.clone().unwrap_or_default();
-    if annotations.get(INJECT).map(String::as_str) == Some("disabled") {
+    let label = metadata.labels.as_ref().and_then(|l| l.get(INJECT));
+    let choice = pod_choice(
+        annotations.get(INJECT).map(String::as_str),
+        label.map(String::as_str),
+    );
+    if choice == PodChoice::Disabled {
         return Ok(Outcome::Disabled);
     }
     if spec.host_network == Some(true) {
