@@ -992,6 +992,13 @@ async fn a_leader_stopped_for_a_rolling_update_hands_over_within_two_seconds() {
 async fn the_webhook_serves_https_with_a_mesh_certificate_and_patches_pods() {
     use http_body_util::{BodyExt, Full};
     let c = cluster().await;
+    // A meshed namespace that enforces the baseline Pod Security Standard.
+    c.api.apply(
+        "namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "locked",
+               "labels": {"outrider.dev/inject": "enabled",
+                          "pod-security.kubernetes.io/enforce": "baseline"}}}),
+    );
     let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
     let ca = secret(
         &c.api,
@@ -1040,13 +1047,14 @@ async fn the_webhook_serves_https_with_a_mesh_certificate_and_patches_pods() {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
     };
-    let review = |object: Value| {
+    let review_in = |namespace: &str, object: Value| {
         json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
                "request": {"uid": "abc", "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                           "operation": "CREATE", "namespace": "shop", "object": object}})
+                           "operation": "CREATE", "namespace": namespace, "object": object}})
         .to_string()
         .into_bytes()
     };
+    let review = |object: Value| review_in("shop", object);
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "shop"},
                      "spec": {"containers": [{"name": "web", "image": "web:1"}]}});
 
@@ -1060,7 +1068,7 @@ async fn the_webhook_serves_https_with_a_mesh_certificate_and_patches_pods() {
             .unwrap(),
     )
     .unwrap();
-    let mut injected = pod;
+    let mut injected = pod.clone();
     json_patch::patch(&mut injected, &patch).unwrap();
     assert_eq!(
         injected["spec"]["initContainers"][1]["name"],
@@ -1071,6 +1079,25 @@ async fn the_webhook_serves_https_with_a_mesh_certificate_and_patches_pods() {
     assert_eq!(status, 200);
     assert_eq!(answer["response"]["allowed"], true);
     assert!(answer["response"].get("patch").is_none(), "{answer}");
+
+    // Baseline would reject outrider-init's capabilities after injection:
+    // refused up front, saying what to do (once the namespace is cached).
+    let mut locked_pod = pod.clone();
+    locked_pod["metadata"]["namespace"] = json!("locked");
+    let refused = eventually(Duration::from_secs(5), async || {
+        let (_, answer) = post("/inject/namespace", review_in("locked", locked_pod.clone())).await;
+        (answer["response"]["allowed"] == false).then_some(answer)
+    })
+    .await
+    .expect("refused in a baseline namespace");
+    let message = refused["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(
+            "namespace locked enforces Pod Security \"baseline\" (pod-security.kubernetes.io/enforce)"
+        ) && message.contains("container outrider-init adds capabilities NET_ADMIN, NET_RAW")
+            && message.contains("pod-security.kubernetes.io/enforce=privileged"),
+        "{message}"
+    );
 
     let (status, answer) = post("/inject/namespace", b"garbage".to_vec()).await;
     assert_eq!(status, 200, "a denial, never a 500");
@@ -1123,11 +1150,22 @@ async fn the_webhook_serves_https_with_a_mesh_certificate_and_patches_pods() {
         ),
         2.0
     );
+    assert!(
+        metric(
+            &metrics,
+            "outrider_controller_webhook_reviews_total",
+            &[("verdict", "pod_security")]
+        ) >= 1.0
+    );
 }
 
 #[test]
 fn bad_flags_exit_64_naming_the_flag_before_touching_the_cluster() {
-    for (flag, value) in [("--log-format", "xml"), ("--trust-domain", "Not A Domain")] {
+    for (flag, value) in [
+        ("--log-format", "xml"),
+        ("--trust-domain", "Not A Domain"),
+        ("--pod-security", "ignore"),
+    ] {
         let out = Command::new(BIN)
             .args(["controller", "--kubeconfig", "/nonexistent", flag, value])
             .output()

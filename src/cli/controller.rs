@@ -61,6 +61,11 @@ pub struct ControllerArgs {
     /// Lifetime of the webhook's serving certificate.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub webhook_cert_lifetime: Duration,
+    /// A pod whose namespace enforces a Pod Security level that would
+    /// reject it once injected: refuse (saying what to do) or warn (and
+    /// inject: for namespaces exempted in the admission configuration).
+    #[arg(long, env = "OUTRIDER_POD_SECURITY", default_value = "refuse")]
+    pub pod_security: String,
     /// Injection values (YAML), as for `outrider inject --config`.
     #[arg(long, env = "OUTRIDER_INJECT_CONFIG")]
     pub inject_config: Option<PathBuf>,
@@ -107,6 +112,8 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         ))
         .into());
     }
+    let pod_security =
+        keyword(&args.pod_security).map_err(|e| invalid(format!("--pod-security: {e}")))?;
     // Every duration within reach of the clock and the certificates' dates.
     let century = Duration::from_secs(100 * 365 * 86_400);
     let second = Duration::from_secs(1);
@@ -194,6 +201,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             retry_period: args.lease_retry,
         },
         resync: args.resync,
+        pod_security,
     };
     let runtime = build_runtime(2).context("starting the async runtime")?;
     runtime.block_on(controller::run(config, shutdown_signal()))?;

@@ -81,6 +81,9 @@ pub struct ControllerConfig {
     pub lease: LeaseTiming,
     /// Look at everything at least this often, events or not.
     pub resync: Duration,
+    /// What the webhook does with a pod its namespace's enforced Pod
+    /// Security level would reject once injected.
+    pub pod_security: crate::inject::pod_security::Response,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,13 +225,30 @@ pub async fn run(
         }
     }
 
+    // The caches, which the webhook reads too (namespace labels).
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let caches = reconcile::start_caches(&client, changed.clone());
+
     // The webhook, with a serving certificate kept fresh.
     let first_key = controller.serving_key()?;
     let serving = webhook::ServingCert::new(first_key);
+    let namespaces = caches.namespaces.clone();
+    let gate = webhook::PodSecurityGate {
+        response: config.pod_security,
+        // Unknown until the cache has the namespace: PodSecurity itself
+        // still judges the pod, with its own message.
+        levels: Box::new(move |name| {
+            let namespace = namespaces.get(&kube::runtime::reflector::ObjectRef::new(name))?;
+            Some(crate::inject::pod_security::enforced(
+                namespace.metadata.labels.as_ref()?,
+            ))
+        }),
+    };
     tasks.spawn(webhook::serve(
         webhook_listener,
         serving.clone(),
         Arc::new(config.inject.clone()),
+        Arc::new(gate),
         metrics.clone(),
     ));
     tasks.spawn(ca::refresh_serving_cert(
@@ -252,7 +272,9 @@ pub async fn run(
         },
     ));
 
-    tasks.spawn(reconcile::reconcile_forever(controller, leading_rx));
+    tasks.spawn(reconcile::reconcile_forever(
+        controller, caches, changed, leading_rx,
+    ));
     tokio::select! {
         _ = &mut shutdown => {}
         result = &mut leadership => {

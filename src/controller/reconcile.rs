@@ -33,9 +33,9 @@ use crate::inject::config::{INJECT, PodChoice, pod_choice};
 /// The reconciler looks at everything at most this often.
 const MIN_PASS_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The caches the reconciler reads.
-struct Caches {
-    namespaces: Store<Namespace>,
+/// The caches the reconciler reads (the webhook reads the namespaces too).
+pub(super) struct Caches {
+    pub(super) namespaces: Store<Namespace>,
     service_accounts: Store<ServiceAccount>,
     secrets: Store<Secret>,
     pods: Store<PartialObjectMeta<Pod>>,
@@ -70,7 +70,8 @@ where
     store
 }
 
-fn start_caches(client: &Client, changed: Arc<Notify>) -> Caches {
+/// Starts the watches; every event pokes `changed`.
+pub(super) fn start_caches(client: &Client, changed: Arc<Notify>) -> Caches {
     let all = watcher::Config::default;
     let namespaces = cache(
         Api::<Namespace>::all(client.clone()),
@@ -124,10 +125,10 @@ fn start_caches(client: &Client, changed: Arc<Notify>) -> Caches {
 
 pub(super) async fn reconcile_forever(
     controller: Arc<Controller>,
+    caches: Caches,
+    changed: Arc<Notify>,
     mut leading: watch::Receiver<bool>,
 ) {
-    let changed = Arc::new(Notify::new());
-    let caches = start_caches(&controller.client, changed.clone());
     let mut ca = controller.ca.subscribe();
     let mut next = tokio::time::Instant::now();
     let mut last_warning: Option<tokio::time::Instant> = None;

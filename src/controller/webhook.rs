@@ -30,7 +30,8 @@ use tokio::net::TcpListener;
 
 use super::metrics::ControllerMetrics;
 use crate::inject::config::{INJECT, PodChoice, pod_choice};
-use crate::inject::{InjectConfig, Outcome, pod_patch};
+use crate::inject::pod_security::{self, ENFORCE, Level, Violation};
+use crate::inject::{InjectConfig, InjectError, Outcome, pod_patch, pod_security_violations};
 use crate::listener::{Caps, accept_loop};
 
 pub const NAMESPACE_PATH: &str = "/inject/namespace";
@@ -57,6 +58,8 @@ struct ReviewRequest {
     kind: Gvk,
     operation: String,
     #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
     object: Option<Value>,
 }
 
@@ -73,6 +76,9 @@ pub enum Verdict {
     Injected,
     Skipped,
     Denied,
+    /// Refused because the namespace's Pod Security level would reject
+    /// the injected pod.
+    PodSecurity,
     Malformed,
 }
 
@@ -82,6 +88,7 @@ impl Verdict {
             Verdict::Injected => "injected",
             Verdict::Skipped => "skipped",
             Verdict::Denied => "denied",
+            Verdict::PodSecurity => "pod_security",
             Verdict::Malformed => "malformed",
         }
     }
@@ -89,9 +96,18 @@ impl Verdict {
 
 fn response(uid: &str, allowed: bool, message: Option<&str>, patch: Option<&[u8]>) -> Value {
     let mut response = json!({"uid": uid, "allowed": allowed});
-    if let Some(message) = message {
-        response["status"] = json!({"code": if allowed { 200 } else { 400 }, "message": message});
+    // An allowed review's message is a warning (kubectl prints it).
+    if allowed && let Some(message) = message {
+        response["warnings"] = json!([message]);
+        return review_with(response, patch);
     }
+    if let Some(message) = message {
+        response["status"] = json!({"code": 400, "message": message});
+    }
+    review_with(response, patch)
+}
+
+fn review_with(mut response: Value, patch: Option<&[u8]>) -> Value {
     if let Some(patch) = patch {
         response["patchType"] = json!("JSONPatch");
         response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
@@ -105,8 +121,48 @@ fn refuse_unread(message: &str) -> (Value, Verdict) {
     (response("", false, Some(message), None), Verdict::Malformed)
 }
 
+/// The level a namespace enforces, when known.
+pub type LevelOf = dyn Fn(&str) -> Option<Level> + Send + Sync;
+
+/// What the webhook knows of each namespace's enforced Pod Security
+/// level, and what it does with a pod that level would reject.
+pub struct PodSecurityGate {
+    pub response: pod_security::Response,
+    /// The level a namespace enforces, when known (the namespace cache).
+    pub levels: Box<LevelOf>,
+}
+
+impl PodSecurityGate {
+    /// Knows no namespace: nothing is checked (PodSecurity still is).
+    pub fn unknown() -> Self {
+        Self {
+            response: pod_security::Response::Refuse,
+            levels: Box::new(|_| None),
+        }
+    }
+}
+
+/// The refusal (or warning) for a pod `level` would reject.
+fn pod_security_message(namespace: &str, level: Level, violations: &[Violation]) -> String {
+    let found: Vec<String> = violations.iter().map(ToString::to_string).collect();
+    format!(
+        "outrider injector: namespace {namespace} enforces Pod Security \"{level}\" \
+         ({ENFORCE}), which rejects the injected pod: {}. outrider-init needs root with \
+         NET_ADMIN and NET_RAW to redirect the pod's traffic with iptables. Label the \
+         namespace {ENFORCE}=privileged, exempt it in the PodSecurity admission \
+         configuration, or opt the pod out with outrider.dev/inject=disabled \
+         (docs/install.md, \"Pod Security\")",
+        found.join("; ")
+    )
+}
+
 /// Answers one AdmissionReview.
-pub fn review(body: &[u8], path: &str, mesh: &InjectConfig) -> (Value, Verdict) {
+pub fn review(
+    body: &[u8],
+    path: &str,
+    mesh: &InjectConfig,
+    gate: &PodSecurityGate,
+) -> (Value, Verdict) {
     let review: Review = match serde_json::from_slice(body) {
         Ok(review) => review,
         Err(e) => {
@@ -162,13 +218,33 @@ pub fn review(body: &[u8], path: &str, mesh: &InjectConfig) -> (Value, Verdict) 
         return (response(uid, true, None, None), Verdict::Skipped);
     }
     match pod_patch(&pod, mesh) {
-        Ok((Outcome::Injected { .. }, Some(patch))) => match serde_json::to_vec(&patch) {
-            Ok(bytes) => (response(uid, true, None, Some(&bytes)), Verdict::Injected),
-            Err(e) => {
-                let message = format!("outrider injector: cannot encode the patch: {e}");
-                (response(uid, false, Some(&message), None), Verdict::Denied)
+        Ok((Outcome::Injected { .. }, Some(patch))) => {
+            let warning =
+                match pod_security_verdict(&pod, &patch, request.namespace.as_deref(), gate) {
+                    Ok(None) => None,
+                    Ok(Some((message, pod_security::Response::Warn))) => Some(message),
+                    Ok(Some((message, pod_security::Response::Refuse))) => {
+                        return (
+                            response(uid, false, Some(&message), None),
+                            Verdict::PodSecurity,
+                        );
+                    }
+                    Err(e) => {
+                        let message = format!("outrider injector: {e}");
+                        return (response(uid, false, Some(&message), None), Verdict::Denied);
+                    }
+                };
+            match serde_json::to_vec(&patch) {
+                Ok(bytes) => (
+                    response(uid, true, warning.as_deref(), Some(&bytes)),
+                    Verdict::Injected,
+                ),
+                Err(e) => {
+                    let message = format!("outrider injector: cannot encode the patch: {e}");
+                    (response(uid, false, Some(&message), None), Verdict::Denied)
+                }
             }
-        },
+        }
         Ok(_) => (response(uid, true, None, None), Verdict::Skipped),
         // A pod we were asked to mesh but cannot (a bad annotation, a
         // malformed spec) is refused with the reason, rather than started
@@ -178,6 +254,27 @@ pub fn review(body: &[u8], path: &str, mesh: &InjectConfig) -> (Value, Verdict) 
             (response(uid, false, Some(&message), None), Verdict::Denied)
         }
     }
+}
+
+/// The message, and what to do with it, when the namespace's enforced
+/// level would reject what injection adds.
+fn pod_security_verdict(
+    pod: &Value,
+    patch: &json_patch::Patch,
+    namespace: Option<&str>,
+    gate: &PodSecurityGate,
+) -> Result<Option<(String, pod_security::Response)>, InjectError> {
+    let Some((namespace, level)) = namespace.and_then(|ns| Some((ns, (gate.levels)(ns)?))) else {
+        return Ok(None);
+    };
+    let violations = pod_security_violations(pod, patch, level)?;
+    if violations.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((
+        pod_security_message(namespace, level, &violations),
+        gate.response,
+    )))
 }
 
 /// The serving certificate, swappable while serving (renewal, CA
@@ -234,6 +331,7 @@ pub async fn serve(
     listener: TcpListener,
     cert: Arc<ServingCert>,
     mesh: Arc<InjectConfig>,
+    gate: Arc<PodSecurityGate>,
     metrics: ControllerMetrics,
 ) {
     let mut config =
@@ -256,6 +354,7 @@ pub async fn serve(
         move |stream, peer| {
             let acceptor = acceptor.clone();
             let mesh = mesh.clone();
+            let gate = gate.clone();
             let metrics = metrics.clone();
             async move {
                 let Ok(Ok(tls)) =
@@ -265,8 +364,11 @@ pub async fn serve(
                 };
                 let service = service_fn(move |req| {
                     let mesh = mesh.clone();
+                    let gate = gate.clone();
                     let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(handle(req, &mesh, &metrics, peer).await) }
+                    async move {
+                        Ok::<_, Infallible>(handle(req, &mesh, &gate, &metrics, peer).await)
+                    }
                 });
                 // The header timeout also bounds an idle keep-alive connection.
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -283,6 +385,7 @@ pub async fn serve(
 async fn handle(
     req: Request<Incoming>,
     mesh: &InjectConfig,
+    gate: &PodSecurityGate,
     metrics: &ControllerMetrics,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
@@ -300,14 +403,17 @@ async fn handle(
         Limited::new(req.into_body(), MAX_BODY).collect(),
     );
     let (answer, verdict) = match body.await {
-        Ok(Ok(body)) => review(&body.to_bytes(), &path, mesh),
+        Ok(Ok(body)) => review(&body.to_bytes(), &path, mesh, gate),
         Ok(Err(_)) => refuse_unread(&format!(
             "outrider injector: the request body is unreadable or over {MAX_BODY} bytes"
         )),
         Err(_) => refuse_unread("outrider injector: the request body did not arrive in time"),
     };
     metrics.webhook(verdict.label());
-    if matches!(verdict, Verdict::Denied | Verdict::Malformed) {
+    if matches!(
+        verdict,
+        Verdict::Denied | Verdict::Malformed | Verdict::PodSecurity
+    ) {
         let message = answer["response"]["status"]["message"]
             .as_str()
             .unwrap_or("");
@@ -356,6 +462,7 @@ mod tests {
             &admission(pod(json!({}))),
             NAMESPACE_PATH,
             &InjectConfig::default(),
+            &PodSecurityGate::unknown(),
         );
         assert_eq!(verdict, Verdict::Injected);
         assert_eq!(
@@ -378,18 +485,25 @@ mod tests {
     #[test]
     fn outside_meshed_namespaces_only_annotated_pods_are_injected() {
         let mesh = InjectConfig::default();
-        let (_, verdict) = review(&admission(pod(json!({}))), POD_PATH, &mesh);
+        let (_, verdict) = review(
+            &admission(pod(json!({}))),
+            POD_PATH,
+            &mesh,
+            &PodSecurityGate::unknown(),
+        );
         assert_eq!(verdict, Verdict::Skipped);
         let (answer, verdict) = review(
             &admission(pod(json!({"outrider.dev/inject": "enabled"}))),
             POD_PATH,
             &mesh,
+            &PodSecurityGate::unknown(),
         );
         assert_eq!(verdict, Verdict::Injected, "{answer}");
         let (answer, verdict) = review(
             &admission(pod(json!({"outrider.dev/inject": "disabled"}))),
             NAMESPACE_PATH,
             &mesh,
+            &PodSecurityGate::unknown(),
         );
         assert_eq!(verdict, Verdict::Skipped);
         assert_eq!(answer["response"]["allowed"], true);
@@ -404,19 +518,102 @@ mod tests {
             pod["metadata"]["labels"] = json!({"outrider.dev/inject": value});
             admission(pod)
         };
-        let (answer, verdict) = review(&labelled("enabled"), POD_PATH, &mesh);
+        let (answer, verdict) = review(
+            &labelled("enabled"),
+            POD_PATH,
+            &mesh,
+            &PodSecurityGate::unknown(),
+        );
         assert_eq!(verdict, Verdict::Injected, "{answer}");
-        let (_, verdict) = review(&labelled("disabled"), NAMESPACE_PATH, &mesh);
+        let (_, verdict) = review(
+            &labelled("disabled"),
+            NAMESPACE_PATH,
+            &mesh,
+            &PodSecurityGate::unknown(),
+        );
         assert_eq!(verdict, Verdict::Skipped);
+    }
+
+    fn gate(level: Option<Level>, response: pod_security::Response) -> PodSecurityGate {
+        PodSecurityGate {
+            response,
+            levels: Box::new(move |ns| (ns == "shop").then_some(level).flatten()),
+        }
+    }
+
+    #[test]
+    fn a_namespace_enforcing_baseline_or_restricted_gets_a_refusal_that_says_what_to_do() {
+        let mesh = InjectConfig::default();
+        let body = admission(pod(json!({})));
+        for level in [Level::Baseline, Level::Restricted] {
+            let (answer, verdict) = review(
+                &body,
+                NAMESPACE_PATH,
+                &mesh,
+                &gate(Some(level), pod_security::Response::Refuse),
+            );
+            assert_eq!(verdict, Verdict::PodSecurity);
+            assert_eq!(answer["response"]["allowed"], false);
+            assert!(answer["response"].get("patch").is_none());
+            let message = answer["response"]["status"]["message"].as_str().unwrap();
+            assert!(
+                message.contains(&format!("enforces Pod Security \"{level}\""))
+                    && message.contains("outrider-init adds capabilities NET_ADMIN, NET_RAW")
+                    && message.contains("=privileged"),
+                "{message}"
+            );
+            // Restricted names the root user too.
+            assert_eq!(
+                message.contains("container outrider-init runs as root"),
+                level == Level::Restricted,
+                "{message}"
+            );
+        }
+        // Privileged, or unknown: injected without a word.
+        for known in [Some(Level::Privileged), None] {
+            let (answer, verdict) = review(
+                &body,
+                NAMESPACE_PATH,
+                &mesh,
+                &gate(known, pod_security::Response::Refuse),
+            );
+            assert_eq!(verdict, Verdict::Injected);
+            assert!(answer["response"].get("warnings").is_none());
+        }
+    }
+
+    #[test]
+    fn in_warn_mode_the_pod_is_injected_with_the_message_as_a_warning() {
+        let (answer, verdict) = review(
+            &admission(pod(json!({}))),
+            NAMESPACE_PATH,
+            &InjectConfig::default(),
+            &gate(Some(Level::Baseline), pod_security::Response::Warn),
+        );
+        assert_eq!(verdict, Verdict::Injected);
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(answer["response"]["patch"].is_string());
+        let warning = answer["response"]["warnings"][0].as_str().unwrap();
+        assert!(warning.contains("enforces Pod Security"), "{warning}");
     }
 
     #[test]
     fn an_injected_pod_is_left_alone() {
         let mesh = InjectConfig::default();
-        let (answer, _) = review(&admission(pod(json!({}))), NAMESPACE_PATH, &mesh);
+        let (answer, _) = review(
+            &admission(pod(json!({}))),
+            NAMESPACE_PATH,
+            &mesh,
+            &PodSecurityGate::unknown(),
+        );
         let mut injected = pod(json!({}));
         json_patch::patch(&mut injected, &decode_patch(&answer)).expect("applies");
-        let (answer, verdict) = review(&admission(injected), NAMESPACE_PATH, &mesh);
+        let (answer, verdict) = review(
+            &admission(injected),
+            NAMESPACE_PATH,
+            &mesh,
+            &PodSecurityGate::unknown(),
+        );
         assert_eq!(verdict, Verdict::Skipped);
         assert!(answer["response"].get("patch").is_none());
     }
@@ -439,7 +636,8 @@ mod tests {
                 "outrider.dev/opaque-ports",
             ),
         ] {
-            let (answer, verdict) = review(&body, NAMESPACE_PATH, &mesh);
+            let (answer, verdict) =
+                review(&body, NAMESPACE_PATH, &mesh, &PodSecurityGate::unknown());
             assert!(matches!(verdict, Verdict::Malformed | Verdict::Denied));
             assert_eq!(answer["response"]["allowed"], false);
             let message = answer["response"]["status"]["message"]
@@ -447,7 +645,12 @@ mod tests {
                 .unwrap_or("");
             assert!(message.contains(expect), "{message}");
         }
-        let (answer, verdict) = review(&admission(pod(json!({}))), "/elsewhere", &mesh);
+        let (answer, verdict) = review(
+            &admission(pod(json!({}))),
+            "/elsewhere",
+            &mesh,
+            &PodSecurityGate::unknown(),
+        );
         assert_eq!(
             (verdict, answer["response"]["allowed"].clone()),
             (Verdict::Malformed, json!(false))
@@ -460,7 +663,12 @@ mod tests {
             "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
                         "operation": "UPDATE", "object": pod(json!({}))}})
         .to_string();
-        let (answer, verdict) = review(body.as_bytes(), NAMESPACE_PATH, &InjectConfig::default());
+        let (answer, verdict) = review(
+            body.as_bytes(),
+            NAMESPACE_PATH,
+            &InjectConfig::default(),
+            &PodSecurityGate::unknown(),
+        );
         assert_eq!(verdict, Verdict::Skipped);
         assert_eq!(answer["response"]["allowed"], true);
     }

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod manifest;
 pub mod pod;
+pub mod pod_security;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -85,6 +86,34 @@ pub fn pod_patch(
         status: typed.status,
     })?;
     Ok((outcome, Some(json_patch::diff(&before, &after))))
+}
+
+/// The checks of the Pod Security Standard `level` that the containers
+/// injection adds to `pod` (by `patch`) fail.
+pub fn pod_security_violations(
+    pod: &Value,
+    patch: &json_patch::Patch,
+    level: pod_security::Level,
+) -> Result<Vec<pod_security::Violation>, InjectError> {
+    let mut injected = pod.clone();
+    json_patch::patch(&mut injected, patch).map_err(|e| InjectError::Shape {
+        object: "Pod".into(),
+        reason: format!("the patch does not apply: {e}"),
+    })?;
+    let typed: k8s_openapi::api::core::v1::Pod = from_json("Pod", "object", injected)?;
+    let spec = typed.spec.unwrap_or_default();
+    let ours: Vec<&k8s_openapi::api::core::v1::Container> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .filter(|c| c.name == pod::INIT_CONTAINER || c.name == pod::PROXY_CONTAINER)
+        .collect();
+    Ok(pod_security::violations(
+        level,
+        spec.security_context.as_ref(),
+        &ours,
+    ))
 }
 
 #[cfg(test)]
