@@ -489,6 +489,19 @@ async fn a_policy_reader_binding_granting_another_role_is_recreated_unless_a_too
         1.0,
         "{metrics}"
     );
+    // Once the namespace is no longer meshed, the binding blocks nothing.
+    c.api.apply("namespaces", namespace("kept", false));
+    let forgotten = eventually(Duration::from_secs(5), async || {
+        let m = controller.metrics().await;
+        (metric(
+            &m,
+            "outrider_controller_objects_left_alone",
+            &[("kind", "RoleBinding")],
+        ) == 0.0)
+            .then_some(())
+    })
+    .await;
+    assert!(forgotten.is_some(), "still counted:\n{}", controller.logs());
 }
 
 fn ca_dir(dir: &Path, name: &str) -> std::path::PathBuf {

@@ -229,7 +229,9 @@ fn rand_u128() -> u128 {
     u128::from_le_bytes(bytes)
 }
 
-/// `helm template` of the chart, the templates named only.
+/// `helm template` of the chart, the templates named only. The pod-level
+/// webhook selects by label: 1.20 refuses `matchConditions` ("field not
+/// declared in schema"), which is what that fallback is for.
 fn chart(templates: &[&str]) -> Vec<Value> {
     let helm = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
     let mut command = Command::new(helm);
@@ -239,6 +241,8 @@ fn chart(templates: &[&str]) -> Vec<Value> {
         "charts/outrider",
         "--namespace",
         SYSTEM,
+        "--set",
+        "webhook.podSelection=label",
     ]);
     for template in templates {
         command.args(["--show-only", &format!("templates/{template}")]);

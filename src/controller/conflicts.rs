@@ -173,6 +173,18 @@ impl Conflicts {
         }
     }
 
+    /// Forgets the held objects of `kind` that are no longer wanted (their
+    /// ServiceAccount or namespace is gone), so the gauge does not count
+    /// them forever.
+    pub fn forget_unwanted(&self, kind: &str, wanted: impl Fn(&ObjectKey) -> bool) {
+        let mut held = self.held.lock();
+        let before = held.len();
+        held.retain(|key, _| key.kind != kind || wanted(key));
+        if held.len() != before {
+            self.metrics.set_left_alone(kind, count(&held, kind));
+        }
+    }
+
     fn settled(&self, key: &ObjectKey) {
         let mut held = self.held.lock();
         if held.remove(key).is_some() {

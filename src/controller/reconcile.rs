@@ -229,6 +229,13 @@ async fn reconcile_once(
             })
         })
         .collect();
+    let wanted: BTreeSet<ObjectKey> = service_accounts.iter().map(identity_key).collect();
+    controller
+        .conflicts
+        .forget_unwanted("Secret", |key| wanted.contains(key));
+    controller
+        .conflicts
+        .forget_unwanted("RoleBinding", |key| meshed.contains(&key.namespace));
     super::rbac::bind_policy_readers(controller, &meshed).await;
     let plan = identities::plan(&meshed, &service_accounts, &secrets, ca, now);
     controller
