@@ -11,6 +11,7 @@
 
 pub mod ca;
 mod conflicts;
+pub mod discovery;
 pub mod identities;
 pub mod lease;
 pub mod metrics;

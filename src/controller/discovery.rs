@@ -1,0 +1,5 @@
+//! Discovery, the controller's side: which endpoints (and whose
+//! identities) stand behind a Service or a pod address. [`index`] is the
+//! pure part: cluster objects in, endpoint sets out.
+
+pub mod index;
