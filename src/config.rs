@@ -146,16 +146,16 @@ impl FileConfig {
                 "only meaningful with outbound.peer",
             ));
         }
-        if let Some(peer_id) = &self.outbound.peer_id {
-            if peer_id.trust_domain_str() != id.trust_domain_str() {
-                return Err(invalid(
-                    "outbound.peer_id",
-                    format!(
-                        "trust domain differs from identity.id ({})",
-                        id.trust_domain_str()
-                    ),
-                ));
-            }
+        if let Some(peer_id) = &self.outbound.peer_id
+            && peer_id.trust_domain_str() != id.trust_domain_str()
+        {
+            return Err(invalid(
+                "outbound.peer_id",
+                format!(
+                    "trust domain differs from identity.id ({})",
+                    id.trust_domain_str()
+                ),
+            ));
         }
         if !self.inbound.enabled && !self.outbound.enabled {
             return Err(invalid(

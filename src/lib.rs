@@ -28,6 +28,7 @@ pub mod config;
 pub mod controller;
 pub mod crypto;
 pub mod demo;
+pub mod discovery_api;
 pub mod identity;
 pub mod init;
 pub mod inject;

@@ -199,10 +199,10 @@ pub fn parse_leaf(der: &[u8]) -> Result<SvidLeaf, SvidError> {
     if key_usage.value.key_cert_sign() || key_usage.value.crl_sign() {
         return Err(SvidError::LeafCanSign);
     }
-    if let Some(eku) = cert.extended_key_usage().map_err(malformed)? {
-        if !(eku.value.server_auth && eku.value.client_auth) {
-            return Err(SvidError::ExtendedKeyUsage);
-        }
+    if let Some(eku) = cert.extended_key_usage().map_err(malformed)?
+        && !(eku.value.server_auth && eku.value.client_auth)
+    {
+        return Err(SvidError::ExtendedKeyUsage);
     }
 
     let validity = cert.validity();

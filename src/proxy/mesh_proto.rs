@@ -59,14 +59,13 @@ pub fn mesh_http2_to_http1<B>(req: &mut Request<B>) -> bool {
     if req.headers_mut().remove(&ORIG_PROTO_HEADER).is_none() {
         return false;
     }
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(host) = req
+    if !req.headers().contains_key(header::HOST)
+        && let Some(host) = req
             .uri()
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            req.headers_mut().insert(header::HOST, host);
-        }
+    {
+        req.headers_mut().insert(header::HOST, host);
     }
     let origin_form = req
         .uri()

@@ -570,10 +570,10 @@ fn spawn_connection<E>(
 ) {
     tokio::spawn(async move {
         let mut metrics = metrics;
-        if conn.await.is_err() {
-            if let Some(m) = metrics.as_mut() {
-                m.set_result(ConnOutcome::Error);
-            }
+        if conn.await.is_err()
+            && let Some(m) = metrics.as_mut()
+        {
+            m.set_result(ConnOutcome::Error);
         }
     });
 }

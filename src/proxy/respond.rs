@@ -109,12 +109,10 @@ impl Drop for ProxyBody {
             ended,
             ..
         } = self
+            && (*ended || body.is_end_stream())
+            && let Some(release) = release.take()
         {
-            if *ended || body.is_end_stream() {
-                if let Some(release) = release.take() {
-                    release.release();
-                }
-            }
+            release.release();
         }
     }
 }
