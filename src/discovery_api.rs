@@ -14,3 +14,45 @@
 pub mod v1 {
     tonic::include_proto!("outrider.discovery.v1");
 }
+
+/// A gRPC channel over one HTTP/2 connection the caller made (and
+/// secured): how the proxy talks to the controller with its own mTLS.
+#[derive(Debug, Clone)]
+pub struct Http2Channel(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl Http2Channel {
+    pub fn new(sender: hyper::client::conn::http2::SendRequest<tonic::body::Body>) -> Self {
+        Self(sender)
+    }
+
+    /// A Discovery client on this connection; `authority` goes into every
+    /// request's `:authority` (HTTP/2 requires a scheme and authority).
+    pub fn discovery_client(
+        self,
+        authority: &str,
+    ) -> Result<v1::discovery_client::DiscoveryClient<Self>, http::uri::InvalidUri> {
+        let origin: http::Uri = format!("https://{authority}").parse()?;
+        Ok(v1::discovery_client::DiscoveryClient::with_origin(
+            self, origin,
+        ))
+    }
+}
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Http2Channel {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}

@@ -45,3 +45,74 @@ pub async fn client(kubeconfig: Option<&Path>, component: &str) -> Result<Client
     config.headers.push((http::header::USER_AGENT, agent));
     Client::try_from(config).map_err(|e| Error::Client(e.to_string()))
 }
+
+/// The backoff of every watch here: 1 s, doubling to 60 s, and back to
+/// 1 s only after two minutes without a failure. kube-rs's default
+/// backoff starts over on every successful event, and a watcher emits
+/// one (`Init`) before each list, so a list that keeps failing (an API
+/// the server does not serve, a forbidden resource) was retried every
+/// ~1.25 s: 48 requests a minute per watch, measured on a real
+/// kube-apiserver.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: std::time::Duration,
+    last: Option<tokio::time::Instant>,
+}
+
+impl WatchBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(60);
+    const QUIET: std::time::Duration = std::time::Duration::from_secs(120);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self {
+            next: Self::FIRST,
+            last: None,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let now = tokio::time::Instant::now();
+        if self.last.is_some_and(|last| now - last > Self::QUIET) {
+            self.next = Self::FIRST;
+        }
+        self.last = Some(now);
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    /// Ignored: only a quiet period starts the delays over (see above).
+    fn reset(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kube::runtime::utils::Backoff as _;
+
+    use super::WatchBackoff;
+
+    #[tokio::test(start_paused = true)]
+    async fn watch_backoff_doubles_to_a_minute_ignores_resets_and_restarts_after_quiet() {
+        let mut backoff = WatchBackoff::default();
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            delays.push(backoff.next().unwrap().as_secs());
+            // What the stream does after the watcher's Init event.
+            backoff.reset();
+        }
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
+        tokio::time::advance(Duration::from_secs(121)).await;
+        assert_eq!(backoff.next(), Some(Duration::from_secs(1)));
+    }
+}

@@ -61,6 +61,16 @@ pub struct ControllerArgs {
     /// Lifetime of the webhook's serving certificate.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub webhook_cert_lifetime: Duration,
+    /// The discovery gRPC server (mTLS; proxies resolve destinations here).
+    #[arg(
+        long,
+        env = "OUTRIDER_DISCOVERY_LISTEN",
+        default_value = "0.0.0.0:8090"
+    )]
+    pub discovery_listen: std::net::SocketAddr,
+    /// The cluster's DNS domain.
+    #[arg(long, env = "OUTRIDER_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
     /// A pod whose namespace enforces a Pod Security level that would
     /// reject it once injected: refuse (saying what to do) or warn (and
     /// inject: for namespaces exempted in the admission configuration).
@@ -202,6 +212,8 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         },
         resync: args.resync,
         pod_security,
+        discovery_listen: args.discovery_listen,
+        cluster_domain: args.cluster_domain,
     };
     let runtime = build_runtime(2).context("starting the async runtime")?;
     runtime.block_on(controller::run(config, shutdown_signal()))?;

@@ -144,6 +144,68 @@ impl Controller {
     }
 }
 
+impl Controller {
+    /// The discovery server's TLS: an SVID for the controller's own
+    /// ServiceAccount from the CA in use, client certificates of the
+    /// trust domain required, HTTP/2 only (gRPC).
+    pub(super) fn discovery_tls(&self) -> Result<Arc<rustls::ServerConfig>, Error> {
+        use crate::identity::{Credentials, RawCredentials, SpiffeId};
+        use crate::tls::{KxGroup, MeshTls, TlsSettings};
+        let ca = self.current_ca().ok_or(Error::NoServingCert)?;
+        let id = SpiffeId::workload(
+            &ca.trust_domain,
+            &self.config.namespace,
+            super::discovery::server::SERVICE_ACCOUNT,
+        )?;
+        let svid = ca.signing.issue(
+            &id,
+            self.config.identity_lifetime,
+            OffsetDateTime::now_utc(),
+        )?;
+        let raw = RawCredentials {
+            cert_pem: svid.chain_pem.into_bytes(),
+            key_pem: svid.key_pem.into_bytes(),
+            bundle_pem: ca.bundle_pem.clone().into_bytes(),
+        };
+        let skew = Duration::from_secs(60);
+        let credentials = Credentials::from_raw(&raw, &id, rustls_pki_types::UnixTime::now(), skew)
+            .map_err(|e| Error::DiscoveryTls(e.to_string()))?;
+        let settings = TlsSettings {
+            clock_skew: skew,
+            resumption: false,
+            key_exchange: vec![KxGroup::X25519, KxGroup::Secp256r1],
+        };
+        let mesh = MeshTls::new(Arc::new(credentials), &settings)
+            .map_err(|e| Error::DiscoveryTls(e.to_string()))?;
+        let mut config = (*mesh.server_config()).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        self.metrics.issued("discovery", "serving");
+        Ok(Arc::new(config))
+    }
+}
+
+/// Reissues the discovery server's SVID at two thirds of its lifetime
+/// and whenever the CA changes.
+pub(super) async fn refresh_discovery_tls(
+    controller: Arc<Controller>,
+    tls: super::discovery::server::ServerTls,
+    mut ca: watch::Receiver<Option<Arc<CaMaterial>>>,
+) {
+    let every = controller.config.identity_lifetime * 2 / 3;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            changed = ca.changed() => if changed.is_err() { return },
+        }
+        match controller.discovery_tls() {
+            Ok(config) => *tls.write() = config,
+            Err(error) => {
+                tracing::error!(%error, "Cannot renew the discovery certificate; keeping the current one");
+            }
+        }
+    }
+}
+
 /// Reissues the webhook's certificate at a third of its lifetime and
 /// whenever the CA changes.
 pub(super) async fn refresh_serving_cert(

@@ -3,3 +3,6 @@
 //! pure part: cluster objects in, endpoint sets out.
 
 pub mod index;
+pub mod registry;
+pub mod server;
+pub mod watch;

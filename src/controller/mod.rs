@@ -82,6 +82,10 @@ pub struct ControllerConfig {
     pub lease: LeaseTiming,
     /// Look at everything at least this often, events or not.
     pub resync: Duration,
+    /// The discovery gRPC server's address.
+    pub discovery_listen: SocketAddr,
+    /// The cluster's DNS domain (`name.namespace.svc.<domain>` targets).
+    pub cluster_domain: String,
     /// What the webhook does with a pod its namespace's enforced Pod
     /// Security level would reject once injected.
     pub pod_security: crate::inject::pod_security::Response,
@@ -126,6 +130,13 @@ pub enum Error {
     TaskEnded,
     #[error("cannot build the object to write: {0}")]
     Encode(serde_json::Error),
+    #[error("cannot set up the discovery server's TLS: {0}")]
+    DiscoveryTls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    DiscoveryBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -143,6 +154,8 @@ impl Error {
             Self::ServingKey(_) | Self::NoServingCert => "serving_cert",
             Self::TaskEnded => "task_ended",
             Self::Encode(_) => "encode",
+            Self::DiscoveryTls(_) => "serving_cert",
+            Self::DiscoveryBind { .. } => "bind",
         }
     }
 }
@@ -183,9 +196,17 @@ pub async fn run(
             addr: config.webhook_listen,
             source,
         })?;
+    let discovery_listener =
+        TcpListener::bind(config.discovery_listen)
+            .await
+            .map_err(|source| Error::DiscoveryBind {
+                addr: config.discovery_listen,
+                source,
+            })?;
     tracing::info!(
         admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         webhook = %webhook_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        discovery = %discovery_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         namespace = %config.namespace,
         "Controller listening"
     );
@@ -255,6 +276,23 @@ pub async fn run(
     tasks.spawn(ca::refresh_serving_cert(
         controller.clone(),
         serving,
+        ca_rx.clone(),
+    ));
+
+    // Discovery: the index fed by its watches, served over mTLS.
+    let registry = discovery::registry::Registry::new(discovery::index::Index::new(
+        config.trust_domain.clone(),
+    ));
+    discovery::watch::start(&client, &registry, &mut tasks);
+    let discovery_tls = Arc::new(parking_lot::RwLock::new(controller.discovery_tls()?));
+    tasks.spawn(discovery::server::serve(
+        discovery_listener,
+        discovery_tls.clone(),
+        discovery::server::DiscoveryService::new(registry, config.cluster_domain.clone()),
+    ));
+    tasks.spawn(ca::refresh_discovery_tls(
+        controller.clone(),
+        discovery_tls,
         ca_rx.clone(),
     ));
     ready.store(true, Ordering::Relaxed);

@@ -29,6 +29,7 @@ use super::{Controller, Error};
 use crate::ca::secret::CaMaterial;
 use crate::identity::SpiffeId;
 use crate::inject::config::{INJECT, PodChoice, pod_choice};
+use crate::kube_client::WatchBackoff;
 
 /// The reconciler looks at everything at most this often.
 const MIN_PASS_INTERVAL: Duration = Duration::from_secs(1);
@@ -55,7 +56,8 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store::<K>();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let stream =
+        reflector::reflector(writer, watcher(api, config)).backoff(WatchBackoff::default());
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {

@@ -318,6 +318,7 @@ fn kind_of(plural: &str) -> String {
         "serviceaccounts" => "ServiceAccount".into(),
         "mutatingwebhookconfigurations" => "MutatingWebhookConfiguration".into(),
         "rolebindings" => "RoleBinding".into(),
+        "endpointslices" => "EndpointSlice".into(),
         other => {
             let singular = other.strip_suffix('s').unwrap_or(other);
             let mut chars = singular.chars();
@@ -335,6 +336,7 @@ fn api_version_of(plural: &str) -> &'static str {
         "leases" => "coordination.k8s.io/v1",
         "events" => "events.k8s.io/v1",
         "rolebindings" => "rbac.authorization.k8s.io/v1",
+        "endpointslices" => "discovery.k8s.io/v1",
         "mutatingwebhookconfigurations" => "admissionregistration.k8s.io/v1",
         _ => "v1",
     }

@@ -18,6 +18,7 @@ pub struct ControllerProcess {
     pub child: Child,
     pub admin: SocketAddr,
     pub webhook: SocketAddr,
+    pub discovery: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
 }
 
@@ -37,6 +38,8 @@ impl ControllerProcess {
                 "--admin-listen",
                 "127.0.0.1:0",
                 "--webhook-listen",
+                "127.0.0.1:0",
+                "--discovery-listen",
                 "127.0.0.1:0",
             ])
             .args(["--log-format", "json"])
@@ -71,6 +74,7 @@ impl ControllerProcess {
             child,
             admin: addr("admin"),
             webhook: addr("webhook"),
+            discovery: addr("discovery"),
             logs,
         }
     }

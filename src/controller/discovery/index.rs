@@ -129,7 +129,7 @@ pub struct Endpoint {
 }
 
 /// What a change touches: the subscribers of these need a new answer.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Affected {
     Service(Key),
     PodIp(IpAddr),

@@ -40,7 +40,7 @@ pub async fn run(
     let stream = |kind: Kind, resource: ApiResource| {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &resource);
         watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
+            .backoff(crate::kube_client::WatchBackoff::default())
             .map(move |event| (kind, event))
     };
     let policies = stream(

@@ -1,0 +1,189 @@
+//! The shared index and its subscribers: every change to the index
+//! names what it affects (a Service, a pod IP), and only the streams
+//! resolving a target that depends on one of those are woken to compute
+//! a new answer. A stream sends an answer only when it differs from the
+//! last one it sent.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use super::index::{Affected, Index, Resolution, Target};
+
+/// The index, and who waits on what.
+#[derive(Debug)]
+pub struct Registry {
+    index: RwLock<Index>,
+    waiting: Mutex<HashMap<Affected, Vec<Weak<Notify>>>>,
+}
+
+impl Registry {
+    pub fn new(index: Index) -> Arc<Self> {
+        Arc::new(Self {
+            index: RwLock::new(index),
+            waiting: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Changes the index and wakes the subscribers of what changed.
+    pub fn update(&self, change: impl FnOnce(&mut Index) -> Vec<Affected>) {
+        let affected = change(&mut self.index.write());
+        let mut waiting = self.waiting.lock();
+        for what in affected {
+            let Some(list) = waiting.get_mut(&what) else {
+                continue;
+            };
+            list.retain(|weak| match weak.upgrade() {
+                Some(notify) => {
+                    notify.notify_one();
+                    true
+                }
+                None => false,
+            });
+            if list.is_empty() {
+                waiting.remove(&what);
+            }
+        }
+    }
+
+    /// The current answer for `target`, and what it depends on.
+    pub fn resolve(&self, target: &Target) -> (Resolution, Affected) {
+        let index = self.index.read();
+        (index.resolve(target), index.depends_on(target))
+    }
+
+    /// Wakes `notify` on changes to `what` until it is dropped.
+    pub fn watch(&self, what: Affected, notify: &Arc<Notify>) {
+        self.waiting
+            .lock()
+            .entry(what)
+            .or_default()
+            .push(Arc::downgrade(notify));
+    }
+
+    /// Stops waking `notify` on changes to `what`.
+    pub fn unwatch(&self, what: &Affected, notify: &Arc<Notify>) {
+        let mut waiting = self.waiting.lock();
+        if let Some(list) = waiting.get_mut(what) {
+            list.retain(|weak| !std::ptr::eq(weak.as_ptr(), Arc::as_ptr(notify)));
+            if list.is_empty() {
+                waiting.remove(what);
+            }
+        }
+    }
+
+    /// How many subscriptions are registered.
+    pub fn subscriptions(&self) -> usize {
+        self.waiting.lock().values().map(Vec::len).sum()
+    }
+}
+
+/// One stream's subscription: the next answer that differs from the
+/// last one sent.
+pub struct Subscription {
+    registry: Arc<Registry>,
+    target: Target,
+    notify: Arc<Notify>,
+    watching: Option<Affected>,
+    last: Option<Resolution>,
+}
+
+impl Subscription {
+    pub fn new(registry: Arc<Registry>, target: Target) -> Self {
+        Self {
+            registry,
+            target,
+            notify: Arc::new(Notify::new()),
+            watching: None,
+            last: None,
+        }
+    }
+
+    /// Waits for an answer different from the last one (the first answer
+    /// at once).
+    pub async fn next(&mut self) -> Resolution {
+        loop {
+            let (answer, depends_on) = self.registry.resolve(&self.target);
+            // A target's dependency can change (an address becomes a
+            // Service's ClusterIP): watch the new one. A change between
+            // the resolve above and this leaves a permit in `notify`.
+            if self.watching.as_ref() != Some(&depends_on) {
+                if let Some(old) = self.watching.take() {
+                    self.registry.unwatch(&old, &self.notify);
+                }
+                self.registry.watch(depends_on.clone(), &self.notify);
+                self.watching = Some(depends_on);
+            }
+            if self.last.as_ref() != Some(&answer) {
+                self.last = Some(answer.clone());
+                return answer;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(what) = self.watching.take() {
+            self.registry.unwatch(&what, &self.notify);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::Service;
+    use serde_json::json;
+
+    use super::*;
+    use crate::identity::TrustDomain;
+
+    fn service(ip: &str) -> Service {
+        serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIPs": [ip], "ports": [{"port": 80}]}}))
+        .unwrap()
+    }
+
+    fn other() -> Service {
+        serde_json::from_value(json!({"metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"clusterIPs": ["10.96.0.20"], "ports": [{"port": 5432}]}}))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_hears_changes_to_its_target_only_and_never_the_same_answer_twice() {
+        let registry = Registry::new(Index::new(TrustDomain::parse("cluster.local").unwrap()));
+        let target = Target::Addr("10.96.0.10:80".parse().unwrap());
+        let mut subscription = Subscription::new(registry.clone(), target);
+        assert_eq!(subscription.next().await, Resolution::Unknown);
+        // The address becomes a Service's ClusterIP: a new answer.
+        registry.update(|index| index.apply_service(&service("10.96.0.10")));
+        let answer = tokio::time::timeout(Duration::from_secs(1), subscription.next())
+            .await
+            .expect("woken");
+        assert!(matches!(answer, Resolution::Endpoints(_)), "{answer:?}");
+        // Another Service changing, or the same Service unchanged: nothing.
+        registry.update(|index| index.apply_service(&other()));
+        registry.update(|index| index.apply_service(&service("10.96.0.10")));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), subscription.next())
+                .await
+                .is_err()
+        );
+        // The Service moves away from the address: unknown again.
+        registry.update(|index| index.apply_service(&service("10.96.0.11")));
+        let answer = tokio::time::timeout(Duration::from_secs(1), subscription.next())
+            .await
+            .expect("woken");
+        assert_eq!(answer, Resolution::Unknown);
+        // One registration at a time, gone with the subscription.
+        assert_eq!(registry.subscriptions(), 1);
+        drop(subscription);
+        assert_eq!(registry.subscriptions(), 0);
+    }
+}

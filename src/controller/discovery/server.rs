@@ -1,0 +1,154 @@
+//! The Discovery gRPC service, served over mTLS: the controller presents
+//! its own SVID (`spiffe://<td>/ns/<namespace>/sa/outrider-controller`,
+//! issued by the mesh CA it holds) and accepts only clients with an SVID
+//! of the trust domain, so only meshed proxies can ask. Each `Resolve`
+//! is a [`Subscription`] turned into a stream of protobuf answers.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use parking_lot::RwLock;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use super::index::{Endpoint, Resolution, Target};
+use super::registry::{Registry, Subscription};
+use crate::discovery_api::v1;
+use crate::listener::{Caps, accept_loop};
+
+/// The ServiceAccount whose SVID the controller serves discovery with.
+pub const SERVICE_ACCOUNT: &str = "outrider-controller";
+/// One connection per proxy; well above any node's pod count times the
+/// replicas a proxy may reach, below what the controller's memory allows.
+const MAX_CONNECTIONS: usize = 20_000;
+/// Resolutions per connection: a proxy resolves each destination once.
+const MAX_STREAMS: u32 = 1_024;
+/// A client's TLS handshake must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings on idle connections, so a vanished proxy's streams end.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// The server's TLS configuration, replaced when its SVID is reissued.
+pub type ServerTls = Arc<RwLock<Arc<ServerConfig>>>;
+
+#[derive(Debug, Clone)]
+pub struct DiscoveryService {
+    registry: Arc<Registry>,
+    cluster_domain: String,
+}
+
+impl DiscoveryService {
+    pub fn new(registry: Arc<Registry>, cluster_domain: String) -> Self {
+        Self {
+            registry,
+            cluster_domain,
+        }
+    }
+}
+
+type ResolveStream = Pin<Box<dyn Stream<Item = Result<v1::Resolution, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::discovery_server::Discovery for DiscoveryService {
+    type ResolveStream = ResolveStream;
+
+    async fn resolve(
+        &self,
+        request: Request<v1::ResolveRequest>,
+    ) -> Result<Response<Self::ResolveStream>, Status> {
+        let target = Target::parse(&request.get_ref().target, &self.cluster_domain)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let subscription = Subscription::new(self.registry.clone(), target);
+        let stream = futures_util::stream::unfold(subscription, |mut subscription| async move {
+            let answer = subscription.next().await;
+            Some((Ok(to_proto(&answer)), subscription))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The protobuf form of an answer.
+pub fn to_proto(resolution: &Resolution) -> v1::Resolution {
+    let answer = match resolution {
+        Resolution::Unknown => v1::resolution::Answer::Unknown(v1::Unknown {}),
+        Resolution::Endpoints(set) => v1::resolution::Answer::Endpoints(v1::EndpointSet {
+            service: set
+                .service
+                .as_ref()
+                .map(|(ns, name)| format!("{ns}/{name}"))
+                .unwrap_or_default(),
+            opaque: set.opaque,
+            endpoints: set.endpoints.iter().map(endpoint_to_proto).collect(),
+        }),
+    };
+    v1::Resolution {
+        answer: Some(answer),
+    }
+}
+
+fn endpoint_to_proto(endpoint: &Endpoint) -> v1::Endpoint {
+    let ip = match endpoint.addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    v1::Endpoint {
+        ip,
+        port: u32::from(endpoint.addr.port()),
+        identity: endpoint
+            .identity
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        opaque: endpoint.opaque,
+        terminating: endpoint.terminating,
+        zone: endpoint.zone.clone().unwrap_or_default(),
+        pod: endpoint
+            .pod
+            .as_ref()
+            .map(|(ns, name)| format!("{ns}/{name}"))
+            .unwrap_or_default(),
+    }
+}
+
+/// Serves discovery until the task is dropped.
+pub async fn serve(listener: TcpListener, tls: ServerTls, service: DiscoveryService) {
+    let grpc = v1::discovery_server::DiscoveryServer::new(service);
+    accept_loop(
+        listener,
+        Caps::total(MAX_CONNECTIONS),
+        std::future::pending(),
+        |_refused| {},
+        move |stream, peer: SocketAddr| {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.read().clone());
+            let grpc = grpc.clone();
+            async move {
+                let tls =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "Discovery handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .max_concurrent_streams(MAX_STREAMS)
+                    .keep_alive_interval(KEEPALIVE)
+                    .keep_alive_timeout(KEEPALIVE);
+                let service = TowerToHyperService::new(grpc);
+                if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+                    tracing::debug!(%peer, %error, "Discovery connection ended");
+                }
+            }
+        },
+    )
+    .await;
+}

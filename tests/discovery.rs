@@ -1,0 +1,369 @@
+//! The controller's discovery API end to end: `outrider controller`
+//! against the fake API server holding a Service, its EndpointSlice and
+//! Pods, a gRPC client over mTLS with a mesh SVID, `Resolve` answered and
+//! updated as the cluster changes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::controller::ControllerProcess;
+use outrider::ca::secret::CaMaterial;
+use outrider::discovery_api::Http2Channel;
+use outrider::discovery_api::v1::discovery_client::DiscoveryClient;
+use outrider::discovery_api::v1::{EndpointSet, ResolveRequest, resolution};
+use outrider::identity::{Credentials, RawCredentials, SpiffeId, TrustDomain};
+use outrider::test_util::eventually;
+use outrider::test_util::fake_apiserver::FakeApiServer;
+use outrider::tls::{KxGroup, MeshTls, PeerExpectation, TlsSettings};
+use serde_json::{Value, json};
+
+const AUTHORITY: &str = "outrider-discovery.outrider-system.svc:8090";
+const CONTROLLER_ID: &str = "spiffe://cluster.local/ns/outrider-system/sa/outrider-controller";
+
+fn endpoint(ip: &str, pod: &str) -> Value {
+    json!({"addresses": [ip], "conditions": {"ready": true},
+           "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"}})
+}
+
+fn slice(endpoints: Vec<Value>) -> Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "web-abc", "namespace": "shop",
+                        "labels": {"kubernetes.io/service-name": "web"}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+           "endpoints": endpoints})
+}
+
+fn pod(name: &str, ip: &str, sa: &str, meshed: bool) -> Value {
+    let annotations = if meshed {
+        json!({"outrider.dev/proxy-version": "0.1.0"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+           "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "app"}]},
+           "status": {"podIP": ip, "podIPs": [{"ip": ip}]}})
+}
+
+struct Cluster {
+    api: FakeApiServer,
+    _dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+async fn cluster() -> Cluster {
+    let api = FakeApiServer::start().await;
+    for ns in ["outrider-system", "shop"] {
+        api.apply(
+            "namespaces",
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        );
+    }
+    api.apply(
+        "services",
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                        "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}),
+    );
+    api.apply(
+        "endpointslices",
+        slice(vec![
+            endpoint("10.0.0.1", "web-1"),
+            endpoint("10.0.0.2", "web-2"),
+        ]),
+    );
+    api.apply("pods", pod("web-1", "10.0.0.1", "web", true));
+    api.apply("pods", pod("web-2", "10.0.0.2", "legacy", false));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    Cluster {
+        api,
+        _dir: dir,
+        kubeconfig,
+    }
+}
+
+/// A proxy's credentials for `shop/client`, issued by the controller's CA.
+async fn client_credentials(api: &FakeApiServer) -> Arc<Credentials> {
+    let secret = eventually(Duration::from_secs(10), async || {
+        api.get("secrets", "outrider-system", "outrider-ca")
+    })
+    .await
+    .expect("the CA Secret");
+    let data: BTreeMap<String, Vec<u8>> = secret["data"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap())
+                .unwrap();
+            (k.clone(), bytes)
+        })
+        .collect();
+    let td = TrustDomain::parse("cluster.local").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let ca = CaMaterial::from_secret_data(&data, &td, now).unwrap();
+    let id = SpiffeId::workload(&td, "shop", "client").unwrap();
+    let svid = ca
+        .signing
+        .issue(&id, Duration::from_secs(3600), now)
+        .unwrap();
+    let raw = RawCredentials {
+        cert_pem: svid.chain_pem.into_bytes(),
+        key_pem: svid.key_pem.into_bytes(),
+        bundle_pem: ca.bundle_pem.clone().into_bytes(),
+    };
+    Arc::new(
+        Credentials::from_raw(
+            &raw,
+            &id,
+            rustls_pki_types::UnixTime::now(),
+            Duration::from_secs(60),
+        )
+        .unwrap(),
+    )
+}
+
+fn settings() -> TlsSettings {
+    TlsSettings {
+        clock_skew: Duration::from_secs(60),
+        resumption: false,
+        key_exchange: vec![KxGroup::X25519],
+    }
+}
+
+/// A gRPC client over mTLS that expects the server to be `expected`.
+async fn connect(
+    controller: &ControllerProcess,
+    credentials: &Arc<Credentials>,
+    expected: &str,
+) -> Result<DiscoveryClient<Http2Channel>, String> {
+    let mesh = MeshTls::new(credentials.clone(), &settings()).unwrap();
+    let expectation = PeerExpectation::Id(SpiffeId::parse(expected).unwrap());
+    let mut config = (*mesh.client_config(&expectation).unwrap()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(controller.discovery)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("outrider-discovery").unwrap();
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    Http2Channel::new(sender)
+        .discovery_client(AUTHORITY)
+        .map_err(|e| e.to_string())
+}
+
+fn endpoints(set: &EndpointSet) -> Vec<(String, String)> {
+    set.endpoints
+        .iter()
+        .map(|e| {
+            let octets: [u8; 4] = e.ip.as_slice().try_into().unwrap();
+            (
+                format!("{}:{}", std::net::Ipv4Addr::from(octets), e.port),
+                e.identity.clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_resolves_a_cluster_ip_to_its_endpoints_and_identities_and_hears_every_change() {
+    let c = cluster().await;
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    let credentials = client_credentials(&c.api).await;
+    let mut client = connect(&controller, &credentials, CONTROLLER_ID)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", controller.logs()));
+
+    let mut stream = client
+        .resolve(ResolveRequest {
+            target: "10.96.0.10:80".into(),
+        })
+        .await
+        .expect("a stream")
+        .into_inner();
+    // The watches may still be filling the index: the first answers can
+    // be unknown or partial; wait for the full one.
+    let first = eventually(Duration::from_secs(10), async || {
+        let answer = stream.message().await.ok()??;
+        match answer.answer? {
+            resolution::Answer::Endpoints(set) if set.endpoints.len() == 2 => Some(set),
+            _ => None,
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("no endpoints:\n{}", controller.logs()));
+    assert_eq!(first.service, "shop/web");
+    assert_eq!(
+        endpoints(&first),
+        [
+            (
+                "10.0.0.1:8080".into(),
+                "spiffe://cluster.local/ns/shop/sa/web".into()
+            ),
+            // No sidecar: no identity to expect.
+            ("10.0.0.2:8080".into(), String::new()),
+        ]
+    );
+
+    // A third replica: the stream says so, in well under a second.
+    c.api.apply("pods", pod("web-3", "10.0.0.3", "web", true));
+    c.api.apply(
+        "endpointslices",
+        slice(vec![
+            endpoint("10.0.0.1", "web-1"),
+            endpoint("10.0.0.2", "web-2"),
+            endpoint("10.0.0.3", "web-3"),
+        ]),
+    );
+    let started = std::time::Instant::now();
+    let third = eventually(Duration::from_secs(5), async || {
+        let answer = stream.message().await.ok()??;
+        match answer.answer? {
+            resolution::Answer::Endpoints(set) if set.endpoints.len() == 3 => Some(set),
+            _ => None,
+        }
+    })
+    .await
+    .expect("the update");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(endpoints(&third)[2].0, "10.0.0.3:8080");
+
+    // An address nobody has: unknown (the proxy uses the original
+    // destination). A pod IP: that pod.
+    let mut unknown = client
+        .resolve(ResolveRequest {
+            target: "10.9.9.9:80".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = unknown.message().await.unwrap().unwrap();
+    assert!(matches!(
+        answer.answer,
+        Some(resolution::Answer::Unknown(_))
+    ));
+    let mut by_pod = client
+        .resolve(ResolveRequest {
+            target: "10.0.0.1:8080".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(resolution::Answer::Endpoints(pod_set)) =
+        by_pod.message().await.unwrap().unwrap().answer
+    else {
+        panic!("the pod is known")
+    };
+    assert_eq!(pod_set.service, "");
+    assert_eq!(pod_set.endpoints[0].pod, "shop/web-1");
+
+    // Nonsense is refused with the reason.
+    let refused = client
+        .resolve(ResolveRequest {
+            target: "web.shop:80".into(),
+        })
+        .await
+        .expect_err("not a target");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("not a target"), "{refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_is_served_to_mesh_identities_only_by_the_controller_s_own_identity() {
+    let c = cluster().await;
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    let credentials = client_credentials(&c.api).await;
+    // A client expecting another identity refuses the server.
+    let wrong = connect(
+        &controller,
+        &credentials,
+        "spiffe://cluster.local/ns/outrider-system/sa/someone-else",
+    )
+    .await;
+    assert!(wrong.is_err(), "accepted a server of another identity");
+    // A client that presents no certificate (but checks the server as a
+    // proxy does) gets no answer; the same client with its certificate
+    // does.
+    let mesh = MeshTls::new(credentials.clone(), &settings()).unwrap();
+    let expectation = PeerExpectation::Id(SpiffeId::parse(CONTROLLER_ID).unwrap());
+    let mut config = (*mesh.client_config(&expectation).unwrap()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    assert!(
+        answered(&controller, config.clone()).await,
+        "{}",
+        controller.logs()
+    );
+    config.client_auth_cert_resolver = Arc::new(NoCertificate);
+    assert!(
+        !answered(&controller, config).await,
+        "a client without a certificate was answered"
+    );
+}
+
+/// Whether a Resolve over a connection made with `config` is answered.
+async fn answered(controller: &ControllerProcess, config: rustls::ClientConfig) -> bool {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from("outrider-discovery").unwrap();
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(controller.discovery)
+            .await
+            .ok()?;
+        let tls = connector.connect(name, tcp).await.ok()?;
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .ok()?;
+        tokio::spawn(connection);
+        let mut client = Http2Channel::new(sender).discovery_client(AUTHORITY).ok()?;
+        let mut stream = client
+            .resolve(ResolveRequest {
+                target: "10.96.0.10:80".into(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        stream.message().await.ok()?
+    };
+    attempt.await.is_some()
+}
+
+#[derive(Debug)]
+struct NoCertificate;
+
+impl rustls::client::ResolvesClientCert for NoCertificate {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
