@@ -8,6 +8,7 @@
 //! the drain signal.
 
 mod authz;
+pub mod balance;
 mod body;
 mod connect;
 mod detect;

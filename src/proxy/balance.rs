@@ -1,0 +1,350 @@
+//! Choosing an endpoint for each request: power of two choices over a
+//! peak-EWMA cost, with endpoints that keep failing set aside for a
+//! while. Pure: time is passed in, and randomness is a seeded generator,
+//! so every choice is reproducible in tests.
+//!
+//! - **Cost** = the latency estimate × (requests in flight + 1). The
+//!   estimate jumps up to any slower sample at once (a peak) and decays
+//!   toward faster ones with a 10 s time constant, so an endpoint that
+//!   slows down is avoided at its first slow answer and trusted again
+//!   gradually. New endpoints start at 30 ms (Linkerd's defaults; see
+//!   docs/discovery.md).
+//! - **Choice**: two distinct endpoints at random, the cheaper one wins.
+//!   Cheap (no sorting, no global state) and it avoids the herd behaviour
+//!   of always picking the single least-loaded endpoint.
+//! - **Failure accrual**: after 5 consecutive failures to connect or to
+//!   get a response (not HTTP error statuses) an endpoint is skipped for
+//!   1 s, doubling per renewed failure up to 30 s; after the pause it gets
+//!   one request, which on success clears the record. When every endpoint
+//!   is paused, the one whose pause ends first is still tried: traffic to
+//!   a Service is never refused by the balancer alone.
+
+use std::time::{Duration, Instant};
+
+/// The starting latency estimate of an endpoint never measured.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// How fast the estimate forgets a slow past.
+pub const DECAY: Duration = Duration::from_secs(10);
+/// Consecutive failures before an endpoint is paused.
+pub const FAILURES_TO_PAUSE: u32 = 5;
+pub const FIRST_PAUSE: Duration = Duration::from_secs(1);
+pub const MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// The peak-EWMA latency estimate and the requests in flight.
+#[derive(Debug, Clone)]
+struct Load {
+    estimate_ns: f64,
+    updated: Instant,
+    pending: u32,
+}
+
+impl Load {
+    fn new(now: Instant) -> Self {
+        Self {
+            estimate_ns: DEFAULT_RTT.as_nanos() as f64,
+            updated: now,
+            pending: 0,
+        }
+    }
+
+    fn observe(&mut self, rtt: Duration, now: Instant) {
+        let sample = rtt.as_nanos() as f64;
+        if sample > self.estimate_ns {
+            self.estimate_ns = sample;
+        } else {
+            let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+            let keep = (-elapsed / DECAY.as_secs_f64()).exp();
+            self.estimate_ns = self.estimate_ns * keep + sample * (1.0 - keep);
+        }
+        self.updated = now;
+    }
+
+    fn cost(&self) -> f64 {
+        self.estimate_ns * f64::from(self.pending + 1)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Failures {
+    consecutive: u32,
+    pause: Option<Duration>,
+    paused_until: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+struct Slot<K> {
+    key: K,
+    load: Load,
+    failures: Failures,
+}
+
+/// How a request to an endpoint ended, for the balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response arrived after this long (whatever its status).
+    Answered(Duration),
+    /// No connection, or no response.
+    Failed,
+    /// Given up by the caller before an answer (not the endpoint's fault).
+    Abandoned,
+}
+
+/// The endpoints of one destination and their state.
+#[derive(Debug)]
+pub struct Balancer<K> {
+    slots: Vec<Slot<K>>,
+    rng: fastrand::Rng,
+}
+
+impl<K: Clone + Eq> Balancer<K> {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            slots: Vec::new(),
+            rng: fastrand::Rng::with_seed(seed),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Replaces the endpoint set; endpoints still present keep their
+    /// estimate, load and failure record; removed ones get no new requests.
+    pub fn set_endpoints(&mut self, keys: impl IntoIterator<Item = K>, now: Instant) {
+        let mut old = std::mem::take(&mut self.slots);
+        for key in keys {
+            if self.slots.iter().any(|s| s.key == key) {
+                continue;
+            }
+            let slot = match old.iter().position(|s| s.key == key) {
+                Some(at) => old.swap_remove(at),
+                None => Slot {
+                    key,
+                    load: Load::new(now),
+                    failures: Failures::default(),
+                },
+            };
+            self.slots.push(slot);
+        }
+    }
+
+    /// The endpoint for the next request, counted as in flight until
+    /// [`Self::finish`]; `None` only when there is no endpoint. `avoid` is
+    /// skipped when another endpoint exists (a retry goes elsewhere).
+    pub fn pick(&mut self, now: Instant, avoid: Option<&K>) -> Option<K> {
+        let candidates: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| Some(&self.slots[i].key) != avoid || self.slots.len() == 1)
+            .collect();
+        let available: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| {
+                self.slots[i]
+                    .failures
+                    .paused_until
+                    .is_none_or(|until| now >= until)
+            })
+            .collect();
+        let chosen = match available.len() {
+            0 => *candidates
+                .iter()
+                .min_by_key(|&&i| self.slots[i].failures.paused_until.unwrap_or(now))?,
+            1 => available[0],
+            n => {
+                let a = self.rng.usize(..n);
+                let mut b = self.rng.usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (available[a], available[b]);
+                if self.slots[b].load.cost() < self.slots[a].load.cost() {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        let slot = &mut self.slots[chosen];
+        slot.load.pending += 1;
+        Some(slot.key.clone())
+    }
+
+    /// Records how a request picked from `key` ended. A key no longer in
+    /// the set (removed meanwhile) is ignored.
+    pub fn finish(&mut self, key: &K, outcome: Outcome, now: Instant) {
+        let Some(slot) = self.slots.iter_mut().find(|s| &s.key == key) else {
+            return;
+        };
+        slot.load.pending = slot.load.pending.saturating_sub(1);
+        match outcome {
+            Outcome::Answered(rtt) => {
+                slot.load.observe(rtt, now);
+                slot.failures = Failures::default();
+            }
+            Outcome::Failed => {
+                let failures = &mut slot.failures;
+                failures.consecutive += 1;
+                if failures.consecutive >= FAILURES_TO_PAUSE {
+                    let pause = failures
+                        .pause
+                        .map_or(FIRST_PAUSE, |p| (p * 2).min(MAX_PAUSE));
+                    failures.pause = Some(pause);
+                    failures.paused_until = Some(now + pause);
+                    // One more failure after the pause renews it.
+                    failures.consecutive = FAILURES_TO_PAUSE - 1;
+                }
+            }
+            Outcome::Abandoned => {}
+        }
+    }
+
+    /// Whether `key` is paused at `now` (for metrics).
+    pub fn is_paused(&self, key: &K, now: Instant) -> bool {
+        self.slots
+            .iter()
+            .find(|s| &s.key == key)
+            .and_then(|s| s.failures.paused_until)
+            .is_some_and(|until| now < until)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives `requests` sequential requests through the balancer with
+    /// the given latency per endpoint, some in flight at once.
+    fn spread(latencies_ms: &[u64], requests: usize) -> Vec<usize> {
+        let mut balancer = Balancer::new(7);
+        let start = Instant::now();
+        balancer.set_endpoints(0..latencies_ms.len(), start);
+        let mut now = start;
+        let mut counts = vec![0; latencies_ms.len()];
+        let mut in_flight: Vec<(Instant, usize)> = Vec::new();
+        for _ in 0..requests {
+            // Four concurrent requests, each answered after its latency.
+            if in_flight.len() == 4 {
+                in_flight.sort_by_key(|(done, _)| *done);
+                let (done, key) = in_flight.remove(0);
+                now = now.max(done);
+                let rtt = Duration::from_millis(latencies_ms[key]);
+                balancer.finish(&key, Outcome::Answered(rtt), now);
+            }
+            let key = balancer.pick(now, None).unwrap();
+            counts[key] += 1;
+            in_flight.push((now + Duration::from_millis(latencies_ms[key]), key));
+        }
+        counts
+    }
+
+    #[test]
+    fn equal_endpoints_share_the_load() {
+        let counts = spread(&[10, 10, 10], 600);
+        for count in &counts {
+            assert!((150..=250).contains(count), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn a_slow_endpoint_gets_a_small_share() {
+        let counts = spread(&[10, 10, 60], 600);
+        assert!(counts[2] < 90, "{counts:?}");
+    }
+
+    #[test]
+    fn a_failing_endpoint_is_paused_then_tried_once_then_trusted_again() {
+        let mut balancer = Balancer::new(1);
+        let t0 = Instant::now();
+        balancer.set_endpoints(["a", "b"], t0);
+        for _ in 0..FAILURES_TO_PAUSE {
+            balancer.pick(t0, None);
+            balancer.finish(&"b", Outcome::Failed, t0);
+        }
+        assert!(balancer.is_paused(&"b", t0));
+        for _ in 0..50 {
+            let key = balancer.pick(t0, None).unwrap();
+            assert_eq!(key, "a");
+            balancer.finish(&key, Outcome::Answered(Duration::from_millis(5)), t0);
+        }
+        // After the pause: picked again; one more failure pauses it for
+        // twice as long.
+        let t1 = t0 + FIRST_PAUSE;
+        assert!(!balancer.is_paused(&"b", t1));
+        balancer.finish(&"b", Outcome::Failed, t1);
+        assert!(balancer.is_paused(&"b", t1 + FIRST_PAUSE));
+        assert!(!balancer.is_paused(&"b", t1 + FIRST_PAUSE * 2));
+        // A success clears the record.
+        balancer.finish(&"b", Outcome::Answered(Duration::from_millis(5)), t1);
+        assert!(!balancer.is_paused(&"b", t1));
+    }
+
+    #[test]
+    fn when_every_endpoint_is_paused_the_soonest_back_is_still_tried() {
+        let mut balancer = Balancer::new(3);
+        let t0 = Instant::now();
+        balancer.set_endpoints(["a"], t0);
+        for _ in 0..FAILURES_TO_PAUSE {
+            balancer.finish(&"a", Outcome::Failed, t0);
+        }
+        assert!(balancer.is_paused(&"a", t0));
+        assert_eq!(balancer.pick(t0, None), Some("a"));
+        let mut empty: Balancer<&str> = Balancer::new(3);
+        assert_eq!(empty.pick(t0, None), None);
+    }
+
+    #[test]
+    fn removed_endpoints_get_nothing_and_kept_ones_keep_their_record() {
+        let mut balancer = Balancer::new(5);
+        let t0 = Instant::now();
+        balancer.set_endpoints(["a", "b", "c"], t0);
+        for _ in 0..FAILURES_TO_PAUSE {
+            balancer.finish(&"b", Outcome::Failed, t0);
+        }
+        balancer.set_endpoints(["b", "c"], t0);
+        assert!(balancer.is_paused(&"b", t0));
+        for _ in 0..100 {
+            let key = balancer.pick(t0, None).unwrap();
+            assert_eq!(key, "c");
+            balancer.finish(&key, Outcome::Answered(Duration::from_millis(1)), t0);
+        }
+        // Finishing a request to a removed endpoint is harmless.
+        balancer.finish(&"a", Outcome::Failed, t0);
+        assert_eq!(balancer.len(), 2);
+    }
+
+    #[test]
+    fn a_retry_avoids_the_endpoint_that_failed_when_it_can() {
+        let mut balancer = Balancer::new(9);
+        let t0 = Instant::now();
+        balancer.set_endpoints(["a", "b", "c"], t0);
+        for _ in 0..100 {
+            let key = balancer.pick(t0, Some(&"a")).unwrap();
+            assert_ne!(key, "a");
+            balancer.finish(&key, Outcome::Abandoned, t0);
+        }
+        balancer.set_endpoints(["a"], t0);
+        assert_eq!(balancer.pick(t0, Some(&"a")), Some("a"));
+    }
+
+    #[test]
+    fn the_estimate_jumps_to_a_slow_sample_and_decays_toward_fast_ones() {
+        let t0 = Instant::now();
+        let mut load = Load::new(t0);
+        load.observe(Duration::from_millis(100), t0);
+        assert_eq!(load.estimate_ns, 100e6);
+        load.observe(Duration::from_millis(10), t0 + DECAY);
+        // One time constant: about 63 % of the way to the sample.
+        let expected = 100e6 * (-1f64).exp() + 10e6 * (1.0 - (-1f64).exp());
+        assert!(
+            (load.estimate_ns - expected).abs() < 1.0,
+            "{}",
+            load.estimate_ns
+        );
+        load.pending = 2;
+        assert!((load.cost() - expected * 3.0).abs() < 3.0);
+    }
+}
