@@ -25,6 +25,11 @@ impl Http2Channel {
         Self(sender)
     }
 
+    /// Whether the connection has closed (a new one is needed).
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+
     /// A Discovery client on this connection; `authority` goes into every
     /// request's `:authority` (HTTP/2 requires a scheme and authority).
     pub fn discovery_client(

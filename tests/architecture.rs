@@ -326,7 +326,14 @@ fn lower_layers_never_reach_up() {
         ("admin", &["listener"]),
         (
             "proxy",
-            &["identity", "lifecycle", "listener", "policy", "tls"],
+            &[
+                "discovery_api",
+                "identity",
+                "lifecycle",
+                "listener",
+                "policy",
+                "tls",
+            ],
         ),
     ];
     let graph = sibling_edges(&edges(&modules()));

@@ -367,3 +367,104 @@ impl rustls::client::ResolvesClientCert for NoCertificate {
         false
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_resolver_follows_changes_and_keeps_its_last_answers_when_the_controller_goes() {
+    use outrider::proxy::discover::{Answer, DiscoveryConfig, Resolver};
+    let c = cluster().await;
+    let mut controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    let credentials = client_credentials(&c.api).await;
+    let mesh = Arc::new(MeshTls::new(credentials, &settings()).unwrap());
+    let (_tls_tx, tls) = tokio::sync::watch::channel(Some(mesh));
+    let config = |server_id: &str| DiscoveryConfig {
+        addr: controller.discovery,
+        authority: AUTHORITY.into(),
+        server_id: SpiffeId::parse(server_id).unwrap(),
+        first_answer_timeout: Duration::from_secs(2),
+    };
+    let resolver = Resolver::new(config(CONTROLLER_ID), tls.clone());
+    let service: std::net::SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let count = |answer: &Answer| match answer {
+        Answer::Endpoints(set) => set.endpoints.len(),
+        _ => 0,
+    };
+    let two = eventually(Duration::from_secs(10), async || {
+        let answer = resolver.resolve(service).await;
+        (count(&answer) == 2).then_some(answer)
+    })
+    .await
+    .unwrap_or_else(|| panic!("not resolved:\n{}", controller.logs()));
+    let Answer::Endpoints(set) = two else {
+        unreachable!()
+    };
+    assert_eq!(
+        set.endpoints[0]
+            .identity
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web")
+    );
+    assert_eq!(set.endpoints[1].identity, None);
+    assert_eq!(
+        resolver.resolve("10.9.9.9:80".parse().unwrap()).await,
+        Answer::Unknown
+    );
+
+    // A change arrives on the followed destination.
+    let mut follower = resolver.follow(service);
+    c.api.apply("pods", pod("web-3", "10.0.0.3", "web", true));
+    c.api.apply(
+        "endpointslices",
+        slice(vec![
+            endpoint("10.0.0.1", "web-1"),
+            endpoint("10.0.0.2", "web-2"),
+            endpoint("10.0.0.3", "web-3"),
+        ]),
+    );
+    let three = tokio::time::timeout(
+        Duration::from_secs(1),
+        follower.wait_for(|a| a.as_ref().is_some_and(|a| count(a) == 3)),
+    )
+    .await;
+    assert!(three.is_ok(), "no update within a second");
+
+    // The controller goes: known destinations keep their last answer; a
+    // new one gives up after the configured wait.
+    controller.terminate().await.expect("stops");
+    assert_eq!(count(&resolver.resolve(service).await), 3);
+    let started = std::time::Instant::now();
+    assert_eq!(
+        resolver.resolve("10.8.8.8:80".parse().unwrap()).await,
+        Answer::Unavailable
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_resolver_refuses_a_discovery_server_of_another_identity() {
+    use outrider::proxy::discover::{Answer, DiscoveryConfig, Resolver};
+    let c = cluster().await;
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    let credentials = client_credentials(&c.api).await;
+    let mesh = Arc::new(MeshTls::new(credentials, &settings()).unwrap());
+    let (_tls_tx, tls) = tokio::sync::watch::channel(Some(mesh));
+    let resolver = Resolver::new(
+        DiscoveryConfig {
+            addr: controller.discovery,
+            authority: AUTHORITY.into(),
+            server_id: SpiffeId::parse("spiffe://cluster.local/ns/outrider-system/sa/impostor")
+                .unwrap(),
+            first_answer_timeout: Duration::from_secs(1),
+        },
+        tls,
+    );
+    assert_eq!(
+        resolver.resolve("10.96.0.10:80".parse().unwrap()).await,
+        Answer::Unavailable
+    );
+}

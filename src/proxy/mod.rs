@@ -12,6 +12,7 @@ pub mod balance;
 mod body;
 mod connect;
 mod detect;
+pub mod discover;
 mod first_word;
 pub mod headers;
 mod http;
