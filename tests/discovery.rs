@@ -6,11 +6,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use common::controller::ControllerProcess;
 use outrider::ca::secret::CaMaterial;
 use outrider::discovery_api::Http2Channel;
@@ -96,17 +94,7 @@ async fn client_credentials(api: &FakeApiServer) -> Arc<Credentials> {
     })
     .await
     .expect("the CA Secret");
-    let data: BTreeMap<String, Vec<u8>> = secret["data"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(v.as_str().unwrap())
-                .unwrap();
-            (k.clone(), bytes)
-        })
-        .collect();
+    let data = outrider::test_util::secret_data(&secret);
     let td = TrustDomain::parse("cluster.local").unwrap();
     let now = time::OffsetDateTime::now_utc();
     let ca = CaMaterial::from_secret_data(&data, &td, now).unwrap();
@@ -149,6 +137,14 @@ async fn connect(
     let expectation = PeerExpectation::Id(SpiffeId::parse(expected).unwrap());
     let mut config = (*mesh.client_config(&expectation).unwrap()).clone();
     config.alpn_protocols = vec![b"h2".to_vec()];
+    dial(controller, config).await
+}
+
+/// A gRPC client on a connection made with `config`.
+async fn dial(
+    controller: &ControllerProcess,
+    config: rustls::ClientConfig,
+) -> Result<DiscoveryClient<Http2Channel>, String> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(controller.discovery)
         .await
@@ -324,21 +320,10 @@ async fn discovery_is_served_to_mesh_identities_only_by_the_controller_s_own_ide
 
 /// Whether a Resolve over a connection made with `config` is answered.
 async fn answered(controller: &ControllerProcess, config: rustls::ClientConfig) -> bool {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = rustls_pki_types::ServerName::try_from("outrider-discovery").unwrap();
+    let Ok(mut client) = dial(controller, config).await else {
+        return false;
+    };
     let attempt = async {
-        let tcp = tokio::net::TcpStream::connect(controller.discovery)
-            .await
-            .ok()?;
-        let tls = connector.connect(name, tcp).await.ok()?;
-        let (sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tls),
-        )
-        .await
-        .ok()?;
-        tokio::spawn(connection);
-        let mut client = Http2Channel::new(sender).discovery_client(AUTHORITY).ok()?;
         let mut stream = client
             .resolve(ResolveRequest {
                 target: "10.96.0.10:80".into(),

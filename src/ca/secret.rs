@@ -296,18 +296,7 @@ mod tests {
         assert_eq!(secret["metadata"]["name"], CA_SECRET);
         assert_eq!(secret["metadata"]["namespace"], "mesh-system");
         assert_eq!(secret["type"], "kubernetes.io/tls");
-        use base64::Engine as _;
-        let decoded: BTreeMap<String, Vec<u8>> = secret["data"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(v.as_str().unwrap())
-                    .unwrap();
-                (k.clone(), bytes)
-            })
-            .collect();
+        let decoded = crate::test_util::secret_data(&secret);
         assert_eq!(decoded, bytes(a.clone()));
         let refused = render(
             &a[ISSUER_CERT_KEY],

@@ -41,3 +41,19 @@ pub async fn eventually<T>(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A Secret's `data` (JSON, as the API returns it), base64-decoded.
+pub fn secret_data(secret: &serde_json::Value) -> std::collections::BTreeMap<String, Vec<u8>> {
+    use base64::Engine as _;
+    secret["data"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap_or_default())
+                .unwrap();
+            (k.clone(), bytes)
+        })
+        .collect()
+}
