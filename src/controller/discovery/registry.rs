@@ -54,6 +54,11 @@ impl Registry {
         (index.resolve(target), index.depends_on(target))
     }
 
+    /// What `target`'s answer depends on now.
+    pub fn depends_on(&self, target: &Target) -> Affected {
+        self.index.read().depends_on(target)
+    }
+
     /// Wakes `notify` on changes to `what` until it is dropped.
     pub fn watch(&self, what: Affected, notify: &Arc<Notify>) {
         self.waiting
@@ -105,16 +110,21 @@ impl Subscription {
     /// at once).
     pub async fn next(&mut self) -> Resolution {
         loop {
-            let (answer, depends_on) = self.registry.resolve(&self.target);
-            // A target's dependency can change (an address becomes a
-            // Service's ClusterIP): watch the new one. A change between
-            // the resolve above and this leaves a permit in `notify`.
+            // Watch first, then read: a change after the watch leaves a
+            // permit in `notify`, so none is missed. A target's dependency
+            // can change (an address becomes a Service's ClusterIP): watch
+            // the new one, and read again if it moved meanwhile.
+            let depends_on = self.registry.depends_on(&self.target);
             if self.watching.as_ref() != Some(&depends_on) {
                 if let Some(old) = self.watching.take() {
                     self.registry.unwatch(&old, &self.notify);
                 }
                 self.registry.watch(depends_on.clone(), &self.notify);
-                self.watching = Some(depends_on);
+                self.watching = Some(depends_on.clone());
+            }
+            let (answer, now_depends_on) = self.registry.resolve(&self.target);
+            if now_depends_on != depends_on {
+                continue;
             }
             if self.last.as_ref() != Some(&answer) {
                 self.last = Some(answer.clone());
