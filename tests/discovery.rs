@@ -284,6 +284,52 @@ async fn a_proxy_resolves_a_cluster_ip_to_its_endpoints_and_identities_and_hears
         .expect_err("not a target");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(refused.message().contains("not a target"), "{refused:?}");
+
+    // Counted, with bounded labels.
+    let metrics = controller.metrics().await;
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        outrider::test_util::apps::metric(&metrics, name, labels)
+    };
+    assert_eq!(
+        value("outrider_controller_discovery_streams", &[]),
+        3.0,
+        "{metrics}"
+    );
+    assert!(
+        value(
+            "outrider_controller_discovery_answers_total",
+            &[("answer", "endpoints")]
+        ) >= 3.0
+    );
+    assert_eq!(
+        value(
+            "outrider_controller_discovery_answers_total",
+            &[("answer", "unknown")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "outrider_controller_discovery_refused_total",
+            &[("reason", "invalid_target")]
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            "outrider_controller_discovery_changes_total",
+            &[("kind", "EndpointSlice")]
+        ) >= 2.0
+    );
+    // A closed stream is no longer counted.
+    drop((stream, unknown, by_pod));
+    let closed = eventually(Duration::from_secs(5), async || {
+        let m = controller.metrics().await;
+        (outrider::test_util::apps::metric(&m, "outrider_controller_discovery_streams", &[]) == 0.0)
+            .then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "streams still counted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

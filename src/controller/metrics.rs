@@ -16,6 +16,10 @@ pub struct ControllerMetrics {
     ca_load_failures: prometheus::IntCounter,
     foreign_objects: IntCounterVec,
     left_alone: IntGaugeVec,
+    discovery_streams: IntGauge,
+    discovery_answers: IntCounterVec,
+    discovery_refused: IntCounterVec,
+    discovery_changes: IntCounterVec,
 }
 
 impl ControllerMetrics {
@@ -80,6 +84,35 @@ impl ControllerMetrics {
             ),
             &["kind"],
         )?;
+        let discovery_streams = IntGauge::with_opts(opts(
+            "discovery_streams",
+            "Resolve streams open (one per destination a proxy follows).",
+        ))?;
+        let discovery_answers = IntCounterVec::new(
+            opts(
+                "discovery_answers_total",
+                "Answers sent on Resolve streams, by kind (endpoints, unknown).",
+            ),
+            &["answer"],
+        )?;
+        let discovery_refused = IntCounterVec::new(
+            opts(
+                "discovery_refused_total",
+                "Resolve requests refused, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let discovery_changes = IntCounterVec::new(
+            opts(
+                "discovery_changes_total",
+                "Changes to the discovery index from the watches, by kind (Service, EndpointSlice, Pod).",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(discovery_streams.clone()))?;
+        registry.register(Box::new(discovery_answers.clone()))?;
+        registry.register(Box::new(discovery_refused.clone()))?;
+        registry.register(Box::new(discovery_changes.clone()))?;
         registry.register(Box::new(foreign_objects.clone()))?;
         registry.register(Box::new(left_alone.clone()))?;
         registry.register(Box::new(issued.clone()))?;
@@ -103,6 +136,10 @@ impl ControllerMetrics {
             ca_load_failures,
             foreign_objects,
             left_alone,
+            discovery_streams,
+            discovery_answers,
+            discovery_refused,
+            discovery_changes,
         })
     }
 
@@ -148,7 +185,35 @@ impl ControllerMetrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
+    /// Counts a Resolve stream open until the returned guard is dropped.
+    pub fn discovery_stream(&self) -> StreamGuard {
+        self.discovery_streams.inc();
+        StreamGuard(self.discovery_streams.clone())
+    }
+
+    pub fn discovery_answer(&self, answer: &str) {
+        self.discovery_answers.with_label_values(&[answer]).inc();
+    }
+
+    pub fn discovery_refused(&self, reason: &str) {
+        self.discovery_refused.with_label_values(&[reason]).inc();
+    }
+
+    pub fn discovery_change(&self, kind: &str) {
+        self.discovery_changes.with_label_values(&[kind]).inc();
+    }
+
     pub fn ca_load_failure(&self) {
         self.ca_load_failures.inc();
+    }
+}
+
+/// Keeps a Resolve stream counted while it is open.
+#[derive(Debug)]
+pub struct StreamGuard(IntGauge);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -283,12 +283,16 @@ pub async fn run(
     let registry = discovery::registry::Registry::new(discovery::index::Index::new(
         config.trust_domain.clone(),
     ));
-    discovery::watch::start(&client, &registry, &mut tasks);
+    discovery::watch::start(&client, &registry, &metrics, &mut tasks);
     let discovery_tls = Arc::new(parking_lot::RwLock::new(controller.discovery_tls()?));
     tasks.spawn(discovery::server::serve(
         discovery_listener,
         discovery_tls.clone(),
-        discovery::server::DiscoveryService::new(registry, config.cluster_domain.clone()),
+        discovery::server::DiscoveryService::new(
+            registry,
+            config.cluster_domain.clone(),
+            metrics.clone(),
+        ),
     ));
     tasks.spawn(ca::refresh_discovery_tls(
         controller.clone(),

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use super::index::{Endpoint, Resolution, Target};
 use super::registry::{Registry, Subscription};
+use crate::controller::metrics::ControllerMetrics;
 use crate::discovery_api::v1;
 use crate::listener::{Caps, accept_loop};
 
@@ -41,13 +42,19 @@ pub type ServerTls = Arc<RwLock<Arc<ServerConfig>>>;
 pub struct DiscoveryService {
     registry: Arc<Registry>,
     cluster_domain: String,
+    metrics: ControllerMetrics,
 }
 
 impl DiscoveryService {
-    pub fn new(registry: Arc<Registry>, cluster_domain: String) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        cluster_domain: String,
+        metrics: ControllerMetrics,
+    ) -> Self {
         Self {
             registry,
             cluster_domain,
+            metrics,
         }
     }
 }
@@ -62,13 +69,28 @@ impl v1::discovery_server::Discovery for DiscoveryService {
         &self,
         request: Request<v1::ResolveRequest>,
     ) -> Result<Response<Self::ResolveStream>, Status> {
-        let target = Target::parse(&request.get_ref().target, &self.cluster_domain)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let target = match Target::parse(&request.get_ref().target, &self.cluster_domain) {
+            Ok(target) => target,
+            Err(error) => {
+                self.metrics.discovery_refused("invalid_target");
+                return Err(Status::invalid_argument(error.to_string()));
+            }
+        };
         let subscription = Subscription::new(self.registry.clone(), target);
-        let stream = futures_util::stream::unfold(subscription, |mut subscription| async move {
-            let answer = subscription.next().await;
-            Some((Ok(to_proto(&answer)), subscription))
-        });
+        let state = (
+            subscription,
+            self.metrics.clone(),
+            self.metrics.discovery_stream(),
+        );
+        let stream =
+            futures_util::stream::unfold(state, |(mut subscription, metrics, open)| async move {
+                let answer = subscription.next().await;
+                metrics.discovery_answer(match answer {
+                    Resolution::Unknown => "unknown",
+                    Resolution::Endpoints(_) => "endpoints",
+                });
+                Some((Ok(to_proto(&answer)), (subscription, metrics, open)))
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 }

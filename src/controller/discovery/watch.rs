@@ -15,34 +15,62 @@ use tokio::task::JoinSet;
 
 use super::index::{Affected, Index, Key};
 use super::registry::Registry;
+use crate::controller::metrics::ControllerMetrics;
 use crate::kube_client::WatchBackoff;
 
 type Apply<K> = fn(&mut Index, &K) -> Vec<Affected>;
 type Delete = fn(&mut Index, &str, &str) -> Vec<Affected>;
 
 /// Starts the three watches; they run until `tasks` is dropped.
-pub fn start(client: &Client, registry: &Arc<Registry>, tasks: &mut JoinSet<()>) {
+pub fn start(
+    client: &Client,
+    registry: &Arc<Registry>,
+    metrics: &ControllerMetrics,
+    tasks: &mut JoinSet<()>,
+) {
     tasks.spawn(feed(
         Api::<Service>::all(client.clone()),
-        registry.clone(),
+        Fed::new(registry, metrics, "Service"),
         Index::apply_service,
         Index::delete_service,
     ));
     tasks.spawn(feed(
         Api::<EndpointSlice>::all(client.clone()),
-        registry.clone(),
+        Fed::new(registry, metrics, "EndpointSlice"),
         Index::apply_slice,
         Index::delete_slice,
     ));
     tasks.spawn(feed(
         Api::<Pod>::all(client.clone()),
-        registry.clone(),
+        Fed::new(registry, metrics, "Pod"),
         Index::apply_pod,
         Index::delete_pod,
     ));
 }
 
-async fn feed<K>(api: Api<K>, registry: Arc<Registry>, apply: Apply<K>, delete: Delete)
+/// Where one watch's changes go, counted.
+struct Fed {
+    registry: Arc<Registry>,
+    metrics: ControllerMetrics,
+    kind: &'static str,
+}
+
+impl Fed {
+    fn new(registry: &Arc<Registry>, metrics: &ControllerMetrics, kind: &'static str) -> Self {
+        Self {
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            kind,
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Index) -> Vec<Affected>) {
+        self.metrics.discovery_change(self.kind);
+        self.registry.update(change);
+    }
+}
+
+async fn feed<K>(api: Api<K>, fed: Fed, apply: Apply<K>, delete: Delete)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -63,11 +91,11 @@ where
                 if let Some(k) = key(&object) {
                     known.insert(k);
                 }
-                registry.update(|index| apply(index, &object));
+                fed.update(|index| apply(index, &object));
             }
             Ok(watcher::Event::Delete(object)) => {
                 if let Some((ns, name)) = key(&object) {
-                    registry.update(|index| delete(index, &ns, &name));
+                    fed.update(|index| delete(index, &ns, &name));
                     known.remove(&(ns, name));
                 }
             }
@@ -76,11 +104,11 @@ where
                 if let Some(k) = key(&object) {
                     relisted.insert(k);
                 }
-                registry.update(|index| apply(index, &object));
+                fed.update(|index| apply(index, &object));
             }
             Ok(watcher::Event::InitDone) => {
                 for (ns, name) in known.difference(&relisted) {
-                    registry.update(|index| delete(index, ns, name));
+                    fed.update(|index| delete(index, ns, name));
                 }
                 known = std::mem::take(&mut relisted);
             }
