@@ -166,6 +166,26 @@ async fn dial(
         .map_err(|e| e.to_string())
 }
 
+/// The first answer on `stream` with `count` endpoints, within `within`.
+async fn with_endpoints(
+    stream: &mut tonic::Streaming<outrider::discovery_api::v1::Resolution>,
+    count: usize,
+    within: Duration,
+) -> Option<EndpointSet> {
+    // A stream that goes quiet must fail the wait, not hang it.
+    let wanted = async {
+        loop {
+            let answer = stream.message().await.ok()??;
+            if let Some(resolution::Answer::Endpoints(set)) = answer.answer
+                && set.endpoints.len() == count
+            {
+                return Some(set);
+            }
+        }
+    };
+    tokio::time::timeout(within, wanted).await.ok().flatten()
+}
+
 fn endpoints(set: &EndpointSet) -> Vec<(String, String)> {
     set.endpoints
         .iter()
@@ -197,15 +217,9 @@ async fn a_proxy_resolves_a_cluster_ip_to_its_endpoints_and_identities_and_hears
         .into_inner();
     // The watches may still be filling the index: the first answers can
     // be unknown or partial; wait for the full one.
-    let first = eventually(Duration::from_secs(10), async || {
-        let answer = stream.message().await.ok()??;
-        match answer.answer? {
-            resolution::Answer::Endpoints(set) if set.endpoints.len() == 2 => Some(set),
-            _ => None,
-        }
-    })
-    .await
-    .unwrap_or_else(|| panic!("no endpoints:\n{}", controller.logs()));
+    let first = with_endpoints(&mut stream, 2, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("no endpoints:\n{}", controller.logs()));
     assert_eq!(first.service, "shop/web");
     assert_eq!(
         endpoints(&first),
@@ -230,15 +244,9 @@ async fn a_proxy_resolves_a_cluster_ip_to_its_endpoints_and_identities_and_hears
         ]),
     );
     let started = std::time::Instant::now();
-    let third = eventually(Duration::from_secs(5), async || {
-        let answer = stream.message().await.ok()??;
-        match answer.answer? {
-            resolution::Answer::Endpoints(set) if set.endpoints.len() == 3 => Some(set),
-            _ => None,
-        }
-    })
-    .await
-    .expect("the update");
+    let third = with_endpoints(&mut stream, 3, Duration::from_secs(5))
+        .await
+        .expect("the update");
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",

@@ -342,6 +342,18 @@ async fn install(server: &RealApiServer, admin: &Client) -> PathBuf {
     server.kubeconfig("outrider-controller", &token)
 }
 
+/// A real API server with the chart's RBAC installed, its admin client
+/// and the controller's kubeconfig; `None` when no server is available
+/// outside CI (see [`binaries`]).
+async fn installed() -> Option<(RealApiServer, Client, PathBuf)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let bin = binaries()?;
+    let server = RealApiServer::start(&bin).await;
+    let admin = server.admin().await;
+    let kubeconfig = install(&server, &admin).await;
+    Some((server, admin, kubeconfig))
+}
+
 fn namespace(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace",
            "metadata": {"name": name, "labels": {"outrider.dev/inject": "enabled"}}})
@@ -382,11 +394,9 @@ fn managers(object: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_real_api_server_foreign_objects_are_healed_or_left_alone_as_the_controller_s_own_account()
  {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let Some(bin) = binaries() else { return };
-    let server = RealApiServer::start(&bin).await;
-    let admin = server.admin().await;
-    let kubeconfig = install(&server, &admin).await;
+    let Some((server, admin, kubeconfig)) = installed().await else {
+        return;
+    };
     // What an operator may have left under our names.
     for object in [
         namespace("shop"),
@@ -571,11 +581,9 @@ async fn on_a_real_api_server_foreign_objects_are_healed_or_left_alone_as_the_co
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_real_api_server_an_idle_controller_makes_few_requests() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let Some(bin) = binaries() else { return };
-    let server = RealApiServer::start(&bin).await;
-    let admin = server.admin().await;
-    let kubeconfig = install(&server, &admin).await;
+    let Some((server, admin, kubeconfig)) = installed().await else {
+        return;
+    };
     for object in [
         namespace("shop"),
         service_account("shop", "web"),
