@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use super::metrics::ControllerMetrics;
 use crate::inject::config::{INJECT, PodChoice, pod_choice};
 use crate::inject::pod_security::{self, ENFORCE, Level, Violation};
-use crate::inject::{InjectConfig, InjectError, Outcome, pod_patch, pod_security_violations};
+use crate::inject::{InjectConfig, InjectedPod, Outcome, inject_pod, pod_security_violations};
 use crate::listener::{Caps, accept_loop};
 
 pub const NAMESPACE_PATH: &str = "/inject/namespace";
@@ -217,24 +217,20 @@ pub fn review(
     if !wanted {
         return (response(uid, true, None, None), Verdict::Skipped);
     }
-    match pod_patch(&pod, mesh) {
-        Ok((Outcome::Injected { .. }, Some(patch))) => {
-            let warning =
-                match pod_security_verdict(&pod, &patch, request.namespace.as_deref(), gate) {
-                    Ok(None) => None,
-                    Ok(Some((message, pod_security::Response::Warn))) => Some(message),
-                    Ok(Some((message, pod_security::Response::Refuse))) => {
-                        return (
-                            response(uid, false, Some(&message), None),
-                            Verdict::PodSecurity,
-                        );
-                    }
-                    Err(e) => {
-                        let message = format!("outrider injector: {e}");
-                        return (response(uid, false, Some(&message), None), Verdict::Denied);
-                    }
-                };
-            match serde_json::to_vec(&patch) {
+    match inject_pod(&pod, mesh) {
+        Ok((Outcome::Injected { .. }, Some(injected))) => {
+            let warning = match pod_security_verdict(&injected, request.namespace.as_deref(), gate)
+            {
+                None => None,
+                Some((message, pod_security::Response::Warn)) => Some(message),
+                Some((message, pod_security::Response::Refuse)) => {
+                    return (
+                        response(uid, false, Some(&message), None),
+                        Verdict::PodSecurity,
+                    );
+                }
+            };
+            match serde_json::to_vec(&injected.patch) {
                 Ok(bytes) => (
                     response(uid, true, warning.as_deref(), Some(&bytes)),
                     Verdict::Injected,
@@ -259,22 +255,19 @@ pub fn review(
 /// The message, and what to do with it, when the namespace's enforced
 /// level would reject what injection adds.
 fn pod_security_verdict(
-    pod: &Value,
-    patch: &json_patch::Patch,
+    injected: &InjectedPod,
     namespace: Option<&str>,
     gate: &PodSecurityGate,
-) -> Result<Option<(String, pod_security::Response)>, InjectError> {
-    let Some((namespace, level)) = namespace.and_then(|ns| Some((ns, (gate.levels)(ns)?))) else {
-        return Ok(None);
-    };
-    let violations = pod_security_violations(pod, patch, level)?;
+) -> Option<(String, pod_security::Response)> {
+    let (namespace, level) = namespace.and_then(|ns| Some((ns, (gate.levels)(ns)?)))?;
+    let violations = pod_security_violations(&injected.spec, level);
     if violations.is_empty() {
-        return Ok(None);
+        return None;
     }
-    Ok(Some((
+    Some((
         pod_security_message(namespace, level, &violations),
         gate.response,
-    )))
+    ))
 }
 
 /// The serving certificate, swappable while serving (renewal, CA

@@ -58,6 +58,23 @@ pub fn pod_patch(
     pod: &Value,
     mesh: &InjectConfig,
 ) -> Result<(Outcome, Option<json_patch::Patch>), InjectError> {
+    let (outcome, injected) = inject_pod(pod, mesh)?;
+    Ok((outcome, injected.map(|i| i.patch)))
+}
+
+/// An injected pod: the patch, and the spec it produces (for checks on
+/// what injection added, without applying the patch again).
+#[derive(Debug)]
+pub struct InjectedPod {
+    pub patch: json_patch::Patch,
+    pub spec: k8s_openapi::api::core::v1::PodSpec,
+}
+
+/// [`pod_patch`], keeping the injected spec.
+pub fn inject_pod(
+    pod: &Value,
+    mesh: &InjectConfig,
+) -> Result<(Outcome, Option<InjectedPod>), InjectError> {
     let object = format!(
         "Pod/{}",
         pod["metadata"]["name"]
@@ -80,28 +97,27 @@ pub fn pod_patch(
     if !matches!(outcome, Outcome::Injected { .. }) {
         return Ok((outcome, None));
     }
-    let after = to_json(&k8s_openapi::api::core::v1::Pod {
+    let injected = k8s_openapi::api::core::v1::Pod {
         metadata,
         spec: Some(spec),
         status: typed.status,
-    })?;
-    Ok((outcome, Some(json_patch::diff(&before, &after))))
+    };
+    let after = to_json(&injected)?;
+    Ok((
+        outcome,
+        Some(InjectedPod {
+            patch: json_patch::diff(&before, &after),
+            spec: injected.spec.unwrap_or_default(),
+        }),
+    ))
 }
 
 /// The checks of the Pod Security Standard `level` that the containers
-/// injection adds to `pod` (by `patch`) fail.
+/// injection added to `spec` fail.
 pub fn pod_security_violations(
-    pod: &Value,
-    patch: &json_patch::Patch,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
     level: pod_security::Level,
-) -> Result<Vec<pod_security::Violation>, InjectError> {
-    let mut injected = pod.clone();
-    json_patch::patch(&mut injected, patch).map_err(|e| InjectError::Shape {
-        object: "Pod".into(),
-        reason: format!("the patch does not apply: {e}"),
-    })?;
-    let typed: k8s_openapi::api::core::v1::Pod = from_json("Pod", "object", injected)?;
-    let spec = typed.spec.unwrap_or_default();
+) -> Vec<pod_security::Violation> {
     let ours: Vec<&k8s_openapi::api::core::v1::Container> = spec
         .init_containers
         .iter()
@@ -109,11 +125,7 @@ pub fn pod_security_violations(
         .chain(&spec.containers)
         .filter(|c| c.name == pod::INIT_CONTAINER || c.name == pod::PROXY_CONTAINER)
         .collect();
-    Ok(pod_security::violations(
-        level,
-        spec.security_context.as_ref(),
-        &ours,
-    ))
+    pod_security::violations(level, spec.security_context.as_ref(), &ours)
 }
 
 #[cfg(test)]

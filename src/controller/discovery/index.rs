@@ -169,6 +169,16 @@ struct SliceFacts {
     endpoints: Vec<SliceEndpoint>,
 }
 
+impl SliceFacts {
+    /// The pods the slice names, each once.
+    fn pods(&self) -> BTreeSet<&str> {
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.pod.as_deref())
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PodFacts {
     ips: Vec<IpAddr>,
@@ -189,8 +199,8 @@ pub struct Index {
     slices_of: HashMap<Key, BTreeSet<String>>,
     pods: HashMap<Key, PodFacts>,
     pods_by_ip: HashMap<IpAddr, Key>,
-    /// The Services whose slices name each pod.
-    services_of_pod: HashMap<Key, BTreeSet<Key>>,
+    /// The Services whose slices name each pod, with how many slices do.
+    services_of_pod: HashMap<Key, BTreeMap<Key, usize>>,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<Key> {
@@ -341,11 +351,13 @@ impl Index {
             endpoints,
         };
         let mut affected = self.delete_slice(&slice_key.0, &slice_key.1);
-        for pod in facts.endpoints.iter().filter_map(|e| e.pod.clone()) {
-            self.services_of_pod
-                .entry((slice_key.0.clone(), pod))
+        for pod in facts.pods() {
+            *self
+                .services_of_pod
+                .entry((slice_key.0.clone(), pod.to_string()))
                 .or_default()
-                .insert(service.clone());
+                .entry(service.clone())
+                .or_default() += 1;
         }
         self.slices_of
             .entry(service.clone())
@@ -369,25 +381,19 @@ impl Index {
                 self.slices_of.remove(&old.service);
             }
         }
-        for pod in old.endpoints.iter().filter_map(|e| e.pod.clone()) {
-            let pod_key = (namespace.to_string(), pod);
-            // Still named by another slice of the same Service?
-            let still = self.slices_of.get(&old.service).is_some_and(|names| {
-                names.iter().any(|n| {
-                    self.slices
-                        .get(&(namespace.to_string(), n.clone()))
-                        .is_some_and(|s| {
-                            s.endpoints
-                                .iter()
-                                .any(|e| e.pod.as_deref() == Some(&pod_key.1))
-                        })
-                })
-            });
-            if !still && let Some(services) = self.services_of_pod.get_mut(&pod_key) {
-                services.remove(&old.service);
-                if services.is_empty() {
-                    self.services_of_pod.remove(&pod_key);
+        for pod in old.pods() {
+            let pod_key = (namespace.to_string(), pod.to_string());
+            let Some(services) = self.services_of_pod.get_mut(&pod_key) else {
+                continue;
+            };
+            if let Some(count) = services.get_mut(&old.service) {
+                *count -= 1;
+                if *count == 0 {
+                    services.remove(&old.service);
                 }
+            }
+            if services.is_empty() {
+                self.services_of_pod.remove(&pod_key);
             }
         }
         vec![Affected::Service(old.service)]
@@ -437,7 +443,7 @@ impl Index {
             self.services_of_pod
                 .get(&key)
                 .into_iter()
-                .flatten()
+                .flat_map(BTreeMap::keys)
                 .cloned()
                 .map(Affected::Service),
         );
@@ -463,7 +469,7 @@ impl Index {
             self.services_of_pod
                 .get(&key)
                 .into_iter()
-                .flatten()
+                .flat_map(BTreeMap::keys)
                 .cloned()
                 .map(Affected::Service),
         );

@@ -426,3 +426,27 @@ fn a_service_that_changes_its_cluster_ip_no_longer_answers_on_the_old_one() {
     let by_name = Target::parse("web.shop.svc:80", "cluster.local").unwrap();
     assert_eq!(index.resolve(&by_name), Resolution::Unknown);
 }
+
+#[test]
+fn a_pod_named_by_two_slices_of_a_service_stays_its_endpoint_until_both_are_gone() {
+    let mut index = shop();
+    // web-1 also appears in slice web-b (a dual-port split, say).
+    index.apply_slice(&slice(
+        "shop",
+        "web-b",
+        "web",
+        "IPv4",
+        json!([{"name": "http", "port": 9090}]),
+        json!([
+            endpoint("10.0.0.3", "web-3", READY()),
+            endpoint("10.0.0.1", "web-1", READY())
+        ]),
+    ));
+    let web = Affected::Service(("shop".into(), "web".into()));
+    index.delete_slice("shop", "web-a");
+    let affected = index.apply_pod(&pod("shop", "web-1", &["10.0.0.1"], "web", true));
+    assert!(affected.contains(&web), "{affected:?}");
+    index.delete_slice("shop", "web-b");
+    let affected = index.apply_pod(&pod("shop", "web-1", &["10.0.0.1"], "web", true));
+    assert!(!affected.contains(&web), "{affected:?}");
+}
