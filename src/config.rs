@@ -17,14 +17,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use self::file::{
-    AdminSection, FileConfig, IdentitySection, InboundSection, LimitsSection, LogSection,
-    OutboundSection, PolicySection, PolicySourceKind, TlsSection, WorkloadSection,
+    AdminSection, DiscoverySection, FileConfig, IdentitySection, InboundSection, LimitsSection,
+    LogSection, OutboundSection, PolicySection, PolicySourceKind, TlsSection, WorkloadSection,
 };
 pub use self::overrides::Overrides;
 pub use self::ranges::MAX_CONNECTIONS;
 use crate::identity::SpiffeId;
 use crate::identity::reload::ReloadConfig;
 use crate::policy::{Probe, Settings, Workload};
+use crate::proxy::discover::DiscoveryConfig;
 use crate::proxy::{
     InboundConfig, InboundTarget, Limits, OutboundConfig, OutboundTarget, ProxyConfig,
 };
@@ -177,6 +178,7 @@ impl FileConfig {
         }
         check_log_level(&self.log.level).map_err(|e| invalid("log.level", e))?;
         let policy = self.policy_config(&id)?;
+        let discovery = self.discovery_config(&id)?;
 
         let max_connections = self
             .limits
@@ -228,6 +230,7 @@ impl FileConfig {
                     .min(self.limits.idle_timeout / 2),
                 pool_max_idle_per_destination: self.limits.pool_max_idle_per_destination,
             },
+            discovery,
         };
         Ok(Config {
             proxy,
@@ -249,6 +252,41 @@ impl FileConfig {
             policy,
             effective: self,
         })
+    }
+
+    fn discovery_config(&self, id: &SpiffeId) -> Result<Option<DiscoveryConfig>, ConfigError> {
+        let Some(address) = &self.discovery.address else {
+            return Ok(None);
+        };
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| invalid("discovery.address", "expected host:port"))?;
+        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(invalid("discovery.address", "expected host:port"));
+        }
+        let server_id = match &self.discovery.identity {
+            Some(server_id) => server_id.clone(),
+            None => SpiffeId::parse(&format!(
+                "spiffe://{}/ns/outrider-system/sa/outrider-controller",
+                id.trust_domain_str()
+            ))
+            .map_err(|e| invalid("discovery.identity", e.to_string()))?,
+        };
+        if server_id.trust_domain_str() != id.trust_domain_str() {
+            return Err(invalid(
+                "discovery.identity",
+                format!(
+                    "trust domain differs from identity.id ({})",
+                    id.trust_domain_str()
+                ),
+            ));
+        }
+        Ok(Some(DiscoveryConfig {
+            authority: address.clone(),
+            address: address.clone(),
+            server_id,
+            first_answer_timeout: self.discovery.first_answer_timeout,
+        }))
     }
 
     fn policy_config(&self, id: &SpiffeId) -> Result<PolicyConfig, ConfigError> {

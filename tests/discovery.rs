@@ -416,7 +416,7 @@ async fn the_proxy_resolver_follows_changes_and_keeps_its_last_answers_when_the_
     let mesh = Arc::new(MeshTls::new(credentials, &settings()).unwrap());
     let (_tls_tx, tls) = tokio::sync::watch::channel(Some(mesh));
     let config = |server_id: &str| DiscoveryConfig {
-        addr: controller.discovery,
+        address: controller.discovery.to_string(),
         authority: AUTHORITY.into(),
         server_id: SpiffeId::parse(server_id).unwrap(),
         first_answer_timeout: Duration::from_secs(2),
@@ -494,7 +494,7 @@ async fn the_proxy_resolver_refuses_a_discovery_server_of_another_identity() {
     let (_tls_tx, tls) = tokio::sync::watch::channel(Some(mesh));
     let resolver = Resolver::new(
         DiscoveryConfig {
-            addr: controller.discovery,
+            address: controller.discovery.to_string(),
             authority: AUTHORITY.into(),
             server_id: SpiffeId::parse("spiffe://cluster.local/ns/outrider-system/sa/impostor")
                 .unwrap(),

@@ -37,6 +37,33 @@ pub struct FileConfig {
     pub log: LogSection,
     pub workload: WorkloadSection,
     pub policy: PolicySection,
+    pub discovery: DiscoverySection,
+}
+
+/// The controller's discovery API (cluster mode). Without an address,
+/// every destination is its original address.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoverySection {
+    /// `host:port`; a name is resolved at each connect.
+    pub address: Option<String>,
+    /// The identity the controller must present; defaults to
+    /// `spiffe://<trust domain>/ns/outrider-system/sa/outrider-controller`.
+    pub identity: Option<SpiffeId>,
+    /// How long a connection to a destination not yet resolved waits for
+    /// discovery before going to the original address.
+    #[serde(with = "serde_duration")]
+    pub first_answer_timeout: Duration,
+}
+
+impl Default for DiscoverySection {
+    fn default() -> Self {
+        Self {
+            address: None,
+            identity: None,
+            first_answer_timeout: Duration::from_secs(1),
+        }
+    }
 }
 
 /// Who this workload is, for selecting policies.
@@ -202,6 +229,7 @@ impl Default for FileConfig {
             log: LogSection::default(),
             workload: WorkloadSection::default(),
             policy: PolicySection::default(),
+            discovery: DiscoverySection::default(),
         }
     }
 }

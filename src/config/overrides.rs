@@ -123,4 +123,8 @@ overrides! {
     /// Ports that skip protocol detection, comma-separated (replaces the
     /// default list).
     opaque_ports: String, "OUTRIDER_OPAQUE_PORTS" => "opaque_ports", opaque_ports = parse_opaque_ports;
+    /// The controller's discovery API, `host:port` (cluster mode).
+    discovery_address: String, "OUTRIDER_DISCOVERY_ADDRESS" => "discovery.address", discovery.address = set;
+    /// The identity the discovery API must present.
+    discovery_identity: String, "OUTRIDER_DISCOVERY_IDENTITY" => "discovery.identity", discovery.identity = some;
 }

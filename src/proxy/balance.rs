@@ -202,6 +202,16 @@ impl<K: Clone + Eq> Balancer<K> {
         }
     }
 
+    /// Records that `key` works (a connection to it was established)
+    /// while its request stays in flight: the latency sample counts and
+    /// its failure record is cleared.
+    pub fn succeeded(&mut self, key: &K, rtt: Duration, now: Instant) {
+        if let Some(slot) = self.slots.iter_mut().find(|s| &s.key == key) {
+            slot.load.observe(rtt, now);
+            slot.failures = Failures::default();
+        }
+    }
+
     /// Whether `key` is paused at `now` (for metrics).
     pub fn is_paused(&self, key: &K, now: Instant) -> bool {
         self.slots

@@ -1,6 +1,11 @@
 //! Opening upstream connections: mTLS to a peer proxy (with the permissive
 //! plaintext fallback for destinations that have none), or plaintext to
 //! the local application.
+//!
+//! What is known about a destination before connecting travels with its
+//! address as an [`Upstream`]: discovery's word (this exact identity, or
+//! no proxy at all) is final, and only a destination nobody vouched for
+//! is probed for the permissive fallback.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,6 +42,8 @@ pub enum ConnectError {
     NotMeshProtocol { addr: SocketAddr },
     #[error("no workload identity is loaded yet")]
     NoIdentity,
+    #[error("{addr} has no proxy and mTLS is strict")]
+    UnmeshedInStrictMode { addr: SocketAddr },
 }
 
 impl ConnectError {
@@ -51,6 +58,7 @@ impl ConnectError {
             Self::Io { .. } => ConnError::ConnectFailed,
             Self::Handshake { .. } | Self::NotMeshProtocol { .. } => ConnError::UpstreamTlsFailed,
             Self::NoIdentity => ConnError::NoIdentity,
+            Self::UnmeshedInStrictMode { .. } => ConnError::DestinationUnmeshed,
         }
     }
 }
@@ -63,16 +71,51 @@ pub struct Connected {
     pub metrics: Option<ConnMetrics>,
 }
 
+/// An address to connect to and what must answer there. Pooled
+/// connections are keyed by all of it, so a connection made under one
+/// expectation never serves a request made under another.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub peer: PeerKnown,
+}
+
+/// What is known about the proxy at an upstream address before
+/// connecting.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PeerKnown {
+    /// Nothing: the listener's route decides (its static peer identity,
+    /// or any identity of the trust domain with the permissive fallback
+    /// found by probing).
+    Unvouched,
+    /// Discovery names the pod's identity: mTLS to exactly it, never
+    /// plaintext whatever the network answers.
+    Mesh(SpiffeId),
+    /// Discovery says the pod has no proxy: plaintext at once in
+    /// permissive mode, refused in strict mode.
+    NoProxy,
+}
+
+impl Upstream {
+    /// An address nothing vouched for.
+    pub fn unvouched(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            peer: PeerKnown::Unvouched,
+        }
+    }
+}
+
 /// Something that opens upstream connections to an address.
 pub trait Connect: Send + Sync + 'static {
-    fn connect(
-        &self,
-        dst: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + '_>>;
+    fn connect<'a>(
+        &'a self,
+        dst: &'a Upstream,
+    ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + 'a>>;
 
     /// True when connections to `dst` are known to be plaintext to a
     /// server without a proxy (so HTTP/1 must stay HTTP/1).
-    fn known_plaintext(&self, _dst: SocketAddr) -> bool {
+    fn known_plaintext(&self, _dst: &Upstream) -> bool {
         false
     }
 }
@@ -94,12 +137,12 @@ pub struct AppConnector {
 }
 
 impl Connect for AppConnector {
-    fn connect(
-        &self,
-        dst: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + '_>> {
+    fn connect<'a>(
+        &'a self,
+        dst: &'a Upstream,
+    ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + 'a>> {
         Box::pin(async move {
-            let stream = connect_tcp(dst, self.connect_timeout).await?;
+            let stream = connect_tcp(dst.addr, self.connect_timeout).await?;
             Ok(Connected {
                 io: UpstreamIo::Plain(MeteredIo::new(stream, Activity::new())),
                 tls: TlsStatus::NoTls(NoTlsReason::NotProvidedByRemote),
@@ -190,22 +233,33 @@ impl MeshConnector {
         }
     }
 
-    /// Opens a connection to `dst`. `app_tls` says the application's own
-    /// bytes are TLS, so relaying them without our mTLS exposes nothing.
+    /// Opens a connection to `upstream`. `app_tls` says the application's
+    /// own bytes are TLS, so relaying them without our mTLS exposes
+    /// nothing.
     pub async fn connect_to(
         &self,
-        dst: SocketAddr,
+        upstream: &Upstream,
         app_tls: bool,
     ) -> Result<Connected, ConnectError> {
-        if self.may_fall_back() && self.known_unmeshed(dst) {
-            return self.plaintext(dst).await;
+        let dst = upstream.addr;
+        match &upstream.peer {
+            PeerKnown::NoProxy if self.mode == MtlsMode::Permissive => {
+                return self.plaintext(dst, false).await;
+            }
+            PeerKnown::NoProxy => {
+                return Err(ConnectError::UnmeshedInStrictMode { addr: dst });
+            }
+            PeerKnown::Unvouched if self.may_fall_back() && self.known_unmeshed(dst) => {
+                return self.plaintext(dst, true).await;
+            }
+            PeerKnown::Unvouched | PeerKnown::Mesh(_) => {}
         }
         let mesh = self.tls.borrow().clone().ok_or(ConnectError::NoIdentity)?;
-        let expectation = match &self.expected {
-            ExpectedPeer::SameTrustDomain => {
+        let expectation = match (&upstream.peer, &self.expected) {
+            (PeerKnown::Mesh(id), _) | (_, ExpectedPeer::Id(id)) => PeerExpectation::Id(id.clone()),
+            (_, ExpectedPeer::SameTrustDomain) => {
                 PeerExpectation::TrustDomain(mesh.credentials().id().trust_domain())
             }
-            ExpectedPeer::Id(id) => PeerExpectation::Id(id.clone()),
         };
         let config = mesh
             .client_config(&expectation)
@@ -255,12 +309,16 @@ impl MeshConnector {
         let reason = HandshakeFailure::Tls(handshake_failure_reason(&error));
         self.metrics.handshake_failed(Direction::Outbound, reason);
         let kind = peer_kind(&error);
-        let fall_back = self.may_fall_back()
+        // Only a destination nobody vouched for is judged by what the
+        // network answers: a forged reset must not turn off mTLS to a pod
+        // discovery knows is meshed.
+        let fall_back = upstream.peer == PeerKnown::Unvouched
+            && self.may_fall_back()
             && (kind == PeerKind::NotTls || (kind == PeerKind::ForeignTls && app_tls));
         if fall_back {
             tracing::info!(%dst, reason = reason.as_str(), "Destination has no proxy; sending plaintext (permissive mode)");
             self.remember_unmeshed(dst);
-            return self.plaintext(dst).await;
+            return self.plaintext(dst, true).await;
         }
         tracing::debug!(%dst, reason = reason.as_str(), %error, "Outbound mTLS handshake failed");
         Err(ConnectError::Handshake { addr: dst, reason })
@@ -291,9 +349,14 @@ impl MeshConnector {
         unmeshed.insert(dst, Instant::now() + self.fallback_ttl);
     }
 
-    async fn plaintext(&self, dst: SocketAddr) -> Result<Connected, ConnectError> {
+    /// A plaintext connection to a destination without a proxy; `probed`
+    /// says the fallback was concluded from a failed handshake rather
+    /// than from discovery.
+    async fn plaintext(&self, dst: SocketAddr, probed: bool) -> Result<Connected, ConnectError> {
         let stream = connect_tcp(dst, self.connect_timeout).await?;
-        self.metrics.plaintext_fallback();
+        if probed {
+            self.metrics.plaintext_fallback();
+        }
         let status = TlsStatus::NoTls(NoTlsReason::PeerNotMeshed);
         let metrics = self.metrics.connection(Direction::Outbound, &status);
         let mut io = MeteredIo::new(stream, Activity::new());
@@ -307,15 +370,19 @@ impl MeshConnector {
 }
 
 impl Connect for MeshConnector {
-    fn connect(
-        &self,
-        dst: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + '_>> {
+    fn connect<'a>(
+        &'a self,
+        dst: &'a Upstream,
+    ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + 'a>> {
         Box::pin(self.connect_to(dst, false))
     }
 
-    fn known_plaintext(&self, dst: SocketAddr) -> bool {
-        self.may_fall_back() && self.known_unmeshed(dst)
+    fn known_plaintext(&self, dst: &Upstream) -> bool {
+        match dst.peer {
+            PeerKnown::NoProxy => self.mode == MtlsMode::Permissive,
+            PeerKnown::Mesh(_) => false,
+            PeerKnown::Unvouched => self.may_fall_back() && self.known_unmeshed(dst.addr),
+        }
     }
 }
 

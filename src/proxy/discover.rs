@@ -35,7 +35,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where the controller's discovery API is, and who it must be.
 #[derive(Debug, Clone)]
 pub struct DiscoveryConfig {
-    pub addr: SocketAddr,
+    /// `host:port`: an IP address, or a name resolved at each connect
+    /// (the Service `outrider-discovery.outrider-system.svc`).
+    pub address: String,
     /// The `:authority` of requests (the Service's name).
     pub authority: String,
     pub server_id: SpiffeId,
@@ -208,6 +210,14 @@ impl Resolver {
         rx
     }
 
+    /// The answer for `dst` if one is already at hand; never waits and
+    /// never starts following it.
+    pub fn known(&self, dst: SocketAddr) -> Option<Answer> {
+        let destinations = self.inner.destinations.lock();
+        let answer = destinations.get(&dst)?.answers.borrow().clone();
+        answer
+    }
+
     /// Destinations currently followed.
     pub fn destinations(&self) -> usize {
         self.inner.destinations.lock().len()
@@ -294,9 +304,9 @@ impl Inner {
         config.alpn_protocols = vec![b"h2".to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let connect = async {
-            let tcp = tokio::net::TcpStream::connect(self.config.addr)
+            let tcp = tokio::net::TcpStream::connect(self.config.address.as_str())
                 .await
-                .map_err(|e| format!("connect {}: {e}", self.config.addr))?;
+                .map_err(|e| format!("connect {}: {e}", self.config.address))?;
             let _ = tcp.set_nodelay(true);
             // The name is not checked (the SPIFFE ID is) and not sent.
             let name = rustls_pki_types::ServerName::try_from("outrider-discovery")
@@ -318,7 +328,12 @@ impl Inner {
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
-            .map_err(|_| format!("connecting to discovery at {} timed out", self.config.addr))?
+            .map_err(|_| {
+                format!(
+                    "connecting to discovery at {} timed out",
+                    self.config.address
+                )
+            })?
     }
 }
 

@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::authz::{Caller, ConnectionAuthz, Enforcer};
 use super::body::RequestBody;
 use super::detect::{Version, deadline_after};
+use super::endpoints::{InFlight as Picked, Pick, Target};
 use super::headers::{
     has_duplicate_host, is_grpc, is_websocket_upgrade, set_client_id, strip_hop_by_hop,
     strip_reserved,
@@ -35,9 +36,11 @@ use super::mesh_proto::{ORIG_PROTO_HEADER, http1_to_mesh_http2, mesh_http2_to_ht
 use super::metrics::{Direction, HttpMetrics, Metrics};
 use super::outcome::{ConnError, ConnOutcome};
 use super::pool::{
-    CONNECTION_WINDOW, MAX_STREAMS_PER_CONNECTION, Pool, Route, STREAM_WINDOW, Sent,
+    CONNECTION_WINDOW, MAX_STREAMS_PER_CONNECTION, Pool, Route, STREAM_WINDOW, SendFailed, Sent,
 };
-use super::respond::{ProxyBody, bad_request, error_response, forbidden, unexpected_upgrade};
+use super::respond::{
+    ProxyBody, bad_request, error_response, forbidden, no_endpoints, unexpected_upgrade,
+};
 use super::tls_status::{NoTlsReason, TlsStatus};
 use crate::lifecycle::Watch;
 
@@ -98,13 +101,13 @@ impl Side {
 }
 
 impl HttpServer {
-    /// Serves one downstream connection whose requests all go to `dst`;
-    /// returns how it ended.
+    /// Serves one downstream connection whose requests all go to
+    /// `target`; returns how it ended.
     pub async fn serve<I>(
         &self,
         io: I,
         version: Version,
-        dst: SocketAddr,
+        target: Target,
         side: Side,
         activity: Arc<Activity>,
         drain: &Watch,
@@ -116,7 +119,8 @@ impl HttpServer {
             http_metrics: HttpMetrics::new(self.metrics.clone(), side.direction()),
             side,
             version,
-            dst,
+            dst: target.original(),
+            target,
             pool: self.pool.clone(),
             metrics: self.metrics.clone(),
             activity,
@@ -141,7 +145,9 @@ impl HttpServer {
 struct HttpForward {
     side: Side,
     version: Version,
+    /// The address the client dialled (or the static route's).
     dst: SocketAddr,
+    target: Target,
     pool: Arc<Pool>,
     metrics: Metrics,
     http_metrics: HttpMetrics,
@@ -222,6 +228,31 @@ impl HttpForward {
         // an HTTP/1.0 upstream must not close the downstream connection.
         let downstream_version = req.version();
         let direction = self.side.direction();
+        let (upstream, picked) = match &self.target {
+            Target::Fixed(upstream) => (upstream.clone(), None),
+            Target::Balanced(endpoints) => match endpoints.pick(None) {
+                (Pick::NoEndpoints, _) => {
+                    self.metrics
+                        .connection_error(direction, ConnError::NoEndpoints);
+                    let response = no_endpoints(grpc);
+                    self.http_metrics.record(
+                        &TlsStatus::NoTls(NoTlsReason::NoConnection),
+                        response.status().as_u16(),
+                        start.elapsed(),
+                    );
+                    return response;
+                }
+                (pick, picked) => {
+                    if let Some(service) = endpoints.service() {
+                        self.metrics.service_request(&service);
+                    }
+                    let upstream = pick
+                        .upstream(self.dst)
+                        .unwrap_or_else(|| super::connect::Upstream::unvouched(self.dst));
+                    (upstream, picked)
+                }
+            },
+        };
         let route = route(RouteFacts {
             version: self.version,
             direction,
@@ -229,7 +260,7 @@ impl HttpForward {
             upgrade,
             connect: req.method() == http::Method::CONNECT,
             mesh_http2_possible: direction == Direction::Outbound
-                && self.pool.mesh_http2_possible(self.dst),
+                && self.pool.mesh_http2_possible(&upstream),
             converted: req.headers().contains_key(&ORIG_PROTO_HEADER),
         });
         // A peer proxy's conversion is undone before our headers go, and
@@ -251,7 +282,7 @@ impl HttpForward {
         let (body, body_fault) = RequestBody::new(body);
         let req = Request::from_parts(parts, body);
 
-        let (response, upstream_tls) = match self.pool.send(self.dst, req, route).await {
+        let (response, upstream_tls) = match self.send(upstream, picked, req, route).await {
             Ok(Sent {
                 mut response,
                 tls,
@@ -285,7 +316,7 @@ impl HttpForward {
                     (response, tls)
                 }
             }
-            Err(error) if body_fault.client_body_failed() => {
+            Err(SendFailed { error, .. }) if body_fault.client_body_failed() => {
                 self.metrics
                     .connection_error(direction, ConnError::MalformedHttp);
                 tracing::debug!(direction = direction.as_str(), dst = %self.dst, %error, "The client's request body broke");
@@ -294,7 +325,7 @@ impl HttpForward {
                     TlsStatus::NoTls(NoTlsReason::NoConnection),
                 )
             }
-            Err(error) => {
+            Err(SendFailed { error, .. }) => {
                 self.metrics.connection_error(direction, error.reason());
                 tracing::debug!(direction = direction.as_str(), dst = %self.dst, %error, "Request failed");
                 (
@@ -309,6 +340,59 @@ impl HttpForward {
         self.http_metrics
             .record(tls, response.status().as_u16(), start.elapsed());
         response
+    }
+}
+
+impl HttpForward {
+    /// Sends through the pool; a request to a balanced destination that
+    /// failed before any of it was written goes once more, to another
+    /// endpoint. The balancer hears how each attempt ended.
+    async fn send(
+        &self,
+        upstream: super::connect::Upstream,
+        picked: Option<Picked>,
+        req: Request<RequestBody>,
+        route: Route,
+    ) -> Result<Sent, SendFailed> {
+        let result = self.pool.send(&upstream, req, route).await;
+        let (Target::Balanced(endpoints), Some(picked)) = (&self.target, picked) else {
+            return result;
+        };
+        let failed = match result {
+            Ok(sent) => {
+                picked.answered();
+                return Ok(sent);
+            }
+            Err(failed) => failed,
+        };
+        picked.failed();
+        let SendFailed {
+            error,
+            unsent: Some(req),
+        } = failed
+        else {
+            return Err(failed);
+        };
+        let (Pick::Endpoint(retry), Some(picked)) = endpoints.pick(Some(&upstream)) else {
+            return Err(SendFailed {
+                error,
+                unsent: Some(req),
+            });
+        };
+        if retry == upstream {
+            return Err(SendFailed {
+                error,
+                unsent: Some(req),
+            });
+        }
+        self.metrics.retried();
+        tracing::debug!(dst = %self.dst, failed = %upstream.addr, retry = %retry.addr, %error, "Retrying on another endpoint");
+        let result = self.pool.send(&retry, req, route).await;
+        match &result {
+            Ok(_) => picked.answered(),
+            Err(_) => picked.failed(),
+        }
+        result
     }
 }
 

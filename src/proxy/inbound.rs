@@ -21,10 +21,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::authz::{Caller, Enforcer};
-use super::connect::{AppConnector, Connect};
+use super::connect::{AppConnector, Connect, Upstream};
 use super::detect::{
     Alpn, Detection, Next, Protocol, Version, app_protocol, deadline_after, read_and_classify,
 };
+use super::endpoints::Target;
 use super::first_word::{FirstWord, WatchedWord, first_word};
 use super::http::{HttpServer, Side};
 use super::io::{Activity, MeteredIo, Rewind};
@@ -477,7 +478,14 @@ impl Inbound {
         self.metrics.protocol(DIRECTION, Some(version));
         let side = Side::inbound(c.tls, self.enforcer.clone(), c.caller);
         self.http
-            .serve(io, version, c.app_addr, side, c.activity, &c.drain)
+            .serve(
+                io,
+                version,
+                Target::Fixed(Upstream::unvouched(c.app_addr)),
+                side,
+                c.activity,
+                &c.drain,
+            )
             .await
     }
 
@@ -496,7 +504,7 @@ impl Inbound {
         if self.enforcer.check_tcp(&c.caller).is_err() {
             return ConnOutcome::Denied;
         }
-        let mut upstream = match self.app.connect(c.app_addr).await {
+        let mut upstream = match self.app.connect(&Upstream::unvouched(c.app_addr)).await {
             Ok(upstream) => upstream.io,
             Err(error) => {
                 self.metrics.connection_error(DIRECTION, error.reason());

@@ -11,7 +11,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use super::detect::Version;
@@ -54,6 +55,11 @@ pub struct Metrics {
     authz_decisions: IntCounterVec,
     authz_terminated: IntCounterVec,
     authz_http_rules_on_opaque: IntCounterVec,
+    discovery_answers: IntCounterVec,
+    balancer_endpoints: IntGauge,
+    endpoint_pauses: IntCounter,
+    retries: IntCounter,
+    service_requests: IntCounterVec,
 }
 
 /// Handles for one connection, resolved once when its TLS status is known.
@@ -100,6 +106,21 @@ impl Metrics {
             "Outbound connections sent in plaintext because the destination has no proxy (permissive mode).",
         )?;
         registry.register(Box::new(plaintext_fallbacks.clone()))?;
+        let balancer_endpoints = IntGauge::new(
+            "outbound_balancer_endpoints",
+            "Endpoints in the balancers of discovered destinations (summed over destinations).",
+        )?;
+        registry.register(Box::new(balancer_endpoints.clone()))?;
+        let endpoint_pauses = IntCounter::new(
+            "outbound_endpoint_pauses_total",
+            "Times an endpoint that kept failing was set aside by its balancer.",
+        )?;
+        registry.register(Box::new(endpoint_pauses.clone()))?;
+        let retries = IntCounter::new(
+            "outbound_retries_total",
+            "Requests and connections sent to another endpoint after failing before any byte reached a server.",
+        )?;
+        registry.register(Box::new(retries.clone()))?;
         Ok(Self {
             http_requests: counter(
                 "http_requests_total",
@@ -173,6 +194,19 @@ impl Metrics {
                 "authz_http_rules_on_opaque_total",
                 "Opaque connections judged by a policy whose HTTP conditions cannot apply to them (they never match an ALLOW and always match a DENY).",
                 &["policy"],
+            )?,
+            discovery_answers: counter(
+                "outbound_discovery_answers_total",
+                "Outbound connections by what discovery said of their destination: endpoints (balanced), unknown (not in the cluster: original destination) or unavailable (no answer in time: original destination).",
+                &["answer"],
+            )?,
+            balancer_endpoints,
+            endpoint_pauses,
+            retries,
+            service_requests: counter(
+                "outbound_service_requests_total",
+                "Outbound HTTP requests balanced over a Service's endpoints, by Service (namespace/name).",
+                &["service"],
             )?,
         })
     }
@@ -278,6 +312,32 @@ impl Metrics {
 
     pub fn plaintext_fallback(&self) {
         self.plaintext_fallbacks.inc();
+    }
+
+    pub fn discovery_answer(&self, answer: &super::discover::Answer) {
+        use super::discover::Answer;
+        let label = match answer {
+            Answer::Endpoints(_) => "endpoints",
+            Answer::Unknown => "unknown",
+            Answer::Unavailable => "unavailable",
+        };
+        self.discovery_answers.with_label_values(&[label]).inc();
+    }
+
+    pub fn balancer_endpoints_changed(&self, delta: i64) {
+        self.balancer_endpoints.add(delta);
+    }
+
+    pub fn endpoint_paused(&self) {
+        self.endpoint_pauses.inc();
+    }
+
+    pub fn retried(&self) {
+        self.retries.inc();
+    }
+
+    pub fn service_request(&self, service: &str) {
+        self.service_requests.with_label_values(&[service]).inc();
     }
 }
 

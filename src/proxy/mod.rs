@@ -13,6 +13,7 @@ mod body;
 mod connect;
 mod detect;
 pub mod discover;
+mod endpoints;
 mod first_word;
 pub mod headers;
 mod http;
@@ -134,6 +135,9 @@ pub struct ProxyConfig {
     pub opaque_ports: BTreeSet<u16>,
     pub plaintext_fallback_ttl: Duration,
     pub limits: Limits,
+    /// Where to resolve destinations; `None`: every destination is its
+    /// original address.
+    pub discovery: Option<discover::DiscoveryConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +262,13 @@ impl Proxy {
             None => None,
         };
         let outbound = match &config.outbound {
-            Some(c) => Some(Outbound::bind(c, config, tls, metrics).await?),
+            Some(c) => {
+                let resolver = config
+                    .discovery
+                    .clone()
+                    .map(|d| discover::Resolver::new(d, tls.clone()));
+                Some(Outbound::bind(c, config, tls, resolver, metrics).await?)
+            }
             None => None,
         };
         Ok(Self { inbound, outbound })

@@ -1,10 +1,14 @@
 //! The outbound side: connections the local application opens.
 //!
 //! The destination is the static peer of the route or the address the
-//! application dialled. HTTP is served through hyper and forwarded over
-//! pooled mTLS connections; everything else (and every configured opaque
-//! port, without waiting for the client to speak) gets an mTLS connection
-//! of its own and is relayed as bytes.
+//! application dialled. With discovery, a destination the controller knows
+//! is its endpoints ([`Target::Balanced`]): HTTP requests are balanced one
+//! by one, opaque connections one by one, each endpoint held to its own
+//! identity; one it does not know (or cannot answer for in time) is the
+//! original address, as without discovery. HTTP is served through hyper
+//! and forwarded over pooled mTLS connections; everything else (and every
+//! opaque port, configured or discovered, without waiting for the client
+//! to speak) gets an mTLS connection of its own and is relayed as bytes.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -14,8 +18,10 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 
-use super::connect::{ExpectedPeer, MeshConnector};
+use super::connect::{ConnectError, Connected, ExpectedPeer, MeshConnector, Upstream};
 use super::detect::{Detection, Next, Protocol, app_protocol, deadline_after};
+use super::discover::Resolver;
+use super::endpoints::{Destinations, InFlight as Picked, Pick, Target};
 use super::first_word::{FirstWord, WatchedWord, first_word};
 use super::http::{HttpServer, Side};
 use super::io::{Activity, MeteredIo, Rewind};
@@ -42,6 +48,8 @@ pub struct Outbound {
     http: HttpServer,
     metrics: Metrics,
     connector: Arc<MeshConnector>,
+    /// With discovery, in transparent mode.
+    destinations: Option<Destinations>,
 }
 
 impl Outbound {
@@ -50,6 +58,7 @@ impl Outbound {
         config: &OutboundConfig,
         proxy: &ProxyConfig,
         tls: TlsRx,
+        resolver: Option<Resolver>,
         metrics: Metrics,
     ) -> Result<Listener<Self>, Error> {
         let (listener, local) = bind(config.listen).await?;
@@ -67,6 +76,21 @@ impl Outbound {
             proxy.plaintext_fallback_ttl,
             metrics.clone(),
         ));
+        let http = http_server(
+            connector.clone(),
+            limits.peer_pool_idle_timeout,
+            metrics.clone(),
+            &limits,
+        );
+        // A static route names its peer: discovery has nothing to add.
+        let destinations = match (&config.target, resolver) {
+            (OutboundTarget::OriginalDst, Some(resolver)) => Some(Destinations::new(
+                resolver,
+                http.pool.clone(),
+                metrics.clone(),
+            )),
+            _ => None,
+        };
         Ok(Listener::new(
             listener,
             local,
@@ -78,15 +102,11 @@ impl Outbound {
                 target: config.target.clone(),
                 protocol: config.protocol,
                 opaque_ports: proxy.opaque_ports.clone(),
-                http: http_server(
-                    connector.clone(),
-                    limits.peer_pool_idle_timeout,
-                    metrics.clone(),
-                    &limits,
-                ),
+                http,
                 limits,
                 metrics,
                 connector,
+                destinations,
             },
         ))
     }
@@ -118,9 +138,14 @@ impl Handler for Outbound {
             return Admission::Refuse;
         }
         // Server-speaks-first protocols live on opaque ports: connect at
-        // once, without waiting for the client.
-        let opaque =
-            self.protocol == ProtocolMode::Opaque || self.opaque_ports.contains(&dst.port());
+        // once, without waiting for the client. Discovery's hint counts
+        // when its answer is already at hand (it never blocks an accept).
+        let opaque = self.protocol == ProtocolMode::Opaque
+            || self.opaque_ports.contains(&dst.port())
+            || self
+                .destinations
+                .as_ref()
+                .is_some_and(|d| d.known_opaque(dst));
         let accepted = Accepted {
             dst,
             opaque,
@@ -143,13 +168,17 @@ impl Handler for Outbound {
         _probation: Option<OnProbation>,
         drain: Watch,
     ) {
+        let (target, discovered_opaque) = match &self.destinations {
+            Some(destinations) => destinations.resolve(accepted.dst).await,
+            None => (Target::Fixed(Upstream::unvouched(accepted.dst)), false),
+        };
         let activity = Activity::new();
         let mut io = MeteredIo::new(stream, activity.clone());
         let mut prefix = BytesMut::new();
         let detection = app_protocol(
             &mut io,
             &mut prefix,
-            accepted.opaque,
+            accepted.opaque || discovered_opaque,
             accepted.deadline,
             MAX_DETECT_BYTES,
             || self.metrics.detect_timeout(DIRECTION),
@@ -161,7 +190,7 @@ impl Handler for Outbound {
         // The application's own TLS stays end-to-end encrypted even if
         // the destination turns out to have no proxy.
         let app_tls = matches!(detection, Detection::Detected(Protocol::Tls(_)));
-        self.forward(io, prefix, next, accepted.dst, app_tls, activity, drain)
+        self.forward(io, prefix, next, target, app_tls, activity, drain)
             .await;
     }
 }
@@ -174,7 +203,7 @@ impl Outbound {
         mut io: MeteredIo<TcpStream>,
         mut prefix: BytesMut,
         next: Next,
-        dst: SocketAddr,
+        target: Target,
         app_tls: bool,
         activity: Arc<Activity>,
         drain: Watch,
@@ -184,7 +213,7 @@ impl Outbound {
                 self.metrics.protocol(DIRECTION, Some(version));
                 let io = Rewind::new(prefix.freeze(), io);
                 self.http
-                    .serve(io, version, dst, Side::Outbound, activity, &drain)
+                    .serve(io, version, target, Side::Outbound, activity, &drain)
                     .await;
                 return;
             }
@@ -196,7 +225,8 @@ impl Outbound {
             }
             next @ (Next::Relay | Next::RelayWatchingTheWord | Next::AwaitFirstWord) => next,
         };
-        let upstream = match self.connector.connect_to(dst, app_tls).await {
+        let dst = target.original();
+        let (upstream, picked) = match self.connect(&target, app_tls).await {
             Ok(upstream) => upstream,
             Err(error) => {
                 self.metrics.connection_error(DIRECTION, error.reason());
@@ -225,10 +255,10 @@ impl Outbound {
                     Some(next) => {
                         // A request after all: this upstream connection
                         // goes, and it is served (or refused) as any.
-                        drop((upstream_io, conn));
+                        drop((upstream_io, conn, picked));
                         let app_tls = matches!(detection, Detection::Detected(Protocol::Tls(_)));
                         return Box::pin(
-                            self.forward(io, prefix, next, dst, app_tls, activity, drain),
+                            self.forward(io, prefix, next, target, app_tls, activity, drain),
                         )
                         .await;
                     }
@@ -250,6 +280,85 @@ impl Outbound {
         .await;
         if let Some(conn) = conn.as_mut() {
             conn.set_result(result);
+        }
+        // The connection no longer counts on its endpoint.
+        drop(picked);
+    }
+}
+
+/// Why an opaque connection found no upstream.
+#[derive(Debug, thiserror::Error)]
+enum OpaqueConnectError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("the destination has no endpoints")]
+    NoEndpoints,
+}
+
+impl OpaqueConnectError {
+    fn reason(&self) -> ConnError {
+        match self {
+            Self::Connect(error) => error.reason(),
+            Self::NoEndpoints => ConnError::NoEndpoints,
+        }
+    }
+}
+
+impl Outbound {
+    /// The upstream connection of an opaque connection: for a balanced
+    /// destination an endpoint picked for it (P2C over its open
+    /// connections, counted while the returned guard lives), and once
+    /// more on another endpoint if the first cannot be connected to.
+    async fn connect(
+        &self,
+        target: &Target,
+        app_tls: bool,
+    ) -> Result<(Connected, Option<Picked>), OpaqueConnectError> {
+        let endpoints = match target {
+            Target::Fixed(upstream) => {
+                return Ok((self.connector.connect_to(upstream, app_tls).await?, None));
+            }
+            Target::Balanced(endpoints) => endpoints,
+        };
+        let original = endpoints.original();
+        let (pick, picked) = endpoints.pick(None);
+        let upstream = pick
+            .upstream(original)
+            .ok_or(OpaqueConnectError::NoEndpoints)?;
+        let error = match self.connector.connect_to(&upstream, app_tls).await {
+            Ok(connected) => {
+                if let Some(picked) = &picked {
+                    picked.connected();
+                }
+                return Ok((connected, picked));
+            }
+            Err(error) => error,
+        };
+        let Some(picked) = picked else {
+            return Err(error.into());
+        };
+        picked.failed();
+        let (Pick::Endpoint(retry), picked) = endpoints.pick(Some(&upstream)) else {
+            return Err(error.into());
+        };
+        if retry == upstream {
+            return Err(error.into());
+        }
+        self.metrics.retried();
+        tracing::debug!(dst = %original, failed = %upstream.addr, retry = %retry.addr, %error, "Connecting to another endpoint");
+        match self.connector.connect_to(&retry, app_tls).await {
+            Ok(connected) => {
+                if let Some(picked) = &picked {
+                    picked.connected();
+                }
+                Ok((connected, picked))
+            }
+            Err(error) => {
+                if let Some(picked) = picked {
+                    picked.failed();
+                }
+                Err(error.into())
+            }
         }
     }
 }

@@ -69,6 +69,10 @@ pub enum ConnError {
     ConnectTimeout,
     ConnectRefused,
     ConnectFailed,
+    /// Discovery knows the destination, and it has no endpoint.
+    NoEndpoints,
+    /// Discovery says the destination has no proxy, and mTLS is strict.
+    DestinationUnmeshed,
     /// The upstream's mTLS handshake failed or it spoke another protocol.
     UpstreamTlsFailed,
     /// No workload identity is loaded yet.
@@ -93,6 +97,8 @@ impl ConnError {
             Self::ConnectTimeout => "connect_timeout",
             Self::ConnectRefused => "connect_refused",
             Self::ConnectFailed => "connect_error",
+            Self::NoEndpoints => "no_endpoints",
+            Self::DestinationUnmeshed => "destination_unmeshed",
             Self::UpstreamTlsFailed => "upstream_tls_failed",
             Self::NoIdentity => "no_identity",
             Self::UpstreamHttpError => "upstream_http_error",

@@ -16,10 +16,14 @@
 //! connection, and at most [`MAX_CONNECTIONS_PER_DESTINATION`] connections.
 //! A request that fails on a reused connection before it was written is
 //! retried on a fresh one, which covers the race with a server closing an
-//! idle keep-alive connection.
+//! idle keep-alive connection. A request that fails before it was written
+//! for any other reason is handed back ([`SendFailed::unsent`]), so the
+//! caller may try another endpoint.
+//!
+//! Connections are keyed by [`Upstream`]: the address and what must
+//! answer there.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -32,7 +36,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::body::RequestBody;
-use super::connect::{Connect, ConnectError, Connected};
+use super::connect::{Connect, ConnectError, Connected, Upstream};
 use super::mesh_proto::mesh_http2_to_http1;
 use super::metrics::ConnMetrics;
 use super::outcome::{ConnError, ConnOutcome};
@@ -84,6 +88,32 @@ impl ForwardError {
     }
 }
 
+/// A request that got no response, and the request itself when none of
+/// it was written (so it can go elsewhere).
+pub struct SendFailed {
+    pub error: ForwardError,
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+impl SendFailed {
+    fn unsent(error: impl Into<ForwardError>, req: Request<RequestBody>) -> Self {
+        Self {
+            error: error.into(),
+            unsent: Some(req),
+        }
+    }
+
+    /// From hyper's failed send, which hands the request back when it was
+    /// never written.
+    fn from_try_send(mut error: hyper::client::conn::TrySendError<Request<RequestBody>>) -> Self {
+        let unsent = error.take_message();
+        Self {
+            error: error.into_error().into(),
+            unsent,
+        }
+    }
+}
+
 /// How a request travels upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -108,8 +138,8 @@ pub struct Pool {
 
 #[derive(Default)]
 struct State {
-    http1: HashMap<SocketAddr, Vec<IdleHttp1>>,
-    http2: HashMap<SocketAddr, Http2Slot>,
+    http1: HashMap<Upstream, Vec<IdleHttp1>>,
+    http2: HashMap<Upstream, Http2Slot>,
 }
 
 /// A multiplexed connection, the TLS status of its peer, and how many
@@ -163,7 +193,7 @@ enum Found {
 }
 
 /// Where a request on the HTTP/2 path is sent.
-enum Upstream {
+enum Via {
     Http2 {
         conn: Http2Conn,
         /// From the slot rather than just connected (so may be stale).
@@ -200,7 +230,7 @@ pub struct Sent {
 /// The right to return an HTTP/1 connection to its pool.
 pub struct Release {
     pool: Weak<Pool>,
-    dst: SocketAddr,
+    dst: Upstream,
     sender: http1::SendRequest<RequestBody>,
     tls: TlsStatus,
 }
@@ -276,13 +306,13 @@ impl Pool {
 
     fn release(
         self: &Arc<Self>,
-        dst: SocketAddr,
+        dst: &Upstream,
         sender: http1::SendRequest<RequestBody>,
         tls: TlsStatus,
     ) -> Release {
         Release {
             pool: Arc::downgrade(self),
-            dst,
+            dst: dst.clone(),
             sender,
             tls,
         }
@@ -291,10 +321,10 @@ impl Pool {
     /// Sends `req` to `dst` the way `route` says.
     pub async fn send(
         self: &Arc<Self>,
-        dst: SocketAddr,
+        dst: &Upstream,
         req: Request<RequestBody>,
         route: Route,
-    ) -> Result<Sent, ForwardError> {
+    ) -> Result<Sent, SendFailed> {
         match route {
             Route::Http1 { upgrade } => self.send_http1(dst, req, upgrade).await,
             Route::Http2 | Route::Http1OverHttp2 => self.send_http2(dst, req, route).await,
@@ -303,16 +333,24 @@ impl Pool {
 
     /// Whether HTTP/1 requests to `dst` may ride HTTP/2: not when it is
     /// known to have no proxy.
-    pub fn mesh_http2_possible(&self, dst: SocketAddr) -> bool {
+    pub fn mesh_http2_possible(&self, dst: &Upstream) -> bool {
         !self.connector.known_plaintext(dst)
+    }
+
+    /// Forgets the connections to an upstream that left its destination:
+    /// requests on them finish, and each closes once its last is done.
+    pub fn retire(&self, dst: &Upstream) {
+        let mut state = self.state.lock();
+        state.http1.remove(dst);
+        state.http2.remove(dst);
     }
 
     async fn send_http1(
         self: &Arc<Self>,
-        dst: SocketAddr,
+        dst: &Upstream,
         mut req: Request<RequestBody>,
         upgrade: bool,
-    ) -> Result<Sent, ForwardError> {
+    ) -> Result<Sent, SendFailed> {
         loop {
             let reused = if upgrade {
                 None
@@ -322,7 +360,10 @@ impl Pool {
             let was_reused = reused.is_some();
             let (mut sender, tls) = match reused {
                 Some(conn) => conn,
-                None => self.connect_http1(dst).await?,
+                None => match self.connect_http1(dst).await {
+                    Ok(conn) => conn,
+                    Err(error) => return Err(SendFailed::unsent(error, req)),
+                },
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -334,10 +375,13 @@ impl Pool {
                         in_flight: None,
                     });
                 }
-                Err(mut error) => match error.take_message() {
+                Err(error) => match SendFailed::from_try_send(error) {
                     // Never written: the pooled connection had gone stale.
-                    Some(unsent) if was_reused => req = unsent,
-                    _ => return Err(error.into_error().into()),
+                    SendFailed {
+                        unsent: Some(unsent),
+                        ..
+                    } if was_reused => req = unsent,
+                    failed => return Err(failed),
                 },
             }
         }
@@ -345,10 +389,10 @@ impl Pool {
 
     async fn checkout_http1(
         &self,
-        dst: SocketAddr,
+        dst: &Upstream,
     ) -> Option<(http1::SendRequest<RequestBody>, TlsStatus)> {
         loop {
-            let mut conn = self.state.lock().http1.get_mut(&dst)?.pop()?;
+            let mut conn = self.state.lock().http1.get_mut(dst)?.pop()?;
             if conn.sender.is_closed() || conn.since.elapsed() >= self.idle_timeout {
                 continue;
             }
@@ -366,7 +410,7 @@ impl Pool {
 
     async fn connect_http1(
         &self,
-        dst: SocketAddr,
+        dst: &Upstream,
     ) -> Result<(http1::SendRequest<RequestBody>, TlsStatus), ForwardError> {
         handshake_http1(self.connector.connect(dst).await?).await
     }
@@ -376,19 +420,23 @@ impl Pool {
     /// should the destination turn out to have no proxy.
     async fn send_http2(
         self: &Arc<Self>,
-        dst: SocketAddr,
+        dst: &Upstream,
         mut req: Request<RequestBody>,
         route: Route,
-    ) -> Result<Sent, ForwardError> {
+    ) -> Result<Sent, SendFailed> {
         loop {
-            let (mut conn, reused) = match self.shared_http2(dst, route).await? {
-                Upstream::Http2 { conn, reused } => (conn, reused),
-                Upstream::Http1(Some((mut sender, tls))) => {
+            let shared = match self.shared_http2(dst, route).await {
+                Ok(shared) => shared,
+                Err(error) => return Err(SendFailed::unsent(error, req)),
+            };
+            let (mut conn, reused) = match shared {
+                Via::Http2 { conn, reused } => (conn, reused),
+                Via::Http1(Some((mut sender, tls))) => {
                     mesh_http2_to_http1(&mut req);
                     let response = sender
                         .try_send_request(req)
                         .await
-                        .map_err(|e| e.into_error())?;
+                        .map_err(SendFailed::from_try_send)?;
                     let release = Some(self.release(dst, sender, tls.clone()));
                     return Ok(Sent {
                         response,
@@ -397,7 +445,7 @@ impl Pool {
                         in_flight: None,
                     });
                 }
-                Upstream::Http1(None) => {
+                Via::Http1(None) => {
                     mesh_http2_to_http1(&mut req);
                     return self.send_http1(dst, req, false).await;
                 }
@@ -412,13 +460,16 @@ impl Pool {
                         in_flight: Some(in_flight),
                     });
                 }
-                Err(mut error) => match error.take_message() {
+                Err(error) => match SendFailed::from_try_send(error) {
                     // Never written: the shared connection had gone away.
-                    Some(unsent) if reused => {
+                    SendFailed {
+                        unsent: Some(unsent),
+                        ..
+                    } if reused => {
                         self.forget_closed(dst);
                         req = unsent;
                     }
-                    _ => return Err(error.into_error().into()),
+                    failed => return Err(failed),
                 },
             }
         }
@@ -427,12 +478,12 @@ impl Pool {
     /// The destination's shared HTTP/2 connection. Only one task connects
     /// at a time; the others wait for what it finds, so a burst of
     /// requests to a new destination opens one connection, not one each.
-    async fn shared_http2(&self, dst: SocketAddr, route: Route) -> Result<Upstream, ForwardError> {
+    async fn shared_http2(&self, dst: &Upstream, route: Route) -> Result<Via, ForwardError> {
         loop {
             // Decided under the lock, acted on after it.
             let mut found = match self.join_or_claim(dst) {
                 Turn::Ready(conn) => {
-                    return Ok(Upstream::Http2 { conn, reused: true });
+                    return Ok(Via::Http2 { conn, reused: true });
                 }
                 Turn::Wait(rx) => rx,
                 Turn::Connect(tx) => return self.connect_for_all(dst, route, tx).await,
@@ -443,11 +494,11 @@ impl Pool {
                 Err(_) => continue,
             };
             return match outcome {
-                Some(Found::Mesh(conn)) => Ok(Upstream::Http2 {
+                Some(Found::Mesh(conn)) => Ok(Via::Http2 {
                     conn,
                     reused: false,
                 }),
-                Some(Found::Plaintext) => Ok(Upstream::Http1(None)),
+                Some(Found::Plaintext) => Ok(Via::Http1(None)),
                 Some(Found::Failed(error)) => Err(ForwardError::Shared(error)),
                 None => continue,
             };
@@ -455,8 +506,8 @@ impl Pool {
     }
 
     /// Drops the slot's closed connections.
-    fn forget_closed(&self, dst: SocketAddr) {
-        if let Some(slot) = self.state.lock().http2.get_mut(&dst) {
+    fn forget_closed(&self, dst: &Upstream) {
+        if let Some(slot) = self.state.lock().http2.get_mut(dst) {
             slot.conns.retain(|c| !c.sender.is_closed());
         }
     }
@@ -465,9 +516,9 @@ impl Pool {
     /// request; else the connect in progress to wait for; else the right
     /// to connect, claimed; and with every connection full and no room
     /// for another, the least loaded one anyway (the request queues).
-    fn join_or_claim(&self, dst: SocketAddr) -> Turn {
+    fn join_or_claim(&self, dst: &Upstream) -> Turn {
         let mut state = self.state.lock();
-        let slot = state.http2.entry(dst).or_default();
+        let slot = state.http2.entry(dst.clone()).or_default();
         slot.conns.retain(|c| !c.sender.is_closed());
         let least = slot.conns.iter().min_by_key(|c| c.load()).cloned();
         if let Some(conn) = &least
@@ -496,19 +547,19 @@ impl Pool {
     /// Connects for the slot and tells the waiting requests what it found.
     async fn connect_for_all(
         &self,
-        dst: SocketAddr,
+        dst: &Upstream,
         route: Route,
         found: watch::Sender<Option<Found>>,
-    ) -> Result<Upstream, ForwardError> {
+    ) -> Result<Via, ForwardError> {
         let result = self.connect_shared(dst, route).await;
         let mut state = self.state.lock();
-        let slot = state.http2.entry(dst).or_default();
+        let slot = state.http2.entry(dst.clone()).or_default();
         slot.connecting = None;
         match result {
-            Ok(Upstream::Http2 { conn, reused }) => {
+            Ok(Via::Http2 { conn, reused }) => {
                 slot.conns.push(conn.clone());
                 found.send_replace(Some(Found::Mesh(conn.clone())));
-                Ok(Upstream::Http2 { conn, reused })
+                Ok(Via::Http2 { conn, reused })
             }
             Ok(http1) => {
                 found.send_replace(Some(Found::Plaintext));
@@ -524,14 +575,10 @@ impl Pool {
 
     /// A new connection for the slot: HTTP/2 to a peer proxy, or HTTP/1
     /// when an HTTP/1 request found the destination in plaintext.
-    async fn connect_shared(
-        &self,
-        dst: SocketAddr,
-        route: Route,
-    ) -> Result<Upstream, ForwardError> {
+    async fn connect_shared(&self, dst: &Upstream, route: Route) -> Result<Via, ForwardError> {
         let connected = self.connector.connect(dst).await?;
         if route == Route::Http1OverHttp2 && connected.tls.peer_id().is_none() {
-            return Ok(Upstream::Http1(Some(handshake_http1(connected).await?)));
+            return Ok(Via::Http1(Some(handshake_http1(connected).await?)));
         }
         let Connected { io, tls, metrics } = connected;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -542,7 +589,7 @@ impl Pool {
             .handshake(TokioIo::new(io))
             .await?;
         spawn_connection(conn, metrics);
-        Ok(Upstream::Http2 {
+        Ok(Via::Http2 {
             conn: Http2Conn {
                 sender,
                 tls,

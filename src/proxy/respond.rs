@@ -133,6 +133,16 @@ pub fn error_response(error: &ForwardError, grpc: bool) -> Response<ProxyBody> {
     )
 }
 
+/// A request to a Service discovery knows with no endpoint to send it to.
+pub fn no_endpoints(grpc: bool) -> Response<ProxyBody> {
+    synthetic_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        super::outcome::ConnError::NoEndpoints.as_str(),
+        grpc,
+        GrpcStatus::Unavailable,
+    )
+}
+
 /// A request the proxy will not forward as it is: two `Host` headers, or
 /// a body that broke on the client's side.
 pub fn bad_request(grpc: bool) -> Response<ProxyBody> {
