@@ -105,6 +105,10 @@ struct Net {
     app_stops: Vec<tokio::sync::oneshot::Sender<()>>,
     dir: tempfile::TempDir,
     ca: TestCa,
+    /// Pods whose ServiceAccount is not their own name.
+    service_accounts: std::collections::BTreeMap<String, String>,
+    /// The controller's discovery API, for proxies started from now on.
+    discovery: Option<SocketAddr>,
 }
 
 impl Net {
@@ -167,6 +171,8 @@ impl Net {
             app_stops: Vec::new(),
             dir,
             ca: TestCa::new("cluster.local"),
+            service_accounts: std::collections::BTreeMap::new(),
+            discovery: None,
         }
     }
 
@@ -208,6 +214,11 @@ impl Net {
     /// An HTTP app on 0.0.0.0:8080 inside the pod, answering with the
     /// caller identity the proxy passed on.
     fn start_app(&mut self, name: &str) {
+        self.start_slow_app(name, Duration::ZERO);
+    }
+
+    /// An app like [`Self::start_app`] that takes `delay` per request.
+    fn start_slow_app(&mut self, name: &str, delay: Duration) {
         let ns = self.pod(name).ns.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready, is_ready) = std::sync::mpsc::channel();
@@ -218,7 +229,7 @@ impl Net {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                http1_app_at(SocketAddr::from(([0, 0, 0, 0], APP_PORT)), Duration::ZERO).await;
+                http1_app_at(SocketAddr::from(([0, 0, 0, 0], APP_PORT)), delay).await;
                 let _ = ready.send(());
                 let _ = stopped.await;
             });
@@ -232,7 +243,8 @@ impl Net {
     /// The pod's identity directory, readable by the proxy's UID.
     fn identity(&self, name: &str) -> (PathBuf, String) {
         let dir = self.dir.path().join(format!("identity-{name}"));
-        let svid = self.ca.issue("shop", name);
+        let sa = self.service_accounts.get(name).map_or(name, String::as_str);
+        let svid = self.ca.issue("shop", sa);
         write_identity(&dir, &svid.chain_pem, &svid.key_pem, &self.ca.root_pem);
         chown_tree(&dir);
         (dir, svid.id.to_string())
@@ -258,9 +270,12 @@ impl Net {
                  mtls_mode: {mtls_mode}\n\
                  workload:\n  labels: {{app: {name}}}\n\
                  policy:\n  source: files\n  dir: {}\n  reload_debounce: 50ms\n  poll_interval: 500ms\n\
-                 log:\n  level: info\n",
+                 log:\n  level: info\n{}",
                 identity.display(),
-                policies.display()
+                policies.display(),
+                self.discovery
+                    .map(|at| format!("discovery:\n  address: {at}\n"))
+                    .unwrap_or_default(),
             ),
         )
         .expect("config");
@@ -911,4 +926,463 @@ fn an_injected_pod_runs_on_what_the_injector_and_controller_wrote() {
     assert_eq!(status, 200, "{}", net.logs("b"));
     let other = get_from(&net.switch, b, "/api/orders");
     assert!(!matches!(other, Ok((200, _))), "{other:?}");
+}
+
+// === Discovery and balancing ===
+
+/// The Service's virtual IP, as kube-proxy would program it.
+fn cluster_ip(net: &Net) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, net.subnet, 10)
+}
+
+/// A Service `shop/web` (port 80 → `http`, 8080) over `backends`, each
+/// a meshed pod running as ServiceAccount `web` unless `impostors` names
+/// it (its Pod says `web`, its proxy presents `other`), with its
+/// EndpointSlice and Pods in a fake API server, and the controller serving
+/// discovery, both on the bridge. Proxies started afterwards use it.
+struct ServiceCluster {
+    api: outrider::test_util::fake_apiserver::FakeApiServer,
+    backends: Vec<String>,
+}
+
+impl ServiceCluster {
+    fn start(net: &mut Net, backends: &[&str], impostors: &[&str]) -> Self {
+        use outrider::test_util::fake_apiserver::FakeApiServer;
+        use serde_json::json;
+        let api_addr: SocketAddr = format!("10.222.{}.254:6443", net.subnet).parse().unwrap();
+        let discovery: SocketAddr = format!("10.222.{}.254:8090", net.subnet).parse().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let switch = net.switch.clone();
+        let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            enter(&switch);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                tx.send(FakeApiServer::start_at(api_addr).await).unwrap();
+                let _ = api_stopped.await;
+            });
+        });
+        net.app_stops.push(stop_api);
+        let api = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        for ns in ["shop", "outrider-system"] {
+            api.apply(
+                "namespaces",
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            );
+        }
+        api.apply(
+            "services",
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "web", "namespace": "shop"},
+                   "spec": {"clusterIP": cluster_ip(net).to_string(),
+                            "clusterIPs": [cluster_ip(net).to_string()],
+                            "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}),
+        );
+        for name in backends {
+            let ip = net.pod(name).ip.to_string();
+            api.apply(
+                "pods",
+                json!({"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": name, "namespace": "shop",
+                                    "annotations": {"outrider.dev/proxy-version": "0.1.0"}},
+                       "spec": {"serviceAccountName": "web",
+                                "containers": [{"name": "app", "image": "app"}]},
+                       "status": {"podIP": ip, "podIPs": [{"ip": ip}]}}),
+            );
+            let sa = if impostors.contains(name) {
+                "other"
+            } else {
+                "web"
+            };
+            net.service_accounts
+                .insert(name.to_string(), sa.to_string());
+        }
+        let cluster = Self {
+            api,
+            backends: backends.iter().map(|b| b.to_string()).collect(),
+        };
+        cluster.set_endpoints(net, backends);
+        let kubeconfig = net.dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, cluster.api.kubeconfig()).unwrap();
+        let log = File::create(net.dir.path().join("controller.log")).unwrap();
+        let controller = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.switch,
+                BIN,
+                "controller",
+                "--kubeconfig",
+            ])
+            .arg(&kubeconfig)
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(["--webhook-listen", "127.0.0.1:0"])
+            .args(["--discovery-listen", &discovery.to_string()])
+            .args(["--resync", "1s"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        net.children.push(("controller".into(), controller));
+        // Proxies get SVIDs from the controller's own CA, as in a cluster.
+        let secret = (0..200)
+            .find_map(|_| {
+                std::thread::sleep(Duration::from_millis(50));
+                cluster.api.get("secrets", "outrider-system", "outrider-ca")
+            })
+            .expect("the controller wrote its CA Secret");
+        net.ca =
+            TestCa::from_ca_secret(&outrider::test_util::secret_data(&secret), "cluster.local");
+        net.discovery = Some(discovery);
+        cluster
+    }
+
+    /// The Service's one EndpointSlice lists exactly `ready` (port 8080).
+    fn set_endpoints(&self, net: &Net, ready: &[&str]) {
+        use serde_json::json;
+        let endpoints: Vec<_> = ready
+            .iter()
+            .map(|name| {
+                json!({"addresses": [net.pod(name).ip.to_string()], "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "name": name, "namespace": "shop"}})
+            })
+            .collect();
+        self.api.apply(
+            "endpointslices",
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": "web-x1", "namespace": "shop",
+                                "labels": {"kubernetes.io/service-name": "web"}},
+                   "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+                   "endpoints": endpoints}),
+        );
+    }
+
+    /// Requests each backend's proxy let through to its app.
+    fn served(&self, net: &Net) -> Vec<(String, f64)> {
+        let all: Vec<&str> = self.backends.iter().map(String::as_str).collect();
+        served_by(net, &all)
+    }
+}
+
+/// Requests the proxies of `backends` let through to their apps.
+fn served_by(net: &Net, backends: &[&str]) -> Vec<(String, f64)> {
+    {
+        backends
+            .iter()
+            .map(|b| {
+                let served = metric(
+                    &net.metrics(b),
+                    "outrider_http_responses_total",
+                    &[("direction", "inbound"), ("status_code", "200")],
+                );
+                (b.to_string(), served)
+            })
+            .collect()
+    }
+}
+
+/// kube-proxy's rules for the Service, in the client pod: the virtual IP
+/// DNATed to one backend per connection (`statistic mode random`), after
+/// outrider's own chain (which leaves the proxy's connections alone).
+fn program_cluster_ip(net: &Net, client: &str, backends: &[&str]) {
+    let ns = net.pod(client).ns.clone();
+    let ipt = |args: &[&str]| {
+        let mut all = vec!["ip", "netns", "exec", &ns, "iptables", "-t", "nat"];
+        all.extend_from_slice(args);
+        sh(&all);
+    };
+    sh(&[
+        "ip",
+        "-n",
+        &ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("10.222.{}.254", net.subnet),
+    ]);
+    ipt(&["-N", "KUBE-SVC-WEB"]);
+    let n = backends.len();
+    for (i, name) in backends.iter().enumerate() {
+        let to = format!("{}:{APP_PORT}", net.pod(name).ip);
+        let remaining = n - i;
+        if remaining > 1 {
+            let probability = format!("{:.5}", 1.0 / remaining as f64);
+            ipt(&[
+                "-A",
+                "KUBE-SVC-WEB",
+                "-p",
+                "tcp",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &probability,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
+            ]);
+        } else {
+            ipt(&[
+                "-A",
+                "KUBE-SVC-WEB",
+                "-p",
+                "tcp",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
+            ]);
+        }
+    }
+    ipt(&[
+        "-A",
+        "OUTPUT",
+        "-d",
+        &format!("{}/32", cluster_ip(net)),
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "KUBE-SVC-WEB",
+    ]);
+}
+
+/// One HTTP/1 keep-alive connection from an app in a pod, reused for every
+/// request (as an HTTP client library with a connection pool of one).
+struct KeepAliveClient {
+    rt: tokio::runtime::Runtime,
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+}
+
+impl KeepAliveClient {
+    fn connect(ns: &str, to: SocketAddr) -> Self {
+        let stream = in_netns(ns, || {
+            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect")
+        });
+        stream.set_nonblocking(true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let sender = rt.block_on(async {
+            let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            sender
+        });
+        Self { rt, sender }
+    }
+
+    /// GETs `path`; the status, or why there was none.
+    fn get(&mut self, path: &str) -> Result<u16, String> {
+        use http_body_util::BodyExt as _;
+        let sender = &mut self.sender;
+        self.rt.block_on(async {
+            let request = http::Request::get(path)
+                .header("host", "web.shop.svc.cluster.local")
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let exchange = async {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                let response = sender
+                    .send_request(request)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = response.status().as_u16();
+                response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(status)
+            };
+            tokio::time::timeout(Duration::from_secs(5), exchange)
+                .await
+                .unwrap_or_else(|_| Err("timed out".into()))
+        })
+    }
+
+    /// `n` GETs; how many did not answer 200, with the first failure.
+    fn run(&mut self, n: usize) -> (usize, Option<String>) {
+        let mut failed = 0;
+        let mut first = None;
+        for i in 0..n {
+            match self.get(&format!("/req/{i}")) {
+                Ok(200) => {}
+                other => {
+                    failed += 1;
+                    first.get_or_insert(format!("request {i}: {other:?}"));
+                }
+            }
+        }
+        (failed, first)
+    }
+}
+
+fn share(served: &[(String, f64)], name: &str) -> f64 {
+    let total: f64 = served.iter().map(|(_, n)| n).sum();
+    served
+        .iter()
+        .find(|(b, _)| b == name)
+        .map_or(0.0, |(_, n)| *n)
+        / total
+}
+
+/// On the main before discovery this fails: the one client connection
+/// became one HTTP/2 connection to the virtual IP, which kube-proxy's DNAT
+/// sent to one backend, so one backend got all 600 requests.
+#[test]
+fn requests_over_one_keep_alive_connection_spread_over_the_service_s_pods() {
+    let mut net = Net::new(&["client", "b1", "b2", "b3", "loner"]);
+    let backends = ["b1", "b2", "b3"];
+    let cluster = ServiceCluster::start(&mut net, &backends, &[]);
+    for b in backends {
+        meshed(&mut net, b, "permissive");
+    }
+    // A meshed pod discovery has never heard of.
+    meshed(&mut net, "loner", "permissive");
+    meshed(&mut net, "client", "permissive");
+    program_cluster_ip(&net, "client", &backends);
+
+    let service = SocketAddr::from((cluster_ip(&net), 80));
+    let mut client = KeepAliveClient::connect(&net.pod("client").ns, service);
+    let (failed, first) = client.run(600);
+    assert_eq!(failed, 0, "{first:?}\n{}", net.logs("client"));
+    let served = cluster.served(&net);
+    for b in backends {
+        let share = share(&served, b);
+        assert!(
+            (0.20..=0.47).contains(&share),
+            "{b} served {:.0} % of 600 requests on one connection: {served:?}",
+            share * 100.0
+        );
+    }
+    let metrics = net.metrics("client");
+    assert!(
+        metric(
+            &metrics,
+            "outrider_outbound_service_requests_total",
+            &[("service", "shop/web")]
+        ) >= 600.0,
+        "{metrics}"
+    );
+
+    // An address discovery does not know: the original destination, as
+    // without discovery (mTLS to any identity of the trust domain).
+    let (status, body) =
+        get_from(&net.pod("client").ns, net.addr("loner"), "/x").expect("client -> loner");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("caller=spiffe://cluster.local/ns/shop/sa/client"),
+        "{body}"
+    );
+    assert!(
+        metric(
+            &net.metrics("client"),
+            "outrider_outbound_discovery_answers_total",
+            &[("answer", "unknown")]
+        ) >= 1.0
+    );
+
+    // The controller goes away mid-traffic: the last endpoint set stays.
+    let (_, controller) = net
+        .children
+        .iter_mut()
+        .find(|(name, _)| name == "controller")
+        .map(|(n, c)| (n.clone(), c))
+        .unwrap();
+    controller.kill().unwrap();
+    let _ = controller.wait();
+    let before = cluster.served(&net);
+    let (failed, first) = client.run(150);
+    assert_eq!(failed, 0, "{first:?}\n{}", net.logs("client"));
+    let after = cluster.served(&net);
+    for ((b, was), (_, now)) in before.iter().zip(&after) {
+        assert!(now - was >= 20.0, "{b}: {before:?} -> {after:?}");
+    }
+}
+
+#[test]
+fn a_slow_replica_gets_a_small_share_and_an_impostor_serves_nothing() {
+    let mut net = Net::new(&["client", "b1", "b2", "b3", "imp"]);
+    let backends = ["b1", "b2", "b3", "imp"];
+    let cluster = ServiceCluster::start(&mut net, &backends, &["imp"]);
+    meshed(&mut net, "b1", "permissive");
+    meshed(&mut net, "b2", "permissive");
+    net.start_slow_app("b3", Duration::from_millis(50));
+    net.init("b3", &[]);
+    net.start_proxy("b3", "permissive");
+    meshed(&mut net, "imp", "permissive");
+    meshed(&mut net, "client", "permissive");
+    program_cluster_ip(&net, "client", &backends);
+
+    let service = SocketAddr::from((cluster_ip(&net), 80));
+    let mut client = KeepAliveClient::connect(&net.pod("client").ns, service);
+    let (failed, first) = client.run(600);
+    assert_eq!(failed, 0, "{first:?}\n{}", net.logs("client"));
+    let served = cluster.served(&net);
+    let slow = share(&served, "b3");
+    assert!(
+        slow < 0.15,
+        "the +50 ms replica served {:.0} %: {served:?}",
+        slow * 100.0
+    );
+    // Listed by the Service, but presenting another ServiceAccount's
+    // identity: never trusted with a request, and counted.
+    assert_eq!(share(&served, "imp"), 0.0, "{served:?}");
+    let metrics = net.metrics("client");
+    assert!(
+        metric(
+            &metrics,
+            "outrider_tls_handshake_failures_total",
+            &[("direction", "outbound"), ("reason", "wrong_identity")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn scaling_down_under_traffic_fails_no_request() {
+    let mut net = Net::new(&["client", "b1", "b2", "b3"]);
+    let backends = ["b1", "b2", "b3"];
+    let cluster = ServiceCluster::start(&mut net, &backends, &[]);
+    for b in backends {
+        meshed(&mut net, b, "permissive");
+    }
+    meshed(&mut net, "client", "permissive");
+    program_cluster_ip(&net, "client", &backends);
+
+    let service = SocketAddr::from((cluster_ip(&net), 80));
+    let mut client = KeepAliveClient::connect(&net.pod("client").ns, service);
+    let (failed, first) = client.run(100);
+    assert_eq!(failed, 0, "{first:?}");
+    // As Kubernetes scales 3 → 2: the endpoint goes, then the pod.
+    cluster.set_endpoints(&net, &["b1", "b2"]);
+    let (failed, first) = client.run(20);
+    assert_eq!(failed, 0, "{first:?}\n{}", net.logs("client"));
+    let gone = net.pod("b3").ns.clone();
+    let (_, proxy) = net
+        .children
+        .iter_mut()
+        .find(|(name, _)| name == "b3")
+        .unwrap();
+    proxy.kill().unwrap();
+    let _ = proxy.wait();
+    sh(&["ip", "-n", &gone, "link", "set", "eth0", "down"]);
+    let before = served_by(&net, &["b1", "b2"]);
+    let (failed, first) = client.run(200);
+    assert_eq!(failed, 0, "{first:?}\n{}", net.logs("client"));
+    let after = served_by(&net, &["b1", "b2"]);
+    let new: f64 = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).sum();
+    assert!(new >= 200.0, "{before:?} -> {after:?}");
 }

@@ -3,15 +3,24 @@
 //! while. Pure: time is passed in, and randomness is a seeded generator,
 //! so every choice is reproducible in tests.
 //!
-//! - **Cost** = the latency estimate × (requests in flight + 1). The
-//!   estimate jumps up to any slower sample at once (a peak) and decays
-//!   toward faster ones with a 10 s time constant, so an endpoint that
-//!   slows down is avoided at its first slow answer and trusted again
-//!   gradually. New endpoints start at 30 ms (Linkerd's defaults; see
-//!   docs/discovery.md).
-//! - **Choice**: two distinct endpoints at random, the cheaper one wins.
-//!   Cheap (no sorting, no global state) and it avoids the herd behaviour
-//!   of always picking the single least-loaded endpoint.
+//! - **Cost** = (the latency estimate + 5 ms) × (requests in flight + 1).
+//!   The estimate jumps up to any slower sample at once (a peak), moves
+//!   toward faster ones with a 10 s time constant, and while an endpoint
+//!   is not picked it decays toward zero with the same constant, so an
+//!   endpoint avoided for one slow answer is tried again (Linkerd's
+//!   numbers and tower's peak-EWMA; see docs/discovery.md). An endpoint
+//!   never measured is assumed as fast as the fastest measured one (else
+//!   30 ms), and its first sample replaces that guess: a new replica is
+//!   tried at once instead of starving behind a guess.
+//! - **Choice**: two distinct endpoints at random; the second wins only
+//!   when it costs less than the first by a factor of 1.5. Latencies of a
+//!   few milliseconds jitter by as much as they differ, and a strict
+//!   comparison would let that noise pin sequential traffic to one
+//!   endpoint; the 5 ms added to each estimate makes sub-millisecond
+//!   differences ties for the same reason. A replica 50 ms slower, or one
+//!   request more in flight, is still a clear difference. Cheap (no
+//!   sorting, no global state) and free of the herd behaviour of always
+//!   picking the single least-loaded endpoint.
 //! - **Failure accrual**: after 5 consecutive failures to connect or to
 //!   get a response (not HTTP error statuses) an endpoint is skipped for
 //!   1 s, doubling per renewed failure up to 30 s; after the pause it gets
@@ -21,10 +30,16 @@
 
 use std::time::{Duration, Instant};
 
-/// The starting latency estimate of an endpoint never measured.
+/// The latency guessed for an endpoint never measured, when no endpoint
+/// of the set has been.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// How fast the estimate forgets a slow past.
 pub const DECAY: Duration = Duration::from_secs(10);
+/// Added to every estimate before comparing: differences well below it
+/// are noise.
+pub const COST_FLOOR: Duration = Duration::from_millis(5);
+/// How much cheaper the second choice must be to win.
+pub const CLEARLY_CHEAPER: f64 = 1.5;
 /// Consecutive failures before an endpoint is paused.
 pub const FAILURES_TO_PAUSE: u32 = 5;
 pub const FIRST_PAUSE: Duration = Duration::from_secs(1);
@@ -33,7 +48,8 @@ pub const MAX_PAUSE: Duration = Duration::from_secs(30);
 /// The peak-EWMA latency estimate and the requests in flight.
 #[derive(Debug, Clone)]
 struct Load {
-    estimate_ns: f64,
+    /// `None` until the first sample.
+    estimate_ns: Option<f64>,
     updated: Instant,
     pending: u32,
 }
@@ -41,7 +57,7 @@ struct Load {
 impl Load {
     fn new(now: Instant) -> Self {
         Self {
-            estimate_ns: DEFAULT_RTT.as_nanos() as f64,
+            estimate_ns: None,
             updated: now,
             pending: 0,
         }
@@ -49,19 +65,32 @@ impl Load {
 
     fn observe(&mut self, rtt: Duration, now: Instant) {
         let sample = rtt.as_nanos() as f64;
-        if sample > self.estimate_ns {
-            self.estimate_ns = sample;
-        } else {
-            let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-            let keep = (-elapsed / DECAY.as_secs_f64()).exp();
-            self.estimate_ns = self.estimate_ns * keep + sample * (1.0 - keep);
-        }
+        self.estimate_ns = Some(match self.estimate_ns {
+            Some(estimate) if sample <= estimate => {
+                let keep = decay(now.saturating_duration_since(self.updated));
+                estimate * keep + sample * (1.0 - keep)
+            }
+            // A peak, or the first sample replacing the guess.
+            _ => sample,
+        });
         self.updated = now;
     }
 
-    fn cost(&self) -> f64 {
-        self.estimate_ns * f64::from(self.pending + 1)
+    /// The estimate at `now`, decayed toward zero since the last sample.
+    fn latency(&self, now: Instant) -> Option<f64> {
+        self.estimate_ns
+            .map(|estimate| estimate * decay(now.saturating_duration_since(self.updated)))
     }
+
+    fn cost(&self, now: Instant, guess_ns: f64) -> f64 {
+        let latency = self.latency(now).unwrap_or(guess_ns);
+        (latency + COST_FLOOR.as_nanos() as f64) * f64::from(self.pending + 1)
+    }
+}
+
+/// The weight an estimate keeps after `elapsed`.
+fn decay(elapsed: Duration) -> f64 {
+    (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
 }
 
 #[derive(Debug, Clone, Default)]
@@ -161,7 +190,12 @@ impl<K: Clone + Eq> Balancer<K> {
                     b += 1;
                 }
                 let (a, b) = (available[a], available[b]);
-                if self.slots[b].load.cost() < self.slots[a].load.cost() {
+                let guess = self.guess(now);
+                let (cost_a, cost_b) = (
+                    self.slots[a].load.cost(now, guess),
+                    self.slots[b].load.cost(now, guess),
+                );
+                if cost_b * CLEARLY_CHEAPER < cost_a {
                     b
                 } else {
                     a
@@ -171,6 +205,16 @@ impl<K: Clone + Eq> Balancer<K> {
         let slot = &mut self.slots[chosen];
         slot.load.pending += 1;
         Some(slot.key.clone())
+    }
+
+    /// The latency assumed for endpoints never measured: the fastest
+    /// measured one's, else [`DEFAULT_RTT`].
+    fn guess(&self, now: Instant) -> f64 {
+        self.slots
+            .iter()
+            .filter_map(|s| s.load.latency(now))
+            .min_by(f64::total_cmp)
+            .unwrap_or(DEFAULT_RTT.as_nanos() as f64)
     }
 
     /// Records how a request picked from `key` ended. A key no longer in
@@ -344,17 +388,80 @@ mod tests {
     fn the_estimate_jumps_to_a_slow_sample_and_decays_toward_fast_ones() {
         let t0 = Instant::now();
         let mut load = Load::new(t0);
+        load.observe(Duration::from_millis(20), t0);
+        assert_eq!(
+            load.estimate_ns,
+            Some(20e6),
+            "the first sample replaces the guess"
+        );
         load.observe(Duration::from_millis(100), t0);
-        assert_eq!(load.estimate_ns, 100e6);
+        assert_eq!(load.estimate_ns, Some(100e6));
         load.observe(Duration::from_millis(10), t0 + DECAY);
         // One time constant: about 63 % of the way to the sample.
         let expected = 100e6 * (-1f64).exp() + 10e6 * (1.0 - (-1f64).exp());
-        assert!(
-            (load.estimate_ns - expected).abs() < 1.0,
-            "{}",
-            load.estimate_ns
-        );
+        let estimate = load.estimate_ns.unwrap();
+        assert!((estimate - expected).abs() < 1.0, "{estimate}");
         load.pending = 2;
-        assert!((load.cost() - expected * 3.0).abs() < 3.0);
+        let floor = COST_FLOOR.as_nanos() as f64;
+        let t1 = t0 + DECAY;
+        assert!((load.cost(t1, 0.0) - (expected + floor) * 3.0).abs() < 3.0);
+        // Not picked for one more time constant: decayed toward zero.
+        let later = load.latency(t1 + DECAY).unwrap();
+        assert!((later - expected * (-1f64).exp()).abs() < 1.0, "{later}");
+    }
+
+    /// Requests one at a time, each answered after its endpoint's latency
+    /// plus jitter, as a keep-alive client sends them.
+    fn sequential(latencies_ms: &[f64], jitter_ms: f64, requests: usize) -> Vec<usize> {
+        let mut balancer = Balancer::new(11);
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut now = Instant::now();
+        balancer.set_endpoints(0..latencies_ms.len(), now);
+        let mut counts = vec![0; latencies_ms.len()];
+        for _ in 0..requests {
+            let key = balancer.pick(now, None).unwrap();
+            counts[key] += 1;
+            let rtt = Duration::from_secs_f64((latencies_ms[key] + rng.f64() * jitter_ms) / 1e3);
+            now += rtt;
+            balancer.finish(&key, Outcome::Answered(rtt), now);
+        }
+        counts
+    }
+
+    #[test]
+    fn sequential_requests_spread_over_equal_endpoints_despite_jitter() {
+        // Sub-millisecond service times jittering by 3x: noise, not a
+        // reason to pin traffic to one endpoint.
+        let counts = sequential(&[0.5, 0.5, 0.5], 1.5, 600);
+        for count in &counts {
+            assert!((120..=280).contains(count), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn sequential_requests_avoid_a_much_slower_endpoint() {
+        let counts = sequential(&[0.5, 0.5, 50.0], 1.0, 600);
+        assert!(counts[2] < 10, "{counts:?}");
+    }
+
+    #[test]
+    fn a_new_endpoint_is_tried_at_once_not_starved_behind_a_guess() {
+        let mut balancer = Balancer::new(2);
+        let mut now = Instant::now();
+        balancer.set_endpoints(["a", "b"], now);
+        for _ in 0..100 {
+            let key = balancer.pick(now, None).unwrap();
+            now += Duration::from_millis(1);
+            balancer.finish(&key, Outcome::Answered(Duration::from_millis(1)), now);
+        }
+        balancer.set_endpoints(["a", "b", "c"], now);
+        let mut c = 0;
+        for _ in 0..300 {
+            let key = balancer.pick(now, None).unwrap();
+            c += usize::from(key == "c");
+            now += Duration::from_millis(1);
+            balancer.finish(&key, Outcome::Answered(Duration::from_millis(1)), now);
+        }
+        assert!(c >= 60, "the new endpoint got {c} of 300");
     }
 }

@@ -51,6 +51,26 @@ impl TestCa {
         }
     }
 
+    /// The CA a controller keeps in its CA Secret (`data` decoded), so a
+    /// test can issue SVIDs its proxies and the controller both trust.
+    pub fn from_ca_secret(
+        data: &std::collections::BTreeMap<String, Vec<u8>>,
+        trust_domain: &str,
+    ) -> Self {
+        use crate::ca::secret::{BUNDLE_KEY, ISSUER_CERT_KEY, ISSUER_KEY_KEY};
+        let text = |key: &str| String::from_utf8(data[key].clone()).expect("PEM");
+        let issuer_cert_pem = text(ISSUER_CERT_KEY);
+        let issuer_key_pem = text(ISSUER_KEY_KEY);
+        let issuer = SigningCa::from_pem(&issuer_cert_pem, &issuer_key_pem).expect("issuer loads");
+        Self {
+            trust_domain: TrustDomain::parse(trust_domain).expect("valid trust domain"),
+            root_pem: text(BUNDLE_KEY),
+            issuer,
+            issuer_cert_pem,
+            issuer_key_pem,
+        }
+    }
+
     pub fn id(&self, namespace: &str, service_account: &str) -> SpiffeId {
         SpiffeId::workload(&self.trust_domain, namespace, service_account).expect("valid id")
     }
