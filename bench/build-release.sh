@@ -4,8 +4,13 @@
 # 0.8 MiB less resident memory per proxy than the dynamically linked build,
 # which maps all of libc, libm and the loader). Prints the binary's path.
 #
-# The proxy resolves no host names (every address in its configuration is
-# an IP), so static glibc's NSS caveat does not apply.
+# The proxy resolves one host name, the controller's discovery Service
+# (`discovery.address`), with getaddrinfo. Static glibc 2.36 resolves
+# through /etc/hosts and DNS (/etc/resolv.conf, search list, ndots) without
+# loading NSS modules for the `files dns` lookups a pod's nsswitch.conf
+# names; the image's Debian base carries the same glibc for any other NSS
+# module. tests/interception.rs resolves the name through a DNS server in
+# a network namespace (docs/decisions.md: why not a Rust DNS resolver).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 host=$(rustc -vV | sed -n 's/^host: //p')

@@ -301,6 +301,22 @@ impl Net {
         assert!(ready, "proxy in {name} never ready:\n{}", self.logs(name));
     }
 
+    /// `ip netns exec` in this pod reads a resolv.conf naming the DNS
+    /// server on the bridge (see [`cluster_dns`]), with kubelet's search
+    /// list and `ndots`.
+    fn use_cluster_dns(&self, name: &str) {
+        let dir = format!("/etc/netns/{}", self.pod(name).ns);
+        std::fs::create_dir_all(&dir).expect("/etc/netns");
+        std::fs::write(
+            format!("{dir}/resolv.conf"),
+            format!(
+                "nameserver 10.222.{}.254\nsearch shop.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
+                self.subnet
+            ),
+        )
+        .expect("resolv.conf");
+    }
+
     fn logs(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("proxy-{name}.log")))
             .unwrap_or_default()
@@ -361,6 +377,9 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        for pod in &self.pods {
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", pod.ns));
+        }
         for (_, child) in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
@@ -700,12 +719,19 @@ fn an_injected_pod_runs_on_what_the_injector_and_controller_wrote() {
             .build()
             .unwrap();
         rt.block_on(async move {
+            let bridge = api_addr.ip();
+            tokio::spawn(cluster_dns(SocketAddr::new(bridge, 53), bridge));
             tx.send(FakeApiServer::start_at(api_addr).await).unwrap();
             let _ = api_stopped.await;
         });
     });
     net.app_stops.push(stop_api);
     let api = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    // The pods resolve names through the "cluster DNS" on the bridge, as
+    // kubelet's resolv.conf would have them.
+    for pod in ["a", "b"] {
+        net.use_cluster_dns(pod);
+    }
     api.apply(
         "namespaces",
         json!({"apiVersion": "v1", "kind": "Namespace",
@@ -760,7 +786,9 @@ fn an_injected_pod_runs_on_what_the_injector_and_controller_wrote() {
             "127.0.0.1:0",
             "--resync",
             "1s",
+            "--discovery-listen",
         ])
+        .arg(format!("10.222.{}.254:8090", net.subnet))
         .stdout(Stdio::null())
         .stderr(controller_log)
         .spawn()
@@ -919,6 +947,19 @@ fn an_injected_pod_runs_on_what_the_injector_and_controller_wrote() {
     );
     let (status, _) = get_from(&net.pod("a").ns, b, "/admin").expect("a -> b /admin");
     assert_eq!(status, 403, "only GET /api/* is allowed");
+    // The injected proxy found the controller by its Service's name
+    // through DNS, and asked it about b: no Pod object names b's address,
+    // so discovery answered "unknown" (not "unavailable": it was reached).
+    let metrics = net.metrics("a");
+    assert!(
+        metric(
+            &metrics,
+            "outrider_outbound_discovery_answers_total",
+            &[("answer", "unknown")]
+        ) >= 1.0,
+        "{metrics}\n{}",
+        net.logs("a")
+    );
 
     // The kubelet probes from the node, in plaintext: the probe passes
     // STRICT and the deny default; anything else on that port does not.
@@ -1385,4 +1426,49 @@ fn scaling_down_under_traffic_fails_no_request() {
     let after = served_by(&net, &["b1", "b2"]);
     let new: f64 = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).sum();
     assert!(new >= 200.0, "{before:?} -> {after:?}");
+}
+
+/// A stand-in for the cluster's DNS on `at`: `A` queries for
+/// `outrider-discovery.outrider-system.svc.cluster.local` answer
+/// `address`, every other name does not exist (so the resolver walks the
+/// search list as in a pod).
+async fn cluster_dns(at: SocketAddr, address: std::net::IpAddr) {
+    let socket = tokio::net::UdpSocket::bind(at).await.expect("bind DNS");
+    let mut buf = [0u8; 512];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            return;
+        };
+        let query = &buf[..n];
+        // The question: labels from byte 12, then type and class.
+        let mut at = 12;
+        let mut labels = Vec::new();
+        while at < n && query[at] != 0 {
+            let len = usize::from(query[at]);
+            if at + 1 + len > n {
+                break;
+            }
+            labels.push(String::from_utf8_lossy(&query[at + 1..at + 1 + len]).to_lowercase());
+            at += len + 1;
+        }
+        let question_end = at + 5;
+        if question_end > n {
+            continue;
+        }
+        let qtype = u16::from_be_bytes([query[at + 1], query[at + 2]]);
+        let known = labels.join(".") == "outrider-discovery.outrider-system.svc.cluster.local";
+        let mut reply = Vec::from(&query[..2]);
+        // A response, recursion available, NXDOMAIN for unknown names.
+        reply.extend_from_slice(&[0x81, if known { 0x80 } else { 0x83 }]);
+        let answers = u16::from(known && qtype == 1);
+        reply.extend_from_slice(&1u16.to_be_bytes());
+        reply.extend_from_slice(&answers.to_be_bytes());
+        reply.extend_from_slice(&[0, 0, 0, 0]);
+        reply.extend_from_slice(&query[12..question_end]);
+        if let (1, std::net::IpAddr::V4(v4)) = (answers, address) {
+            reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+            reply.extend_from_slice(&v4.octets());
+        }
+        let _ = socket.send_to(&reply, from).await;
+    }
 }

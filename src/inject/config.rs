@@ -79,6 +79,10 @@ impl Default for ProxyResources {
     }
 }
 
+/// Where the chart's controller serves discovery when installed in
+/// `outrider-system`.
+pub const DEFAULT_DISCOVERY_ADDRESS: &str = "outrider-discovery.outrider-system.svc:8090";
+
 /// Mesh-wide injection values.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
@@ -99,6 +103,12 @@ pub struct InjectConfig {
     /// Unset: the proxy's built-in list.
     pub opaque_ports: Option<String>,
     pub iptables_mode: String,
+    /// The controller's discovery API (`host:port`) injected proxies
+    /// resolve destinations through; unset: no discovery.
+    pub discovery_address: Option<String>,
+    /// The identity it must present; unset: the proxy's default
+    /// (`.../ns/outrider-system/sa/outrider-controller`).
+    pub discovery_identity: Option<String>,
 }
 
 impl Default for InjectConfig {
@@ -122,6 +132,8 @@ impl Default for InjectConfig {
             skip_outbound_cidrs: String::new(),
             opaque_ports: None,
             iptables_mode: "auto".into(),
+            discovery_address: Some(DEFAULT_DISCOVERY_ADDRESS.into()),
+            discovery_identity: None,
         }
     }
 }
@@ -174,6 +186,21 @@ impl InjectConfig {
         self.iptables_mode
             .parse::<IptablesMode>()
             .map_err(|e| bad("iptablesMode", e))?;
+        if let Some(address) = &self.discovery_address {
+            let valid = address.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if !valid {
+                return Err(bad("discoveryAddress", "expected host:port"));
+            }
+        }
+        if let Some(identity) = &self.discovery_identity {
+            let id = crate::identity::SpiffeId::parse(identity)
+                .map_err(|e| bad("discoveryIdentity", e))?;
+            if id.trust_domain_str() != self.trust_domain {
+                return Err(bad("discoveryIdentity", "not in trustDomain"));
+            }
+        }
         Ok(())
     }
 }

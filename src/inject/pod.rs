@@ -307,6 +307,12 @@ fn proxy_container(settings: &PodSettings, probes: &[Probe]) -> Container {
     if let Some(ports) = &mesh.opaque_ports {
         env_vars.push(env("OUTRIDER_OPAQUE_PORTS", ports.replace(' ', "")));
     }
+    if let Some(address) = &mesh.discovery_address {
+        env_vars.push(env("OUTRIDER_DISCOVERY_ADDRESS", address.clone()));
+    }
+    if let Some(identity) = &mesh.discovery_identity {
+        env_vars.push(env("OUTRIDER_DISCOVERY_IDENTITY", identity.clone()));
+    }
     if mesh.resources.memory_limit.is_some() {
         // The proxy sizes its connection limits from the memory it may
         // use; Kubernetes passes the limit in bytes.

@@ -213,9 +213,8 @@ impl Resolver {
     /// The answer for `dst` if one is already at hand; never waits and
     /// never starts following it.
     pub fn known(&self, dst: SocketAddr) -> Option<Answer> {
-        let destinations = self.inner.destinations.lock();
-        let answer = destinations.get(&dst)?.answers.borrow().clone();
-        answer
+        let destination = self.inner.destinations.lock().get(&dst)?.clone();
+        destination.answers.borrow().clone()
     }
 
     /// Destinations currently followed.
