@@ -36,10 +36,10 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::body::RequestBody;
-use super::connect::{Connect, ConnectError, Connected, Upstream};
+use super::connect::{Connect, Connected, Upstream};
 use super::mesh_proto::mesh_http2_to_http1;
 use super::metrics::ConnMetrics;
-use super::outcome::{ConnError, ConnOutcome};
+use super::outcome::ConnOutcome;
 use super::tls_status::TlsStatus;
 
 /// The most requests in flight on one HTTP/2 connection this proxy opens
@@ -60,59 +60,8 @@ const RELEASED_READY_WAIT: Duration = Duration::from_millis(100);
 /// before a request is sent on its connection.
 const MESH_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
-#[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("upstream HTTP error: {0}")]
-    Http(#[from] hyper::Error),
-    /// The failure of a connect that several requests waited on.
-    #[error(transparent)]
-    Shared(Arc<ForwardError>),
-}
-
-impl ForwardError {
-    pub fn reason(&self) -> ConnError {
-        match self.root() {
-            Self::Connect(e) => e.reason(),
-            Self::Http(_) | Self::Shared(_) => ConnError::UpstreamHttpError,
-        }
-    }
-
-    /// The error itself, whether it was this request's or a shared one.
-    pub fn root(&self) -> &ForwardError {
-        match self {
-            Self::Shared(inner) => inner.root(),
-            other => other,
-        }
-    }
-}
-
-/// A request that got no response, and the request itself when none of
-/// it was written (so it can go elsewhere).
-pub struct SendFailed {
-    pub error: ForwardError,
-    pub unsent: Option<Request<RequestBody>>,
-}
-
-impl SendFailed {
-    fn unsent(error: impl Into<ForwardError>, req: Request<RequestBody>) -> Self {
-        Self {
-            error: error.into(),
-            unsent: Some(req),
-        }
-    }
-
-    /// From hyper's failed send, which hands the request back when it was
-    /// never written.
-    fn from_try_send(mut error: hyper::client::conn::TrySendError<Request<RequestBody>>) -> Self {
-        let unsent = error.take_message();
-        Self {
-            error: error.into_error().into(),
-            unsent,
-        }
-    }
-}
+mod failure;
+pub use failure::{ForwardError, SendFailed};
 
 /// How a request travels upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
