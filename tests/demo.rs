@@ -32,6 +32,9 @@ fn the_demo_passes_every_step_well_under_a_minute() {
         "DELETE /api/orders/7 -> 403 Forbidden",
         "outrider_authz_decisions_total{decision=\"deny\",direction=\"inbound\",kind=\"http\"",
         "/metrics",
+        "replica-1: ",
+        "replica-3: ",
+        "one keep-alive connection, spread per request",
         "All steps passed",
     ] {
         assert!(

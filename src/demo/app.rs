@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -17,12 +18,21 @@ use crate::proxy::headers::CLIENT_ID_HEADER;
 /// Serves `GET /...` with `<name> saw caller <x-outrider-client-id>` until
 /// the task is dropped; returns the bound address.
 pub async fn spawn_identity_app(name: &'static str) -> std::io::Result<SocketAddr> {
+    spawn_slow_identity_app(name, Duration::ZERO).await
+}
+
+/// [`spawn_identity_app`], taking `delay` to answer each request.
+pub async fn spawn_slow_identity_app(
+    name: &'static str,
+    delay: Duration,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<Incoming>| async move {
+                    tokio::time::sleep(delay).await;
                     let caller = req
                         .headers()
                         .get(&CLIENT_ID_HEADER)

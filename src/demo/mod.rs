@@ -5,13 +5,16 @@
 //! what the mesh guarantees: mutual TLS with the caller's identity handed
 //! to the app, refusal of foreign and plaintext clients, identity rotation
 //! under load without a failed request, an authorization policy applied
-//! live, and the metrics endpoint. Each step checks its own outcome; the
-//! exit code is 0 only if all pass.
+//! live, the metrics endpoint, and per-request balancing over three
+//! replicas found through the controller's discovery service
+//! ([`replicas`]). Each step checks its own outcome; the exit code is 0
+//! only if all pass.
 
 mod app;
 mod probe;
+mod replicas;
 
-pub use app::{HttpClient, spawn_identity_app};
+pub use app::{HttpClient, spawn_identity_app, spawn_slow_identity_app};
 pub use probe::{is_served, served_leaf};
 
 use std::net::SocketAddr;
@@ -34,7 +37,9 @@ use crate::tls::{KxGroup, TlsSettings};
 
 const ROTATIONS: usize = 3;
 const LOAD_CLIENTS: usize = 4;
-const STEPS: usize = 8;
+const STEPS: usize = 9;
+/// Requests of the balancing step, on one keep-alive connection.
+const BALANCED_REQUESTS: usize = 300;
 
 /// The policy of the authorization step, as an operator would apply it.
 const BACKEND_POLICY: &str = "\
@@ -154,6 +159,7 @@ fn sidecar_config(
     app: Option<SocketAddr>,
     peer: Option<(SocketAddr, &SpiffeId)>,
     policy: Option<PolicyFiles<'_>>,
+    inbound_listen: &str,
 ) -> Result<Config, crate::config::ConfigError> {
     let mut file = FileConfig::default();
     file.identity.reload_debounce = Duration::from_millis(50);
@@ -167,7 +173,7 @@ fn sidecar_config(
         identity_dir: Some(dir.to_path_buf()),
         identity_id: Some(id.to_string()),
         mtls_mode: Some("strict".into()),
-        inbound_listen: Some("127.0.0.1:0".into()),
+        inbound_listen: Some(inbound_listen.into()),
         inbound_app: app.map(|a| a.to_string()),
         outbound_listen: Some("127.0.0.1:0".into()),
         outbound_peer: peer.map(|(a, _)| a.to_string()),
@@ -224,6 +230,7 @@ async fn run(keep_running: bool) -> StepResult {
             Some(backend_app),
             None,
             Some(backend_policy),
+            "127.0.0.1:0",
         )
         .or_fail(S2)?,
     )
@@ -237,6 +244,7 @@ async fn run(keep_running: bool) -> StepResult {
             None,
             Some((backend_inbound, &backend_id)),
             None,
+            "127.0.0.1:0",
         )
         .or_fail(S2)?,
     )
@@ -445,7 +453,57 @@ async fn run(keep_running: bool) -> StepResult {
     println!("      backend metrics:  http://{}/metrics", backend.admin);
     println!("      frontend metrics: http://{}/metrics", frontend.admin);
 
-    const S8: &str = "shut down";
+    const S8: &str = "three replicas behind one Service address";
+    println!("[8/{STEPS}] {S8}");
+    let replicas = replicas::Replicas::start(
+        workdir.path(),
+        &ca,
+        &td,
+        (&backend_dir, &backend_id),
+        (&frontend_dir, &frontend_id),
+    )
+    .await
+    .or_fail(S8)?;
+    println!(
+        "      {} -> discovery -> {} (each must present {backend_id}); {} answers {} ms late",
+        replicas::SERVICE_ADDR,
+        replicas::NAMES.join(", "),
+        replicas::NAMES[2],
+        replicas::SLOW.as_millis()
+    );
+    let mut client = HttpClient::connect(replicas.frontend_outbound)
+        .await
+        .or_fail(S8)?;
+    let mut counts = [0usize; replicas::NAMES.len()];
+    for _ in 0..BALANCED_REQUESTS {
+        let (status, body) = client.get("/balanced").await.or_fail(S8)?;
+        check(status == 200, S8, || format!("status {status}: {body}"))?;
+        let replica = replicas::NAMES
+            .iter()
+            .position(|name| body.starts_with(&format!("{name} saw caller {frontend_id}")));
+        let Some(replica) = replica else {
+            return Err(StepFailed {
+                step: S8,
+                reason: format!("unexpected answer {body:?}"),
+            });
+        };
+        counts[replica] += 1;
+    }
+    for (name, count) in replicas::NAMES.iter().zip(counts) {
+        println!("      {name}: {count} of {BALANCED_REQUESTS} requests");
+    }
+    let share = |n: usize| n as f64 / BALANCED_REQUESTS as f64;
+    check(
+        share(counts[0]) >= 0.2 && share(counts[1]) >= 0.2 && share(counts[2]) < 0.15,
+        S8,
+        || format!("one keep-alive connection's requests did not spread as expected: {counts:?}"),
+    )?;
+    println!("      one keep-alive connection, spread per request; the slow replica gets little");
+    check(replicas.shutdown().await, S8, || {
+        "a replica's sidecar did not drain cleanly".into()
+    })?;
+
+    const S9: &str = "shut down";
     if keep_running {
         println!("\nThe mesh keeps running. Try:");
         println!("  curl http://{frontend_outbound}/api/hello        (allowed)");
@@ -457,11 +515,11 @@ async fn run(keep_running: bool) -> StepResult {
         );
         let _ = tokio::signal::ctrl_c().await;
     }
-    println!("[8/{STEPS}] {S8}");
+    println!("[9/{STEPS}] {S9}");
     let (a, b) = tokio::join!(frontend.shutdown(), backend.shutdown());
     check(
         a == crate::lifecycle::Drained::Clean && b == crate::lifecycle::Drained::Clean,
-        S8,
+        S9,
         || "connections were still open at the end of the grace period".into(),
     )?;
     println!("      both sidecars drained cleanly");

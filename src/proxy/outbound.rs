@@ -82,9 +82,14 @@ impl Outbound {
             metrics.clone(),
             &limits,
         );
-        // A static route names its peer: discovery has nothing to add.
+        // A static route that names its peer's identity has nothing to
+        // learn from discovery; one that names only an address (a Service
+        // address, say) is resolved like any destination.
         let destinations = match (&config.target, resolver) {
-            (OutboundTarget::OriginalDst, Some(resolver)) => Some(Destinations::new(
+            (
+                OutboundTarget::OriginalDst | OutboundTarget::Peer { id: None, .. },
+                Some(resolver),
+            ) => Some(Destinations::new(
                 resolver,
                 http.pool.clone(),
                 metrics.clone(),
