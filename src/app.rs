@@ -21,6 +21,7 @@ use crate::lifecycle::{self, Drained};
 use crate::memory;
 use crate::policy::publish::{self, PolicyRx, Publisher};
 use crate::policy::source::{self, files::FileSource};
+use crate::proxy::discover::Resolver;
 use crate::proxy::{self, Proxy};
 use crate::tls::MeshTls;
 
@@ -39,12 +40,15 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("policy source: {0}")]
     KubeClient(#[from] crate::kube_client::Error),
+    #[error("policy source: discovery is not configured")]
+    NoDiscovery,
 }
 
 /// Starts the policy source the config names and returns the compiled
 /// policy's channel and the tasks that keep it current.
 async fn start_policy(
     config: &PolicyConfig,
+    resolver: Option<&Resolver>,
     registry: &Registry,
 ) -> Result<(PolicyRx, Vec<JoinHandle<()>>), StartError> {
     let metrics = publish::Metrics::new(registry)?;
@@ -80,6 +84,16 @@ async fn start_policy(
             tasks.push(tokio::spawn(source::kube::run(
                 client,
                 workload.namespace.clone(),
+                metrics,
+                tx.clone(),
+            )));
+        }
+        PolicySource::Discovery { pod } => {
+            let resolver = resolver.ok_or(StartError::NoDiscovery)?;
+            tasks.push(tokio::spawn(crate::proxy::discover::policies::run(
+                resolver.clone(),
+                workload.namespace.clone(),
+                pod.clone(),
                 metrics,
                 tx.clone(),
             )));
@@ -147,9 +161,23 @@ impl Sidecar {
         tokio::spawn(reloader.run(stopped()));
         let tls = spawn_tls_builder(credentials.clone(), config.tls.clone(), stopped());
 
-        let (policy, policy_tasks) = start_policy(&config.policy, &registry).await?;
+        // One connection to the controller for destinations and policies.
+        let resolver = config
+            .proxy
+            .discovery
+            .clone()
+            .map(|d| Resolver::new(d, tls.clone()));
+        let (policy, policy_tasks) =
+            start_policy(&config.policy, resolver.as_ref(), &registry).await?;
         let metrics = proxy::Metrics::new(&registry)?;
-        let proxy = Proxy::bind(&config.proxy, tls.clone(), policy.clone(), metrics).await?;
+        let proxy = Proxy::bind(
+            &config.proxy,
+            tls.clone(),
+            policy.clone(),
+            resolver,
+            metrics,
+        )
+        .await?;
         let (inbound, outbound) = (proxy.inbound_addr(), proxy.outbound_addr());
 
         let draining = Arc::new(AtomicBool::new(false));

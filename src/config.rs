@@ -58,7 +58,13 @@ fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
 pub enum PolicySource {
     None,
     Files(PathBuf),
-    Kubernetes { kubeconfig: Option<PathBuf> },
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+    },
+    /// Over the discovery API, for this pod (of `workload.namespace`).
+    Discovery {
+        pod: String,
+    },
 }
 
 /// The policy side of the proxy, validated.
@@ -324,6 +330,23 @@ impl FileConfig {
             PolicySourceKind::Kubernetes => PolicySource::Kubernetes {
                 kubeconfig: self.policy.kubeconfig.clone(),
             },
+            PolicySourceKind::Discovery => {
+                if self.discovery.address.is_none() {
+                    return Err(invalid(
+                        "policy.source",
+                        "discovery needs discovery.address",
+                    ));
+                }
+                let pod = self
+                    .workload
+                    .pod
+                    .clone()
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| {
+                        invalid("workload.pod", "required with policy.source: discovery")
+                    })?;
+                PolicySource::Discovery { pod }
+            }
         };
         for (i, probe) in self.policy.probes.iter().enumerate() {
             if probe.port == 0 {

@@ -89,6 +89,11 @@ async fn cluster() -> Cluster {
 
 /// A proxy's credentials for `shop/client`, issued by the controller's CA.
 async fn client_credentials(api: &FakeApiServer) -> Arc<Credentials> {
+    credentials_for(api, "client").await
+}
+
+/// A proxy's credentials for `shop/<service_account>`.
+async fn credentials_for(api: &FakeApiServer, service_account: &str) -> Arc<Credentials> {
     let secret = eventually(Duration::from_secs(10), async || {
         api.get("secrets", "outrider-system", "outrider-ca")
     })
@@ -98,7 +103,7 @@ async fn client_credentials(api: &FakeApiServer) -> Arc<Credentials> {
     let td = TrustDomain::parse("cluster.local").unwrap();
     let now = time::OffsetDateTime::now_utc();
     let ca = CaMaterial::from_secret_data(&data, &td, now).unwrap();
-    let id = SpiffeId::workload(&td, "shop", "client").unwrap();
+    let id = SpiffeId::workload(&td, "shop", service_account).unwrap();
     let svid = ca
         .signing
         .issue(&id, Duration::from_secs(3600), now)
@@ -506,4 +511,166 @@ async fn the_proxy_resolver_refuses_a_discovery_server_of_another_identity() {
         resolver.resolve("10.96.0.10:80".parse().unwrap()).await,
         Answer::Unavailable
     );
+}
+
+// === Policies over the API ===
+
+fn deny_policy(name: &str) -> Value {
+    json!({"apiVersion": "security.outrider.dev/v1alpha1", "kind": "AuthorizationPolicy",
+           "metadata": {"name": name, "namespace": "shop"},
+           "spec": {"action": "DENY", "rules": [{"to": [{"paths": ["/admin"]}]}]}})
+}
+
+/// The names of the objects in the next set on `stream`, within `within`.
+async fn next_set(
+    stream: &mut tonic::Streaming<outrider::discovery_api::v1::PolicySet>,
+    within: Duration,
+) -> Option<Vec<String>> {
+    let set = tokio::time::timeout(within, stream.message())
+        .await
+        .ok()?
+        .ok()??;
+    let mut names: Vec<String> = set
+        .objects
+        .iter()
+        .map(|o| {
+            let value: Value = serde_json::from_slice(&o.json).unwrap();
+            format!("{}/{}", o.kind, value["metadata"]["name"].as_str().unwrap())
+        })
+        .collect();
+    names.sort();
+    Some(names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_gets_its_pod_s_policies_only_as_that_pod_s_service_account() {
+    use outrider::discovery_api::v1::PolicyRequest;
+    let c = cluster().await;
+    c.api
+        .apply("authorizationpolicies", deny_policy("no-admin"));
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    // web-1 runs as `web`; `client` asks for it.
+    let impostor = client_credentials(&c.api).await;
+    let mut client = connect(&controller, &impostor, CONTROLLER_ID)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", controller.logs()));
+    let ask = |namespace: &str, pod: &str| PolicyRequest {
+        namespace: namespace.into(),
+        pod: pod.into(),
+    };
+    let refused = eventually(Duration::from_secs(10), async || {
+        match client.watch_policies(ask("shop", "web-1")).await {
+            Err(status) if status.code() == tonic::Code::PermissionDenied => Some(status),
+            // The controller may not have seen the pod yet.
+            _ => None,
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("never refused:\n{}", controller.logs()));
+    assert!(refused.message().contains("runs as web"), "{refused:?}");
+    let other_namespace = client.watch_policies(ask("kube-system", "x")).await;
+    assert_eq!(
+        other_namespace.err().map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied)
+    );
+
+    // As `web`: the namespace's set, and every change within a second.
+    let web = credentials_for(&c.api, "web").await;
+    let mut client = connect(&controller, &web, CONTROLLER_ID).await.unwrap();
+    let mut stream = client
+        .watch_policies(ask("shop", "web-1"))
+        .await
+        .expect("a policy stream")
+        .into_inner();
+    let first = next_set(&mut stream, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("no first set:\n{}", controller.logs()));
+    assert_eq!(first, ["AuthorizationPolicy/no-admin"]);
+    c.api.apply(
+        "peerauthentications",
+        json!({"apiVersion": "security.outrider.dev/v1alpha1", "kind": "PeerAuthentication",
+               "metadata": {"name": "strict", "namespace": "shop"},
+               "spec": {"mtls": {"mode": "STRICT"}}}),
+    );
+    let started = std::time::Instant::now();
+    let second = next_set(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("the update");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        second,
+        ["AuthorizationPolicy/no-admin", "PeerAuthentication/strict"]
+    );
+    // Another namespace's policy is not this proxy's business.
+    let mut elsewhere = deny_policy("elsewhere");
+    elsewhere["metadata"]["namespace"] = "outrider-system".into();
+    c.api.apply("authorizationpolicies", elsewhere);
+    assert_eq!(
+        next_set(&mut stream, Duration::from_millis(500)).await,
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_controller_never_leaves_a_proxy_without_its_policies() {
+    use outrider::policy::publish::Update;
+    use outrider::proxy::discover::{DiscoveryConfig, Resolver};
+    let c = cluster().await;
+    c.api
+        .apply("authorizationpolicies", deny_policy("no-admin"));
+    let mut controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    let web = credentials_for(&c.api, "web").await;
+    let mesh = Arc::new(MeshTls::new(web, &settings()).unwrap());
+    let (_tls_tx, tls) = tokio::sync::watch::channel(Some(mesh));
+    let resolver = Resolver::new(
+        DiscoveryConfig {
+            address: controller.discovery.to_string(),
+            authority: AUTHORITY.into(),
+            server_id: SpiffeId::parse(CONTROLLER_ID).unwrap(),
+            first_answer_timeout: Duration::from_secs(1),
+        },
+        tls,
+    );
+    let registry = prometheus::Registry::new();
+    let metrics = outrider::policy::publish::Metrics::new(&registry).unwrap();
+    let (tx, mut updates) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(outrider::proxy::discover::policies::run(
+        resolver,
+        "shop".into(),
+        "web-1".into(),
+        metrics,
+        tx,
+    ));
+    let names = |update: Option<Update>| match update {
+        Some(Update::Objects(set)) => set.keys().map(|(_, _, name)| name.clone()).collect(),
+        other => panic!("{other:?}"),
+    };
+    let first: Vec<String> = names(
+        tokio::time::timeout(Duration::from_secs(10), updates.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no policies:\n{}", controller.logs())),
+    );
+    assert_eq!(first, ["no-admin"]);
+
+    // Stopped: nothing replaces the set in force (the publisher keeps it).
+    let port = controller.discovery.port();
+    controller.terminate().await.expect("controller stopped");
+    let quiet = tokio::time::timeout(Duration::from_secs(2), updates.recv()).await;
+    assert!(quiet.is_err(), "{quiet:?}");
+    // Back on the same port: the first set it sends is complete again,
+    // never the empty set of a controller still reading its watches.
+    let restarted = ControllerProcess::spawn(
+        &c.kubeconfig,
+        &["--discovery-listen", &format!("127.0.0.1:{port}")],
+    );
+    let again: Vec<String> = names(
+        tokio::time::timeout(Duration::from_secs(15), updates.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no policies after the restart:\n{}", restarted.logs())),
+    );
+    assert_eq!(again, ["no-admin"]);
 }

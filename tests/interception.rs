@@ -658,6 +658,9 @@ fn kubelet_env(container: &serde_json::Value, namespace: &str, sa: &str) -> Vec<
                 match source["fieldRef"]["fieldPath"].as_str() {
                     Some("metadata.namespace") => namespace.to_string(),
                     Some("spec.serviceAccountName") => sa.to_string(),
+                    // The pods of these tests are named after their
+                    // ServiceAccounts.
+                    Some("metadata.name") => sa.to_string(),
                     other => panic!("unexpected field {other:?}"),
                 }
             }
@@ -746,6 +749,18 @@ fn an_injected_pod_runs_on_what_the_injector_and_controller_wrote() {
             "serviceaccounts",
             json!({"apiVersion": "v1", "kind": "ServiceAccount",
             "metadata": {"name": sa, "namespace": "shop"}}),
+        );
+        // The pods as the API server holds them once injected: the
+        // controller serves a proxy its policies only for a pod it knows
+        // to run as the proxy's ServiceAccount.
+        let ip = net.pod(sa).ip.to_string();
+        api.apply(
+            "pods",
+            json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": sa, "namespace": "shop",
+                         "annotations": {"outrider.dev/proxy-version": "0.1.0"}},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "app:1"}]},
+            "status": {"podIP": ip, "podIPs": [{"ip": ip}]}}),
         );
     }
     // b: STRICT, deny by default, a may GET /api/*.
@@ -905,6 +920,10 @@ fn an_injected_pod_runs_on_what_the_injector_and_controller_wrote() {
             env.contains(&("OUTRIDER_POLICY_PROBES".into(), "8080/healthz".into())),
             "{env:?}"
         );
+        assert!(
+            env.contains(&("OUTRIDER_POLICY_SOURCE".into(), "discovery".into())),
+            "{env:?}"
+        );
         let log = File::create(net.dir.path().join(format!("proxy-{pod}.log"))).unwrap();
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &net.pod(pod).ns, "setpriv"]);
@@ -947,15 +966,16 @@ fn an_injected_pod_runs_on_what_the_injector_and_controller_wrote() {
     );
     let (status, _) = get_from(&net.pod("a").ns, b, "/admin").expect("a -> b /admin");
     assert_eq!(status, 403, "only GET /api/* is allowed");
-    // The injected proxy found the controller by its Service's name
-    // through DNS, and asked it about b: no Pod object names b's address,
-    // so discovery answered "unknown" (not "unavailable": it was reached).
+    // The injected proxies found the controller by its Service's name
+    // through DNS: b's policies above came over it (no proxy watches the
+    // API server), and a asked it about b's address: b's pod, whose
+    // exact identity a's proxy then required.
     let metrics = net.metrics("a");
     assert!(
         metric(
             &metrics,
             "outrider_outbound_discovery_answers_total",
-            &[("answer", "unknown")]
+            &[("answer", "endpoints")]
         ) >= 1.0,
         "{metrics}\n{}",
         net.logs("a")

@@ -76,6 +76,8 @@ pub struct WorkloadSection {
     pub labels: BTreeMap<String, String>,
     /// A downward-API labels file, watched (cluster mode).
     pub labels_file: Option<PathBuf>,
+    /// The pod's name (cluster mode, `policy.source: discovery`).
+    pub pod: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -84,6 +86,8 @@ pub enum PolicySourceKind {
     None,
     Files,
     Kubernetes,
+    /// The controller's discovery API (`discovery.address`).
+    Discovery,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

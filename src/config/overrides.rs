@@ -107,6 +107,8 @@ overrides! {
     workload_labels: String, "OUTRIDER_WORKLOAD_LABELS" => "workload.labels", workload.labels = parse_labels;
     /// A downward-API file holding the workload's labels (cluster mode).
     workload_labels_file: PathBuf, "OUTRIDER_WORKLOAD_LABELS_FILE" => "workload.labels_file", workload.labels_file = set;
+    /// The pod's name (the injector passes metadata.name).
+    workload_pod: String, "OUTRIDER_WORKLOAD_POD" => "workload.pod", workload.pod = set;
     /// none, files or kubernetes.
     policy_source: String, "OUTRIDER_POLICY_SOURCE" => "policy.source", policy.source = keyword;
     /// The directory of policy YAML (policy source `files`).

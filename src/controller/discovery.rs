@@ -3,6 +3,7 @@
 //! pure part: cluster objects in, endpoint sets out.
 
 pub mod index;
+pub mod policies;
 pub mod registry;
 pub mod server;
 pub mod watch;

@@ -284,12 +284,15 @@ pub async fn run(
         config.trust_domain.clone(),
     ));
     discovery::watch::start(&client, &registry, &metrics, &mut tasks);
+    let policies = discovery::policies::PolicyStore::new();
+    discovery::policies::start(&client, &policies, &mut tasks);
     let discovery_tls = Arc::new(parking_lot::RwLock::new(controller.discovery_tls()?));
     tasks.spawn(discovery::server::serve(
         discovery_listener,
         discovery_tls.clone(),
         discovery::server::DiscoveryService::new(
             registry,
+            policies,
             config.cluster_domain.clone(),
             metrics.clone(),
         ),

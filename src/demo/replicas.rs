@@ -173,7 +173,12 @@ async fn serve_discovery(
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let metrics =
         ControllerMetrics::new(&prometheus::Registry::new()).map_err(|e| e.to_string())?;
-    let service = DiscoveryService::new(Registry::new(index), "cluster.local".into(), metrics);
+    let service = DiscoveryService::new(
+        Registry::new(index),
+        crate::controller::discovery::policies::PolicyStore::new(),
+        "cluster.local".into(),
+        metrics,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;

@@ -285,7 +285,17 @@ fn proxy_container(settings: &PodSettings, probes: &[Probe]) -> Container {
         ),
         env("OUTRIDER_IDENTITY_DIR", IDENTITY_DIR),
         env("OUTRIDER_MTLS_MODE", mesh.mtls_mode.clone()),
-        env("OUTRIDER_POLICY_SOURCE", "kubernetes"),
+        // With discovery, policies come over the same connection to the
+        // controller (no watch on the API server per proxy).
+        env(
+            "OUTRIDER_POLICY_SOURCE",
+            if mesh.discovery_address.is_some() {
+                "discovery"
+            } else {
+                "kubernetes"
+            },
+        ),
+        field_env("OUTRIDER_WORKLOAD_POD", "metadata.name"),
         env("OUTRIDER_POLICY_DEFAULT", mesh.default_policy.clone()),
         env(
             "OUTRIDER_WORKLOAD_LABELS_FILE",

@@ -12,6 +12,8 @@
 //!   original destination, as without discovery);
 //! - a destination unused for [`IDLE`] is forgotten and its stream closed.
 
+pub mod policies;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Weak};

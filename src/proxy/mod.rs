@@ -251,10 +251,13 @@ impl<H: Handler> Listener<H> {
 
 impl Proxy {
     /// `policy` decides inbound authorization and each port's mTLS mode.
+    /// `resolver` is discovery's client, when configured
+    /// (`config.discovery`).
     pub async fn bind(
         config: &ProxyConfig,
         tls: TlsRx,
         policy: PolicyRx,
+        resolver: Option<discover::Resolver>,
         metrics: Metrics,
     ) -> Result<Self, Error> {
         let inbound = match &config.inbound {
@@ -262,13 +265,7 @@ impl Proxy {
             None => None,
         };
         let outbound = match &config.outbound {
-            Some(c) => {
-                let resolver = config
-                    .discovery
-                    .clone()
-                    .map(|d| discover::Resolver::new(d, tls.clone()));
-                Some(Outbound::bind(c, config, tls, resolver, metrics).await?)
-            }
+            Some(c) => Some(Outbound::bind(c, config, tls, resolver, metrics).await?),
             None => None,
         };
         Ok(Self { inbound, outbound })

@@ -30,6 +30,12 @@ impl ControllerProcess {
         } else {
             &["--resync", "1s"]
         };
+        // Any free discovery port unless the test names one.
+        let discovery: &[&str] = if extra.contains(&"--discovery-listen") {
+            &[]
+        } else {
+            &["--discovery-listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(super::bin())
             .arg("controller")
             .arg("--kubeconfig")
@@ -39,9 +45,8 @@ impl ControllerProcess {
                 "127.0.0.1:0",
                 "--webhook-listen",
                 "127.0.0.1:0",
-                "--discovery-listen",
-                "127.0.0.1:0",
             ])
+            .args(discovery)
             .args(["--log-format", "json"])
             .args(resync)
             .args(extra)

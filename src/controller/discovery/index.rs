@@ -453,6 +453,13 @@ impl Index {
         affected
     }
 
+    /// The ServiceAccount the pod `namespace/name` runs as, if known.
+    pub fn service_account_of(&self, namespace: &str, name: &str) -> Option<&str> {
+        self.pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .map(|pod| pod.service_account.as_str())
+    }
+
     pub fn delete_pod(&mut self, namespace: &str, name: &str) -> Vec<Affected> {
         let key = (namespace.to_string(), name.to_string());
         let Some(old) = self.pods.remove(&key) else {

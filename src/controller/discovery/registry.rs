@@ -55,6 +55,14 @@ impl Registry {
     }
 
     /// What `target`'s answer depends on now.
+    /// The ServiceAccount the pod `namespace/name` runs as, if known.
+    pub fn service_account_of(&self, namespace: &str, name: &str) -> Option<String> {
+        self.index
+            .read()
+            .service_account_of(namespace, name)
+            .map(str::to_string)
+    }
+
     pub fn depends_on(&self, target: &Target) -> Affected {
         self.index.read().depends_on(target)
     }

@@ -2,7 +2,10 @@
 //! its own SVID (`spiffe://<td>/ns/<namespace>/sa/outrider-controller`,
 //! issued by the mesh CA it holds) and accepts only clients with an SVID
 //! of the trust domain, so only meshed proxies can ask. Each `Resolve`
-//! is a [`Subscription`] turned into a stream of protobuf answers.
+//! is a [`Subscription`] turned into a stream of protobuf answers. Each
+//! `WatchPolicies` streams a namespace's policy objects from the
+//! [`PolicyStore`] to the proxy of a pod of that namespace, and only when
+//! the pod runs as the ServiceAccount of the caller's certificate.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,9 +21,11 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use super::index::{Endpoint, Resolution, Target};
+use super::policies::{PolicyObject, PolicyStore};
 use super::registry::{Registry, Subscription};
 use crate::controller::metrics::ControllerMetrics;
 use crate::discovery_api::v1;
+use crate::identity::SpiffeId;
 use crate::listener::{Caps, accept_loop};
 
 /// The ServiceAccount whose SVID the controller serves discovery with.
@@ -41,6 +46,7 @@ pub type ServerTls = Arc<RwLock<Arc<ServerConfig>>>;
 #[derive(Debug, Clone)]
 pub struct DiscoveryService {
     registry: Arc<Registry>,
+    policies: Arc<PolicyStore>,
     cluster_domain: String,
     metrics: ControllerMetrics,
 }
@@ -48,22 +54,113 @@ pub struct DiscoveryService {
 impl DiscoveryService {
     pub fn new(
         registry: Arc<Registry>,
+        policies: Arc<PolicyStore>,
         cluster_domain: String,
         metrics: ControllerMetrics,
     ) -> Self {
         Self {
             registry,
+            policies,
             cluster_domain,
             metrics,
         }
     }
+
+    /// Whom a policy request may be answered for: the caller's SVID must
+    /// name the pod's namespace and the ServiceAccount the pod runs as.
+    fn check_policy_request(
+        &self,
+        caller: Option<&CallerIdentity>,
+        request: &v1::PolicyRequest,
+    ) -> Result<(), Status> {
+        let caller = caller.ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let (namespace, service_account) = caller
+            .0
+            .namespace_and_service_account()
+            .ok_or_else(|| Status::permission_denied("not a workload identity"))?;
+        if namespace != request.namespace {
+            return Err(Status::permission_denied(format!(
+                "{} may ask only for pods of namespace {namespace}",
+                caller.0
+            )));
+        }
+        match self
+            .registry
+            .service_account_of(&request.namespace, &request.pod)
+        {
+            None => Err(Status::not_found(format!(
+                "no pod {}/{} (yet)",
+                request.namespace, request.pod
+            ))),
+            Some(runs_as) if runs_as != service_account => Err(Status::permission_denied(format!(
+                "pod {}/{} runs as {runs_as}, not {service_account}",
+                request.namespace, request.pod
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
 }
 
+/// The SPIFFE ID of the client certificate a request came with, put in
+/// each request's extensions by [`serve`].
+#[derive(Debug, Clone)]
+pub struct CallerIdentity(pub SpiffeId);
+
 type ResolveStream = Pin<Box<dyn Stream<Item = Result<v1::Resolution, Status>> + Send>>;
+type PolicyStream = Pin<Box<dyn Stream<Item = Result<v1::PolicySet, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl v1::discovery_server::Discovery for DiscoveryService {
     type ResolveStream = ResolveStream;
+    type WatchPoliciesStream = PolicyStream;
+
+    async fn watch_policies(
+        &self,
+        request: Request<v1::PolicyRequest>,
+    ) -> Result<Response<Self::WatchPoliciesStream>, Status> {
+        if let Err(status) =
+            self.check_policy_request(request.extensions().get(), request.get_ref())
+        {
+            self.metrics.discovery_refused(match status.code() {
+                tonic::Code::NotFound => "unknown_pod",
+                _ => "wrong_identity",
+            });
+            return Err(status);
+        }
+        let namespace = request.into_inner().namespace;
+        let changes = self.policies.subscribe();
+        let state = (
+            self.policies.clone(),
+            changes,
+            namespace,
+            None::<Vec<PolicyObject>>,
+        );
+        let stream = futures_util::stream::unfold(
+            state,
+            |(store, mut changes, namespace, mut last)| async move {
+                loop {
+                    changes.borrow_and_update();
+                    if let Some(set) = store.namespace(&namespace)
+                        && last.as_ref() != Some(&set)
+                    {
+                        let message = v1::PolicySet {
+                            objects: set
+                                .iter()
+                                .map(|(kind, json)| v1::PolicyObject {
+                                    kind: (*kind).to_string(),
+                                    json: json.as_ref().clone(),
+                                })
+                                .collect(),
+                        };
+                        last = Some(set);
+                        return Some((Ok(message), (store, changes, namespace, last)));
+                    }
+                    changes.changed().await.ok()?;
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
 
     async fn resolve(
         &self,
@@ -159,13 +256,21 @@ pub async fn serve(listener: TcpListener, tls: ServerTls, service: DiscoveryServ
                         }
                         Err(_) => return,
                     };
+                // The verifier accepted the chain; its leaf names the caller.
+                let caller = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .and_then(|leaf| crate::identity::svid::parse_leaf(leaf).ok())
+                    .map(|leaf| CallerIdentity(leaf.id));
                 let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                 builder
                     .timer(hyper_util::rt::TokioTimer::new())
                     .max_concurrent_streams(MAX_STREAMS)
                     .keep_alive_interval(KEEPALIVE)
                     .keep_alive_timeout(KEEPALIVE);
-                let service = TowerToHyperService::new(grpc);
+                let service = TowerToHyperService::new(tower_service_fn(grpc, caller));
                 if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
                     tracing::debug!(%peer, %error, "Discovery connection ended");
                 }
@@ -173,4 +278,38 @@ pub async fn serve(listener: TcpListener, tls: ServerTls, service: DiscoveryServ
         },
     )
     .await;
+}
+
+/// `grpc` with the caller's identity added to every request.
+fn tower_service_fn<S>(grpc: S, caller: Option<CallerIdentity>) -> WithCaller<S> {
+    WithCaller { grpc, caller }
+}
+
+#[derive(Clone)]
+struct WithCaller<S> {
+    grpc: S,
+    caller: Option<CallerIdentity>,
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for WithCaller<S>
+where
+    S: tower_service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.grpc.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        if let Some(caller) = &self.caller {
+            request.extensions_mut().insert(caller.clone());
+        }
+        self.grpc.call(request)
+    }
 }
