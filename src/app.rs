@@ -21,7 +21,7 @@ use crate::lifecycle::{self, Drained};
 use crate::memory;
 use crate::policy::publish::{self, PolicyRx, Publisher};
 use crate::policy::source::{self, files::FileSource};
-use crate::proxy::discover::Resolver;
+use crate::proxy::discover::{Resolver, ResolverMetrics};
 use crate::proxy::{self, Proxy};
 use crate::tls::MeshTls;
 
@@ -162,11 +162,14 @@ impl Sidecar {
         let tls = spawn_tls_builder(credentials.clone(), config.tls.clone(), stopped());
 
         // One connection to the controller for destinations and policies.
-        let resolver = config
-            .proxy
-            .discovery
-            .clone()
-            .map(|d| Resolver::new(d, tls.clone()));
+        let resolver = match config.proxy.discovery.clone() {
+            Some(d) => Some(Resolver::with_metrics(
+                d,
+                tls.clone(),
+                ResolverMetrics::new(&registry)?,
+            )),
+            None => None,
+        };
         let (policy, policy_tasks) =
             start_policy(&config.policy, resolver.as_ref(), &registry).await?;
         let metrics = proxy::Metrics::new(&registry)?;

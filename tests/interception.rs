@@ -1337,6 +1337,18 @@ fn requests_over_one_keep_alive_connection_spread_over_the_service_s_pods() {
         ) >= 600.0,
         "{metrics}"
     );
+    assert!(metric(&metrics, "outrider_discovery_streams_open", &[]) >= 1.0);
+    assert!(
+        metric(
+            &metrics,
+            "outrider_discovery_answers_received_total",
+            &[("result", "used")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(&metrics, "outrider_outbound_balancer_endpoints", &[]),
+        3.0
+    );
 
     // An address discovery does not know: the original destination, as
     // without discovery (mTLS to any identity of the trust domain).
@@ -1371,6 +1383,12 @@ fn requests_over_one_keep_alive_connection_spread_over_the_service_s_pods() {
     for ((b, was), (_, now)) in before.iter().zip(&after) {
         assert!(now - was >= 20.0, "{b}: {before:?} -> {after:?}");
     }
+    let metrics = net.metrics("client");
+    assert!(metric(&metrics, "outrider_discovery_stream_failures_total", &[]) >= 1.0);
+    assert_eq!(
+        metric(&metrics, "outrider_discovery_streams_open", &[]),
+        0.0
+    );
 }
 
 #[test]

@@ -145,9 +145,74 @@ impl Drop for Destination {
     }
 }
 
+/// The resolver's own metrics (bounded: no destination is a label).
+#[derive(Debug, Clone)]
+pub struct ResolverMetrics {
+    streams_open: prometheus::IntGauge,
+    destinations: prometheus::IntGauge,
+    answers: prometheus::IntCounterVec,
+    stream_failures: prometheus::IntCounter,
+}
+
+impl ResolverMetrics {
+    pub fn new(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let streams_open = prometheus::IntGauge::new(
+            "discovery_streams_open",
+            "Resolve streams to the controller currently open.",
+        )?;
+        let destinations = prometheus::IntGauge::new(
+            "discovery_destinations",
+            "Destinations followed through discovery (answered or waiting).",
+        )?;
+        let answers = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "discovery_answers_received_total",
+                "Answers from the controller: used, or refused as malformed (the last good one kept).",
+            ),
+            &["result"],
+        )?;
+        let stream_failures = prometheus::IntCounter::new(
+            "discovery_stream_failures_total",
+            "Resolve streams that could not be opened or ended; each is retried with backoff.",
+        )?;
+        registry.register(Box::new(streams_open.clone()))?;
+        registry.register(Box::new(destinations.clone()))?;
+        registry.register(Box::new(answers.clone()))?;
+        registry.register(Box::new(stream_failures.clone()))?;
+        Ok(Self {
+            streams_open,
+            destinations,
+            answers,
+            stream_failures,
+        })
+    }
+}
+
+/// Counts a Resolve stream as open while it lives.
+struct OpenStream(Option<ResolverMetrics>);
+
+impl OpenStream {
+    fn new(metrics: Option<ResolverMetrics>) -> Self {
+        if let Some(m) = &metrics {
+            m.streams_open.inc();
+        }
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if let Some(m) = &self.0 {
+            m.streams_open.dec();
+            m.stream_failures.inc();
+        }
+    }
+}
+
 struct Inner {
     config: DiscoveryConfig,
     tls: TlsRx,
+    metrics: Option<ResolverMetrics>,
     channel: tokio::sync::Mutex<Option<Http2Channel>>,
     destinations: Mutex<HashMap<SocketAddr, Arc<Destination>>>,
 }
@@ -160,10 +225,20 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn new(config: DiscoveryConfig, tls: TlsRx) -> Self {
+        Self::build(config, tls, None)
+    }
+
+    /// A resolver that reports into `metrics`.
+    pub fn with_metrics(config: DiscoveryConfig, tls: TlsRx, metrics: ResolverMetrics) -> Self {
+        Self::build(config, tls, Some(metrics))
+    }
+
+    fn build(config: DiscoveryConfig, tls: TlsRx, metrics: Option<ResolverMetrics>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
                 tls,
+                metrics,
                 channel: tokio::sync::Mutex::new(None),
                 destinations: Mutex::new(HashMap::new()),
             }),
@@ -209,6 +284,9 @@ impl Resolver {
                 follower,
             }),
         );
+        if let Some(m) = &self.inner.metrics {
+            m.destinations.set(destinations.len() as i64);
+        }
         rx
     }
 
@@ -241,14 +319,19 @@ async fn follow(inner: Weak<Inner>, dst: SocketAddr, tx: watch::Sender<Option<An
                 .map_err(|status| status.to_string()),
             Err(error) => Err(error),
         };
+        let metrics = strong.metrics.clone();
         drop(strong);
         match stream {
             Ok(response) => {
+                let _open = OpenStream::new(metrics.clone());
                 let mut stream = response.into_inner();
                 loop {
                     match stream.message().await {
                         Ok(Some(message)) => match from_proto(&message) {
                             Ok(answer) => {
+                                if let Some(m) = &metrics {
+                                    m.answers.with_label_values(&["used"]).inc();
+                                }
                                 retry = FIRST_RETRY;
                                 tx.send_if_modified(|current| {
                                     let changed = current.as_ref() != Some(&answer);
@@ -257,6 +340,9 @@ async fn follow(inner: Weak<Inner>, dst: SocketAddr, tx: watch::Sender<Option<An
                                 });
                             }
                             Err(error) => {
+                                if let Some(m) = &metrics {
+                                    m.answers.with_label_values(&["refused"]).inc();
+                                }
                                 tracing::warn!(%dst, %error, "Unusable discovery answer; keeping the last one");
                             }
                         },
@@ -268,7 +354,12 @@ async fn follow(inner: Weak<Inner>, dst: SocketAddr, tx: watch::Sender<Option<An
                     }
                 }
             }
-            Err(error) => tracing::debug!(%dst, %error, "Cannot resolve through discovery"),
+            Err(error) => {
+                if let Some(m) = &metrics {
+                    m.stream_failures.inc();
+                }
+                tracing::debug!(%dst, %error, "Cannot resolve through discovery");
+            }
         }
         if tx.is_closed() {
             return;
