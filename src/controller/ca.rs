@@ -150,7 +150,6 @@ impl Controller {
     /// trust domain required, HTTP/2 only (gRPC).
     pub(super) fn discovery_tls(&self) -> Result<Arc<rustls::ServerConfig>, Error> {
         use crate::identity::{Credentials, RawCredentials, SpiffeId};
-        use crate::tls::{KxGroup, MeshTls, TlsSettings};
         let ca = self.current_ca().ok_or(Error::NoServingCert)?;
         let id = SpiffeId::workload(
             &ca.trust_domain,
@@ -170,17 +169,10 @@ impl Controller {
         let skew = Duration::from_secs(60);
         let credentials = Credentials::from_raw(&raw, &id, rustls_pki_types::UnixTime::now(), skew)
             .map_err(|e| Error::DiscoveryTls(e.to_string()))?;
-        let settings = TlsSettings {
-            clock_skew: skew,
-            resumption: false,
-            key_exchange: vec![KxGroup::X25519, KxGroup::Secp256r1],
-        };
-        let mesh = MeshTls::new(Arc::new(credentials), &settings)
+        let config = super::discovery::server::server_tls(Arc::new(credentials))
             .map_err(|e| Error::DiscoveryTls(e.to_string()))?;
-        let mut config = (*mesh.server_config()).clone();
-        config.alpn_protocols = vec![b"h2".to_vec()];
         self.metrics.issued("discovery", "serving");
-        Ok(Arc::new(config))
+        Ok(config)
     }
 }
 

@@ -11,20 +11,16 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use parking_lot::RwLock;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use super::{issue, sidecar_config, spawn_slow_identity_app, tls_settings};
+use super::{issue, sidecar_config, spawn_slow_identity_app};
 use crate::app::Sidecar;
 use crate::ca::store::CaDir;
 use crate::controller::discovery::index::Index;
-use crate::controller::discovery::registry::Registry;
-use crate::controller::discovery::server::{self, DiscoveryService};
-use crate::controller::metrics::ControllerMetrics;
+use crate::controller::discovery::server;
 use crate::identity::{Credentials, RawCredentials, SpiffeId, TrustDomain};
 use crate::lifecycle::Drained;
-use crate::tls::MeshTls;
 
 /// The replicas' names; the last one answers 50 ms late.
 pub const NAMES: [&str; 3] = ["replica-1", "replica-2", "replica-3"];
@@ -168,23 +164,10 @@ async fn serve_discovery(
         Duration::from_secs(60),
     )
     .map_err(|e| e.to_string())?;
-    let mesh = MeshTls::new(Arc::new(credentials), &tls_settings()).map_err(|e| e.to_string())?;
-    let mut tls = (*mesh.server_config()).clone();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let metrics =
-        ControllerMetrics::new(&prometheus::Registry::new()).map_err(|e| e.to_string())?;
-    let service = DiscoveryService::new(
-        Registry::new(index),
-        crate::controller::discovery::policies::PolicyStore::new(),
-        "cluster.local".into(),
-        metrics,
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let tls = server::server_tls(Arc::new(credentials)).map_err(|e| e.to_string())?;
+    server::serve_index(index, tls)
         .await
-        .map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let tls = Arc::new(RwLock::new(Arc::new(tls)));
-    Ok((addr, tokio::spawn(server::serve(listener, tls, service))))
+        .map_err(|e| e.to_string())
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {

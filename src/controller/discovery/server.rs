@@ -235,6 +235,44 @@ fn endpoint_to_proto(endpoint: &Endpoint) -> v1::Endpoint {
     }
 }
 
+/// The discovery server's TLS from the controller's credentials: client
+/// certificates of the trust domain required, HTTP/2 only (gRPC).
+pub fn server_tls(
+    credentials: Arc<crate::identity::Credentials>,
+) -> Result<Arc<ServerConfig>, crate::tls::Error> {
+    use crate::tls::{KxGroup, MeshTls, TlsSettings};
+    let settings = TlsSettings {
+        clock_skew: Duration::from_secs(60),
+        resumption: false,
+        key_exchange: vec![KxGroup::X25519, KxGroup::Secp256r1],
+    };
+    let mesh = MeshTls::new(credentials, &settings)?;
+    let mut config = (*mesh.server_config()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves a fixed index (and no policies) on a loopback port, for local
+/// mode: `outrider demo` and the benchmarks, where no API server feeds
+/// the index.
+pub async fn serve_index(
+    index: super::index::Index,
+    tls: Arc<ServerConfig>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let registry = prometheus::Registry::new();
+    let metrics = ControllerMetrics::new(&registry).map_err(std::io::Error::other)?;
+    let service = DiscoveryService::new(
+        Registry::new(index),
+        PolicyStore::new(),
+        "cluster.local".into(),
+        metrics,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let tls = Arc::new(RwLock::new(tls));
+    Ok((addr, tokio::spawn(serve(listener, tls, service))))
+}
+
 /// Serves discovery until the task is dropped.
 pub async fn serve(listener: TcpListener, tls: ServerTls, service: DiscoveryService) {
     let grpc = v1::discovery_server::DiscoveryServer::new(service);
