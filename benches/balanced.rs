@@ -9,9 +9,10 @@
 //!    client sidecar routed straight to one backend (the mesh without
 //!    discovery). Reports requests per second of both, their ratio, and
 //!    each backend's share, as medians of the repetitions.
-//! 2. **Memory with 1,000 endpoints**: `outrider proxy` (this build's
-//!    binary, as a process of its own) resolves a Service of 1,000 meshed
-//!    endpoints; its resident memory before and after.
+//! 2. **Memory with 1,000 endpoints**: `outrider proxy` (as a process of
+//!    its own: `OUTRIDER_BIN`, else this build's binary) resolves a
+//!    Service of 1,000 meshed endpoints; its resident memory before and
+//!    after.
 //!
 //!     cargo bench --bench balanced
 //!
@@ -319,7 +320,11 @@ async fn run(reps: usize, duration: Duration, dir: &Path) {
         ),
     )
     .unwrap();
-    let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
+    // OUTRIDER_BIN: the shipped (static, symbol-ordered) build, whose
+    // memory is the one that counts; else this build's binary.
+    let binary =
+        std::env::var("OUTRIDER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_outrider").into());
+    let mut proxy = std::process::Command::new(binary)
         .args(["proxy", "--config"])
         .arg(&config_file)
         .stdout(std::process::Stdio::null())

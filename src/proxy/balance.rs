@@ -9,9 +9,10 @@
 //!   is not picked it decays toward zero with the same constant, so an
 //!   endpoint avoided for one slow answer is tried again (Linkerd's
 //!   numbers and tower's peak-EWMA; see docs/discovery.md). An endpoint
-//!   never measured is assumed as fast as the fastest measured one (else
-//!   30 ms), and its first sample replaces that guess: a new replica is
-//!   tried at once instead of starving behind a guess.
+//!   never measured is assumed as fast as the one it is compared with
+//!   (30 ms when neither is measured), and its first sample replaces that
+//!   guess: a new replica is tried at once instead of starving behind a
+//!   guess.
 //! - **Choice**: two distinct endpoints at random; the second wins only
 //!   when it costs less than the first by a factor of 1.5. Latencies of a
 //!   few milliseconds jitter by as much as they differ, and a strict
@@ -28,10 +29,12 @@
 //!   is paused, the one whose pause ends first is still tried: traffic to
 //!   a Service is never refused by the balancer alone.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-/// The latency guessed for an endpoint never measured, when no endpoint
-/// of the set has been.
+/// The latency assumed for an endpoint never measured, when the endpoint
+/// it is compared with is not measured either.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// How fast the estimate forgets a slow past.
 pub const DECAY: Duration = Duration::from_secs(10);
@@ -82,9 +85,10 @@ impl Load {
             .map(|estimate| estimate * decay(now.saturating_duration_since(self.updated)))
     }
 
-    fn cost(&self, now: Instant, guess_ns: f64) -> f64 {
-        let latency = self.latency(now).unwrap_or(guess_ns);
-        (latency + COST_FLOOR.as_nanos() as f64) * f64::from(self.pending + 1)
+    /// The cost at a latency (the decayed estimate, or a stand-in for an
+    /// endpoint never measured).
+    fn cost(&self, latency_ns: f64) -> f64 {
+        (latency_ns + COST_FLOOR.as_nanos() as f64) * f64::from(self.pending + 1)
     }
 }
 
@@ -122,15 +126,24 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Balancer<K> {
     slots: Vec<Slot<K>>,
+    /// Where each key's slot is, so finishing a request costs a lookup
+    /// whatever the size of the set.
+    positions: HashMap<K, usize>,
     rng: fastrand::Rng,
 }
 
-impl<K: Clone + Eq> Balancer<K> {
+impl<K: Clone + Eq + Hash> Balancer<K> {
     pub fn new(seed: u64) -> Self {
         Self {
             slots: Vec::new(),
+            positions: HashMap::new(),
             rng: fastrand::Rng::with_seed(seed),
         }
+    }
+
+    fn slot_mut(&mut self, key: &K) -> Option<&mut Slot<K>> {
+        let at = *self.positions.get(key)?;
+        self.slots.get_mut(at)
     }
 
     pub fn len(&self) -> usize {
@@ -144,19 +157,21 @@ impl<K: Clone + Eq> Balancer<K> {
     /// Replaces the endpoint set; endpoints still present keep their
     /// estimate, load and failure record; removed ones get no new requests.
     pub fn set_endpoints(&mut self, keys: impl IntoIterator<Item = K>, now: Instant) {
-        let mut old = std::mem::take(&mut self.slots);
+        let mut old: HashMap<K, Slot<K>> = std::mem::take(&mut self.slots)
+            .into_iter()
+            .map(|slot| (slot.key.clone(), slot))
+            .collect();
+        self.positions.clear();
         for key in keys {
-            if self.slots.iter().any(|s| s.key == key) {
+            if self.positions.contains_key(&key) {
                 continue;
             }
-            let slot = match old.iter().position(|s| s.key == key) {
-                Some(at) => old.swap_remove(at),
-                None => Slot {
-                    key,
-                    load: Load::new(now),
-                    failures: Failures::default(),
-                },
-            };
+            let slot = old.remove(&key).unwrap_or_else(|| Slot {
+                key: key.clone(),
+                load: Load::new(now),
+                failures: Failures::default(),
+            });
+            self.positions.insert(key, self.slots.len());
             self.slots.push(slot);
         }
     }
@@ -165,63 +180,99 @@ impl<K: Clone + Eq> Balancer<K> {
     /// [`Self::finish`]; `None` only when there is no endpoint. `avoid` is
     /// skipped when another endpoint exists (a retry goes elsewhere).
     pub fn pick(&mut self, now: Instant, avoid: Option<&K>) -> Option<K> {
-        let candidates: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| Some(&self.slots[i].key) != avoid || self.slots.len() == 1)
-            .collect();
-        let available: Vec<usize> = candidates
-            .iter()
-            .copied()
-            .filter(|&i| {
-                self.slots[i]
-                    .failures
-                    .paused_until
-                    .is_none_or(|until| now >= until)
-            })
-            .collect();
-        let chosen = match available.len() {
-            0 => *candidates
-                .iter()
-                .min_by_key(|&&i| self.slots[i].failures.paused_until.unwrap_or(now))?,
-            1 => available[0],
-            n => {
-                let a = self.rng.usize(..n);
-                let mut b = self.rng.usize(..n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let (a, b) = (available[a], available[b]);
-                let guess = self.guess(now);
-                let (cost_a, cost_b) = (
-                    self.slots[a].load.cost(now, guess),
-                    self.slots[b].load.cost(now, guess),
-                );
-                if cost_b * CLEARLY_CHEAPER < cost_a {
-                    b
-                } else {
-                    a
-                }
-            }
+        let chosen = match self.two_usable(now, avoid) {
+            Some((a, b)) => self.cheaper(a, b, now),
+            None => self.pick_among_few(now, avoid)?,
         };
         let slot = &mut self.slots[chosen];
         slot.load.pending += 1;
         Some(slot.key.clone())
     }
 
-    /// The latency assumed for endpoints never measured: the fastest
-    /// measured one's, else [`DEFAULT_RTT`].
-    fn guess(&self, now: Instant) -> f64 {
-        self.slots
-            .iter()
-            .filter_map(|s| s.load.latency(now))
-            .min_by(f64::total_cmp)
-            .unwrap_or(DEFAULT_RTT.as_nanos() as f64)
+    /// Whether slot `i` may take the next request.
+    fn usable(&self, i: usize, now: Instant, avoid: Option<&K>) -> bool {
+        let slot = &self.slots[i];
+        (self.slots.len() == 1 || Some(&slot.key) != avoid)
+            && slot.failures.paused_until.is_none_or(|until| now >= until)
     }
 
-    /// Records how a request picked from `key` ended. A key no longer in
-    /// the set (removed meanwhile) is ignored.
-    pub fn finish(&mut self, key: &K, outcome: Outcome, now: Instant) {
-        let Some(slot) = self.slots.iter_mut().find(|s| &s.key == key) else {
-            return;
+    /// Two distinct usable slots drawn at random, without allocating; `None`
+    /// when a few draws find none (few usable slots: see
+    /// [`Self::pick_among_few`]).
+    fn two_usable(&mut self, now: Instant, avoid: Option<&K>) -> Option<(usize, usize)> {
+        const DRAWS: usize = 4;
+        let n = self.slots.len();
+        if n < 2 {
+            return None;
+        }
+        let mut first = None;
+        for _ in 0..DRAWS {
+            let a = self.rng.usize(..n);
+            if self.usable(a, now, avoid) {
+                first = Some(a);
+                break;
+            }
+        }
+        let a = first?;
+        for _ in 0..DRAWS {
+            let mut b = self.rng.usize(..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            if self.usable(b, now, avoid) {
+                return Some((a, b));
+            }
+        }
+        None
+    }
+
+    /// The first choice, unless the second is clearly cheaper. An endpoint
+    /// never measured is assumed as fast as the one it is compared with
+    /// (30 ms when neither is measured).
+    fn cheaper(&self, a: usize, b: usize, now: Instant) -> usize {
+        let (la, lb) = (
+            self.slots[a].load.latency(now),
+            self.slots[b].load.latency(now),
+        );
+        let default = DEFAULT_RTT.as_nanos() as f64;
+        let cost_a = self.slots[a].load.cost(la.or(lb).unwrap_or(default));
+        let cost_b = self.slots[b].load.cost(lb.or(la).unwrap_or(default));
+        if cost_b * CLEARLY_CHEAPER < cost_a {
+            b
+        } else {
+            a
+        }
+    }
+
+    /// The exact choice when random draws found no two usable slots: the
+    /// one usable slot, two of a few, or with every slot paused the one
+    /// whose pause ends first.
+    fn pick_among_few(&mut self, now: Instant, avoid: Option<&K>) -> Option<usize> {
+        let usable: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.usable(i, now, avoid))
+            .collect();
+        match usable.len() {
+            0 => (0..self.slots.len())
+                .filter(|&i| self.slots.len() == 1 || Some(&self.slots[i].key) != avoid)
+                .min_by_key(|&i| self.slots[i].failures.paused_until.unwrap_or(now)),
+            1 => Some(usable[0]),
+            n => {
+                let a = self.rng.usize(..n);
+                let mut b = self.rng.usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                Some(self.cheaper(usable[a], usable[b], now))
+            }
+        }
+    }
+
+    /// Records how a request picked from `key` ended; true when this
+    /// outcome paused the endpoint. A key no longer in the set (removed
+    /// meanwhile) is ignored.
+    pub fn finish(&mut self, key: &K, outcome: Outcome, now: Instant) -> bool {
+        let Some(slot) = self.slot_mut(key) else {
+            return false;
         };
         slot.load.pending = slot.load.pending.saturating_sub(1);
         match outcome {
@@ -240,17 +291,19 @@ impl<K: Clone + Eq> Balancer<K> {
                     failures.paused_until = Some(now + pause);
                     // One more failure after the pause renews it.
                     failures.consecutive = FAILURES_TO_PAUSE - 1;
+                    return true;
                 }
             }
             Outcome::Abandoned => {}
         }
+        false
     }
 
     /// Records that `key` works (a connection to it was established)
     /// while its request stays in flight: the latency sample counts and
     /// its failure record is cleared.
     pub fn succeeded(&mut self, key: &K, rtt: Duration, now: Instant) {
-        if let Some(slot) = self.slots.iter_mut().find(|s| &s.key == key) {
+        if let Some(slot) = self.slot_mut(key) {
             slot.load.observe(rtt, now);
             slot.failures = Failures::default();
         }
@@ -258,10 +311,9 @@ impl<K: Clone + Eq> Balancer<K> {
 
     /// Whether `key` is paused at `now` (for metrics).
     pub fn is_paused(&self, key: &K, now: Instant) -> bool {
-        self.slots
-            .iter()
-            .find(|s| &s.key == key)
-            .and_then(|s| s.failures.paused_until)
+        self.positions
+            .get(key)
+            .and_then(|&at| self.slots[at].failures.paused_until)
             .is_some_and(|until| now < until)
     }
 }
@@ -404,7 +456,8 @@ mod tests {
         load.pending = 2;
         let floor = COST_FLOOR.as_nanos() as f64;
         let t1 = t0 + DECAY;
-        assert!((load.cost(t1, 0.0) - (expected + floor) * 3.0).abs() < 3.0);
+        let latency = load.latency(t1).unwrap();
+        assert!((load.cost(latency) - (expected + floor) * 3.0).abs() < 3.0);
         // Not picked for one more time constant: decayed toward zero.
         let later = load.latency(t1 + DECAY).unwrap();
         assert!((later - expected * (-1f64).exp()).abs() < 1.0, "{later}");

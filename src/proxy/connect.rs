@@ -89,8 +89,9 @@ pub enum PeerKnown {
     /// found by probing).
     Unvouched,
     /// Discovery names the pod's identity: mTLS to exactly it, never
-    /// plaintext whatever the network answers.
-    Mesh(SpiffeId),
+    /// plaintext whatever the network answers. Shared: every request's
+    /// upstream carries it.
+    Mesh(std::sync::Arc<SpiffeId>),
     /// Discovery says the pod has no proxy: plaintext at once in
     /// permissive mode, refused in strict mode.
     NoProxy,
@@ -256,7 +257,8 @@ impl MeshConnector {
         }
         let mesh = self.tls.borrow().clone().ok_or(ConnectError::NoIdentity)?;
         let expectation = match (&upstream.peer, &self.expected) {
-            (PeerKnown::Mesh(id), _) | (_, ExpectedPeer::Id(id)) => PeerExpectation::Id(id.clone()),
+            (PeerKnown::Mesh(id), _) => PeerExpectation::Id(SpiffeId::clone(id)),
+            (_, ExpectedPeer::Id(id)) => PeerExpectation::Id(id.clone()),
             (_, ExpectedPeer::SameTrustDomain) => {
                 PeerExpectation::TrustDomain(mesh.credentials().id().trust_domain())
             }

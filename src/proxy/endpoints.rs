@@ -60,9 +60,9 @@ pub enum Pick {
 
 impl Pick {
     /// The upstream to use, given the original destination.
-    pub fn upstream(&self, original: SocketAddr) -> Option<Upstream> {
+    pub fn upstream(self, original: SocketAddr) -> Option<Upstream> {
         match self {
-            Self::Endpoint(upstream) => Some(upstream.clone()),
+            Self::Endpoint(upstream) => Some(upstream),
             Self::Original => Some(Upstream::unvouched(original)),
             Self::NoEndpoints => None,
         }
@@ -74,7 +74,7 @@ pub fn upstream_of(endpoint: &Endpoint) -> Upstream {
     Upstream {
         addr: endpoint.addr,
         peer: match &endpoint.identity {
-            Some(id) => PeerKnown::Mesh(id.clone()),
+            Some(id) => PeerKnown::Mesh(Arc::new(id.clone())),
             None => PeerKnown::NoProxy,
         },
     }
@@ -100,6 +100,8 @@ struct State {
     answers: watch::Receiver<Option<Answer>>,
     current: Current,
     balancer: Balancer<Upstream>,
+    /// `outbound_service_requests_total` of the current set's Service.
+    requests: Option<prometheus::IntCounter>,
 }
 
 #[derive(Clone)]
@@ -122,6 +124,7 @@ impl Endpoints {
         let mut balancer = Balancer::new(fastrand::u64(..));
         balancer.set_endpoints(set.endpoints.iter().map(upstream_of), Instant::now());
         metrics.balancer_endpoints_changed(balancer.len() as i64);
+        let requests = set.service.as_deref().map(|s| metrics.service_requests(s));
         Self {
             original,
             resolver,
@@ -131,6 +134,7 @@ impl Endpoints {
                 answers,
                 current: Current::Set(set),
                 balancer,
+                requests,
             }),
         }
     }
@@ -139,23 +143,31 @@ impl Endpoints {
         self.original
     }
 
-    /// `namespace/name` of the Service, when the destination is one.
-    pub fn service(&self) -> Option<String> {
-        match &self.state.lock().current {
-            Current::Set(set) => set.service.clone(),
-            Current::Unknown => None,
-        }
-    }
-
     /// The upstream for the next request or connection, counted as in
     /// flight until the returned guard is finished or dropped. `avoid` is
     /// skipped when another endpoint exists (a retry goes elsewhere).
     pub fn pick(self: &Arc<Self>, avoid: Option<&Upstream>) -> (Pick, Option<InFlight>) {
+        self.pick_counted(avoid, false)
+    }
+
+    /// [`Self::pick`] for an HTTP request, counted by Service.
+    pub fn pick_request(self: &Arc<Self>) -> (Pick, Option<InFlight>) {
+        self.pick_counted(None, true)
+    }
+
+    fn pick_counted(
+        self: &Arc<Self>,
+        avoid: Option<&Upstream>,
+        request: bool,
+    ) -> (Pick, Option<InFlight>) {
         let now = Instant::now();
         let mut state = self.state.lock();
         self.catch_up(&mut state, now);
         if let Current::Unknown = state.current {
             return (Pick::Original, None);
+        }
+        if request && let Some(counter) = &state.requests {
+            counter.inc();
         }
         match state.balancer.pick(now, avoid) {
             Some(upstream) => (
@@ -207,15 +219,20 @@ impl Endpoints {
         state.balancer.set_endpoints(after, now);
         self.metrics
             .balancer_endpoints_changed(state.balancer.len() as i64 - len_before);
+        state.requests = match &next {
+            Current::Set(set) => set
+                .service
+                .as_deref()
+                .map(|s| self.metrics.service_requests(s)),
+            Current::Unknown => None,
+        };
         state.current = next;
     }
 
     fn finish(&self, upstream: &Upstream, outcome: Outcome) {
         let now = Instant::now();
-        let mut state = self.state.lock();
-        let was_paused = state.balancer.is_paused(upstream, now);
-        state.balancer.finish(upstream, outcome, now);
-        if !was_paused && state.balancer.is_paused(upstream, now) {
+        let paused = self.state.lock().balancer.finish(upstream, outcome, now);
+        if paused {
             self.metrics.endpoint_paused();
             tracing::info!(original = %self.original, endpoint = %upstream.addr, "Endpoint keeps failing; skipped for a while");
         }

@@ -230,7 +230,7 @@ impl HttpForward {
         let direction = self.side.direction();
         let (upstream, picked) = match &self.target {
             Target::Fixed(upstream) => (upstream.clone(), None),
-            Target::Balanced(endpoints) => match endpoints.pick(None) {
+            Target::Balanced(endpoints) => match endpoints.pick_request() {
                 (Pick::NoEndpoints, _) => {
                     self.metrics
                         .connection_error(direction, ConnError::NoEndpoints);
@@ -243,9 +243,6 @@ impl HttpForward {
                     return response;
                 }
                 (pick, picked) => {
-                    if let Some(service) = endpoints.service() {
-                        self.metrics.service_request(&service);
-                    }
                     let upstream = pick
                         .upstream(self.dst)
                         .unwrap_or_else(|| super::connect::Upstream::unvouched(self.dst));

@@ -336,8 +336,9 @@ impl Metrics {
         self.retries.inc();
     }
 
-    pub fn service_request(&self, service: &str) {
-        self.service_requests.with_label_values(&[service]).inc();
+    /// The request counter of a Service, looked up once per endpoint set.
+    pub fn service_requests(&self, service: &str) -> IntCounter {
+        self.service_requests.with_label_values(&[service])
     }
 }
 
