@@ -143,6 +143,14 @@ impl Endpoints {
         self.original
     }
 
+    /// Whether the current set's traffic is opaque.
+    fn is_opaque(&self) -> bool {
+        match &self.state.lock().current {
+            Current::Set(set) => is_opaque(set),
+            Current::Unknown => false,
+        }
+    }
+
     /// The upstream for the next request or connection, counted as in
     /// flight until the returned guard is finished or dropped. `avoid` is
     /// skipped when another endpoint exists (a retry goes elsewhere).
@@ -328,8 +336,19 @@ impl Destinations {
         self.metrics.discovery_answer(&answer);
         let set = match answer {
             Answer::Endpoints(set) => set,
-            Answer::Unknown | Answer::Unavailable => {
-                return (Target::Fixed(Upstream::unvouched(dst)), false);
+            Answer::Unknown => return (Target::Fixed(Upstream::unvouched(dst)), false),
+            // No answer in time, but one was given before (the resolver
+            // forgot the destination while idle, and the controller is
+            // away now): its endpoints and identities, never the weaker
+            // original-destination check.
+            Answer::Unavailable => {
+                return match self.known.lock().get(&dst) {
+                    Some(endpoints) => {
+                        let opaque = endpoints.is_opaque();
+                        (Target::Balanced(endpoints.clone()), opaque)
+                    }
+                    None => (Target::Fixed(Upstream::unvouched(dst)), false),
+                };
             }
         };
         let opaque = is_opaque(&set);
@@ -353,5 +372,80 @@ impl Destinations {
         ));
         known.insert(dst, endpoints.clone());
         (Target::Balanced(endpoints), opaque)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::SpiffeId;
+    use crate::proxy::connect::AppConnector;
+    use crate::proxy::discover::DiscoveryConfig;
+
+    fn set() -> Arc<EndpointSet> {
+        Arc::new(EndpointSet {
+            service: Some("shop/web".into()),
+            opaque: false,
+            endpoints: vec![Endpoint {
+                addr: "10.0.0.1:8080".parse().unwrap(),
+                identity: Some(SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap()),
+                opaque: false,
+                terminating: false,
+            }],
+        })
+    }
+
+    #[tokio::test]
+    async fn a_destination_answered_before_keeps_its_identities_when_discovery_cannot_answer() {
+        // A controller nobody listens for: every new question times out.
+        let resolver = Resolver::new(
+            DiscoveryConfig {
+                address: "127.0.0.1:1".into(),
+                authority: "discovery".into(),
+                server_id: SpiffeId::parse("spiffe://cluster.local/ns/outrider-system/sa/c")
+                    .unwrap(),
+                first_answer_timeout: Duration::from_millis(50),
+            },
+            watch::channel(None).1,
+        );
+        let pool = Pool::new(
+            Arc::new(AppConnector {
+                connect_timeout: Duration::from_millis(50),
+            }),
+            Duration::from_secs(1),
+            1,
+        );
+        let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+        let destinations = Destinations::new(resolver.clone(), pool.clone(), metrics.clone());
+        let dst: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        // Never answered: the original destination.
+        let (target, _) = destinations.resolve(dst).await;
+        assert!(matches!(target, Target::Fixed(_)));
+        // Answered once (the resolver has since forgotten it): the last
+        // endpoints, each with its identity.
+        let answered = Arc::new(Endpoints::new(
+            dst,
+            set(),
+            watch::channel(None).1,
+            resolver,
+            pool,
+            metrics,
+        ));
+        destinations.known.lock().insert(dst, answered);
+        let (target, _) = destinations.resolve(dst).await;
+        let Target::Balanced(endpoints) = target else {
+            panic!("fell back to the original destination");
+        };
+        let (pick, _) = endpoints.pick(None);
+        assert!(
+            matches!(
+                pick,
+                Pick::Endpoint(Upstream {
+                    peer: PeerKnown::Mesh(_),
+                    ..
+                })
+            ),
+            "{pick:?}"
+        );
     }
 }

@@ -510,7 +510,23 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                 return stream_response(missed, Some(rx));
             }
             state.lists += 1;
-            let version = state.version.to_string();
+            // Pages as the API server serves them (`limit`, `continue`):
+            // every page carries the resourceVersion the list began at.
+            // The token is that version and how many items came before.
+            let (version, skip) = match query
+                .get("continue")
+                .and_then(|token| token.split_once('/'))
+                .and_then(|(v, n)| Some((v.to_string(), n.parse::<usize>().ok()?)))
+            {
+                Some(resumed) => resumed,
+                None => (state.version.to_string(), 0),
+            };
+            let limit = query
+                .get("limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .filter(|l| *l > 0)
+                .unwrap_or(usize::MAX);
+            let mut more = false;
             // Like the API server, list items carry no apiVersion and
             // kind: a client must not depend on them.
             let items: Vec<Value> = state
@@ -520,6 +536,16 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                     *p == plural
                         && namespace.as_ref().is_none_or(|ns| ns == n)
                         && selects(&selector, o)
+                })
+                .skip(skip)
+                .enumerate()
+                .filter_map(|(i, item)| {
+                    if i < limit {
+                        Some(item)
+                    } else {
+                        more = true;
+                        None
+                    }
                 })
                 .map(|(_, o)| {
                     if metadata_only {
@@ -545,10 +571,14 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                     format!("{}List", kind_of(&plural)),
                 )
             };
+            let mut metadata = json!({"resourceVersion": version});
+            if more {
+                metadata["continue"] = json!(format!("{version}/{}", skip + items.len()));
+            }
             json_response(
                 StatusCode::OK,
                 json!({"apiVersion": api_version, "kind": kind,
-                       "metadata": {"resourceVersion": version}, "items": items}),
+                       "metadata": metadata, "items": items}),
             )
         }
         (Method::GET, Some(name)) => match state.objects.get(&(plural, ns, name)) {
