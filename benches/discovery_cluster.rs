@@ -263,7 +263,7 @@ async fn run(scale: Scale) {
         }
     }
     for _ in 0..scale.subscribed {
-        tokio::time::timeout(Duration::from_secs(120), ready_rx.recv())
+        tokio::time::timeout(Duration::from_secs(900), ready_rx.recv())
             .await
             .expect("every stream gets its Service's endpoints")
             .unwrap();

@@ -280,9 +280,10 @@ pub async fn run(
     ));
 
     // Discovery: the index fed by its watches, served over mTLS.
-    let registry = discovery::registry::Registry::new(discovery::index::Index::new(
-        config.trust_domain.clone(),
-    ));
+    let registry = discovery::registry::Registry::awaiting(
+        discovery::index::Index::new(config.trust_domain.clone()),
+        &discovery::watch::SOURCES,
+    );
     discovery::watch::start(&client, &registry, &metrics, &mut tasks);
     let policies = discovery::policies::PolicyStore::new();
     discovery::policies::start(&client, &policies, &mut tasks);

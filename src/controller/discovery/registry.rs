@@ -2,13 +2,16 @@
 //! names what it affects (a Service, a pod IP), and only the streams
 //! resolving a target that depends on one of those are woken to compute
 //! a new answer. A stream sends an answer only when it differs from the
-//! last one it sent.
+//! last one it sent, and nothing before every source has delivered its
+//! first full list: a controller that just started knows no Service yet,
+//! and "unknown" would send proxies to original destinations with weaker
+//! identity checks than the ones they already hold.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use super::index::{Affected, Index, Resolution, Target};
 
@@ -17,14 +20,40 @@ use super::index::{Affected, Index, Resolution, Target};
 pub struct Registry {
     index: RwLock<Index>,
     waiting: Mutex<HashMap<Affected, Vec<Weak<Notify>>>>,
+    /// The sources still to deliver their first full list.
+    unsynced: Mutex<BTreeSet<&'static str>>,
+    synced: watch::Sender<bool>,
 }
 
 impl Registry {
+    /// A registry over a complete index (local mode, tests).
     pub fn new(index: Index) -> Arc<Self> {
+        Self::awaiting(index, &[])
+    }
+
+    /// A registry that answers nobody until each of `sources` has called
+    /// [`Self::source_synced`].
+    pub fn awaiting(index: Index, sources: &[&'static str]) -> Arc<Self> {
         Arc::new(Self {
             index: RwLock::new(index),
             waiting: Mutex::new(HashMap::new()),
+            unsynced: Mutex::new(sources.iter().copied().collect()),
+            synced: watch::channel(sources.is_empty()).0,
         })
+    }
+
+    /// `source` has delivered a full list.
+    pub fn source_synced(&self, source: &'static str) {
+        let mut unsynced = self.unsynced.lock();
+        if unsynced.remove(source) && unsynced.is_empty() {
+            self.synced.send_replace(true);
+        }
+    }
+
+    /// Waits until every source has delivered a full list.
+    pub async fn wait_synced(&self) {
+        let mut synced = self.synced.subscribe();
+        let _ = synced.wait_for(|synced| *synced).await;
     }
 
     /// Changes the index and wakes the subscribers of what changed.
@@ -117,6 +146,9 @@ impl Subscription {
     /// Waits for an answer different from the last one (the first answer
     /// at once).
     pub async fn next(&mut self) -> Resolution {
+        if self.last.is_none() {
+            self.registry.wait_synced().await;
+        }
         loop {
             // Watch first, then read: a change after the watch leaves a
             // permit in `notify`, so none is missed. A target's dependency
@@ -171,6 +203,30 @@ mod tests {
         serde_json::from_value(json!({"metadata": {"name": "db", "namespace": "shop"},
             "spec": {"clusterIPs": ["10.96.0.20"], "ports": [{"port": 5432}]}}))
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn nobody_is_answered_before_every_source_has_listed_in_full() {
+        let registry = Registry::awaiting(
+            Index::new(TrustDomain::parse("cluster.local").unwrap()),
+            &["Service", "Pod"],
+        );
+        let target = Target::Addr("10.96.0.10:80".parse().unwrap());
+        let mut subscription = Subscription::new(registry.clone(), target);
+        // A controller that just started knows no Service: "unknown" now
+        // would be a lie that weakens the proxy's identity check.
+        let early = tokio::time::timeout(Duration::from_millis(50), subscription.next()).await;
+        assert!(early.is_err(), "answered before the lists: {early:?}");
+        registry.update(|index| index.apply_service(&service("10.96.0.10")));
+        registry.source_synced("Service");
+        registry.source_synced("Service");
+        let early = tokio::time::timeout(Duration::from_millis(50), subscription.next()).await;
+        assert!(early.is_err(), "answered before the pods were listed");
+        registry.source_synced("Pod");
+        let answer = tokio::time::timeout(Duration::from_secs(1), subscription.next())
+            .await
+            .expect("answered once synced");
+        assert!(matches!(answer, Resolution::Endpoints(_)), "{answer:?}");
     }
 
     #[tokio::test]

@@ -21,6 +21,10 @@ use crate::kube_client::WatchBackoff;
 type Apply<K> = fn(&mut Index, &K) -> Vec<Affected>;
 type Delete = fn(&mut Index, &str, &str) -> Vec<Affected>;
 
+/// The sources [`start`] feeds the registry from, by the names it gives
+/// [`Registry::source_synced`].
+pub const SOURCES: [&str; 3] = ["Service", "EndpointSlice", "Pod"];
+
 /// Starts the three watches; they run until `tasks` is dropped.
 pub fn start(
     client: &Client,
@@ -30,19 +34,19 @@ pub fn start(
 ) {
     tasks.spawn(feed(
         Api::<Service>::all(client.clone()),
-        Fed::new(registry, metrics, "Service"),
+        Fed::new(registry, metrics, SOURCES[0]),
         Index::apply_service,
         Index::delete_service,
     ));
     tasks.spawn(feed(
         Api::<EndpointSlice>::all(client.clone()),
-        Fed::new(registry, metrics, "EndpointSlice"),
+        Fed::new(registry, metrics, SOURCES[1]),
         Index::apply_slice,
         Index::delete_slice,
     ));
     tasks.spawn(feed(
         Api::<Pod>::all(client.clone()),
-        Fed::new(registry, metrics, "Pod"),
+        Fed::new(registry, metrics, SOURCES[2]),
         Index::apply_pod,
         Index::delete_pod,
     ));
@@ -111,6 +115,7 @@ where
                     fed.update(|index| delete(index, ns, name));
                 }
                 known = std::mem::take(&mut relisted);
+                fed.registry.source_synced(fed.kind);
             }
             // The watcher retries with backoff; the index keeps its last
             // state meanwhile (proxies keep their last answers).
