@@ -1121,6 +1121,20 @@ impl ServiceCluster {
         );
     }
 
+    /// Marks the Service's port opaque (`outrider.dev/opaque-ports`).
+    fn mark_opaque(&self, net: &Net) {
+        use serde_json::json;
+        self.api.apply(
+            "services",
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "web", "namespace": "shop",
+                                "annotations": {"outrider.dev/opaque-ports": "80"}},
+                   "spec": {"clusterIP": cluster_ip(net).to_string(),
+                            "clusterIPs": [cluster_ip(net).to_string()],
+                            "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}),
+        );
+    }
+
     /// Requests each backend's proxy let through to its app.
     fn served(&self, net: &Net) -> Vec<(String, f64)> {
         let all: Vec<&str> = self.backends.iter().map(String::as_str).collect();
@@ -1509,4 +1523,113 @@ async fn cluster_dns(at: SocketAddr, address: std::net::IpAddr) {
         }
         let _ = socket.send_to(&reply, from).await;
     }
+}
+
+/// A TCP server on 0.0.0.0:8080 in the pod that reads a line and answers
+/// with the pod's name (a protocol that is not HTTP).
+fn start_name_server(net: &mut Net, name: &str) {
+    let ns = net.pod(name).ns.clone();
+    let answer = format!("{name}\n");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready, is_ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enter(&ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind(("0.0.0.0", APP_PORT))
+                .await
+                .expect("bind");
+            let _ = ready.send(());
+            let serve = async {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let answer = answer.clone();
+                    tokio::spawn(async move {
+                        let mut stream = tokio::io::BufReader::new(stream);
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.is_ok() {
+                            let _ = stream.get_mut().write_all(answer.as_bytes()).await;
+                        }
+                    });
+                }
+            };
+            tokio::select! {
+                _ = serve => {}
+                _ = stopped => {}
+            }
+        });
+    });
+    is_ready
+        .recv_timeout(Duration::from_secs(5))
+        .expect("name server ready");
+    net.app_stops.push(stop);
+}
+
+/// One connection from `ns` to `to`: a line out, the answer back.
+fn ask_name(ns: &str, to: SocketAddr) -> Result<String, String> {
+    in_netns(ns, || {
+        use std::io::{BufRead, Write};
+        let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        stream.write_all(b"hello\n").map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        std::io::BufReader::new(stream)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        Ok(line.trim().to_string())
+    })
+}
+
+/// On the main before discovery this fails: kube-proxy's DNAT sent about
+/// a quarter of the connections to the impostor, whose identity (another
+/// ServiceAccount of the same trust domain) the trust-domain check took.
+#[test]
+fn opaque_connections_pick_an_endpoint_each_and_never_an_impostor() {
+    let mut net = Net::new(&["client", "b1", "b2", "b3", "imp"]);
+    let backends = ["b1", "b2", "b3", "imp"];
+    let cluster = ServiceCluster::start(&mut net, &backends, &["imp"]);
+    cluster.mark_opaque(&net);
+    for b in backends {
+        start_name_server(&mut net, b);
+        net.init(b, &[]);
+        net.start_proxy(b, "permissive");
+    }
+    meshed(&mut net, "client", "permissive");
+    program_cluster_ip(&net, "client", &backends);
+
+    let service = SocketAddr::from((cluster_ip(&net), 80));
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for i in 0..60 {
+        let name = ask_name(&net.pod("client").ns, service)
+            .unwrap_or_else(|e| panic!("connection {i}: {e}\n{}", net.logs("client")));
+        *counts.entry(name).or_default() += 1;
+    }
+    assert_eq!(counts.get("imp"), None, "{counts:?}");
+    for b in ["b1", "b2", "b3"] {
+        let n = counts.get(b).copied().unwrap_or_default();
+        assert!(n >= 8, "{b} got {n} of 60 connections: {counts:?}");
+    }
+    let metrics = net.metrics("client");
+    assert!(
+        metric(
+            &metrics,
+            "outrider_protocol_detections_total",
+            &[("direction", "outbound"), ("protocol", "opaque")]
+        ) >= 60.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "outrider_tls_handshake_failures_total",
+            &[("direction", "outbound"), ("reason", "wrong_identity")]
+        ) >= 1.0,
+        "{metrics}"
+    );
 }

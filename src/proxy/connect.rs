@@ -420,6 +420,153 @@ mod tests {
         assert_eq!(peer_kind(&e), PeerKind::ForeignTls);
     }
 
+    /// A connector for `shop/client` in `mode`, its metrics' registry.
+    fn connector(mode: MtlsMode) -> (MeshConnector, prometheus::Registry) {
+        use crate::identity::{Credentials, RawCredentials};
+        use crate::test_util::certs::TestCa;
+        use crate::tls::{KxGroup, MeshTls, TlsSettings};
+        let ca = TestCa::new("cluster.local");
+        let svid = ca.issue("shop", "client");
+        let credentials = Credentials::from_raw(
+            &RawCredentials {
+                cert_pem: svid.chain_pem.into_bytes(),
+                key_pem: svid.key_pem.into_bytes(),
+                bundle_pem: ca.root_pem.clone().into_bytes(),
+            },
+            &svid.id,
+            rustls_pki_types::UnixTime::now(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let settings = TlsSettings {
+            clock_skew: Duration::from_secs(60),
+            resumption: false,
+            key_exchange: vec![KxGroup::X25519],
+        };
+        let mesh = MeshTls::new(std::sync::Arc::new(credentials), &settings).unwrap();
+        let (_tx, tls) = tokio::sync::watch::channel(Some(std::sync::Arc::new(mesh)));
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let connector = MeshConnector::new(
+            tls,
+            ExpectedPeer::SameTrustDomain,
+            mode,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            metrics,
+        );
+        (connector, registry)
+    }
+
+    /// A plaintext server that reads what comes and hangs up, as an app
+    /// without a proxy answers a ClientHello (or an on-path attacker's
+    /// reset would look).
+    async fn plaintext_server() -> (SocketAddr, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut first = vec![0u8; 64];
+                let n = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    tokio::io::AsyncReadExt::read(&mut stream, &mut first),
+                )
+                .await
+                .map_or(0, |r| r.unwrap_or(0));
+                first.truncate(n);
+                let _ = tx.send(first).await;
+            }
+        });
+        (addr, rx)
+    }
+
+    fn counter(registry: &prometheus::Registry, name: &str) -> f64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == name)
+            .flat_map(|family| family.get_metric().to_vec())
+            .map(|m| m.get_counter().get_value())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_discovery_calls_unmeshed_gets_plaintext_at_once_when_permissive() {
+        let (connector, registry) = connector(MtlsMode::Permissive);
+        let (addr, mut seen) = plaintext_server().await;
+        let upstream = Upstream {
+            addr,
+            peer: PeerKnown::NoProxy,
+        };
+        let connected = connector.connect_to(&upstream, false).await.unwrap();
+        assert_eq!(connected.tls, TlsStatus::NoTls(NoTlsReason::PeerNotMeshed));
+        drop(connected);
+        // No ClientHello went first: nothing was probed.
+        assert_eq!(seen.recv().await.unwrap(), Vec::<u8>::new());
+        assert_eq!(
+            counter(&registry, "outbound_plaintext_fallbacks_total"),
+            0.0
+        );
+        assert_eq!(counter(&registry, "tls_handshake_failures_total"), 0.0);
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_discovery_calls_unmeshed_is_refused_when_strict() {
+        let (connector, _) = connector(MtlsMode::Strict);
+        let (addr, _seen) = plaintext_server().await;
+        let upstream = Upstream {
+            addr,
+            peer: PeerKnown::NoProxy,
+        };
+        let refused = connector.connect_to(&upstream, false).await;
+        assert!(
+            matches!(refused, Err(ConnectError::UnmeshedInStrictMode { .. })),
+            "{:?}",
+            refused.map(|c| c.tls)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pod_discovery_calls_meshed_is_never_sent_plaintext_whatever_the_network_answers() {
+        let (connector, registry) = connector(MtlsMode::Permissive);
+        let (addr, mut seen) = plaintext_server().await;
+        let meshed = Upstream {
+            addr,
+            peer: PeerKnown::Mesh(std::sync::Arc::new(
+                SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap(),
+            )),
+        };
+        // The handshake meets a hang-up, as a forged reset would make it.
+        for _ in 0..3 {
+            let result = connector.connect_to(&meshed, false).await;
+            assert!(
+                matches!(result, Err(ConnectError::Handshake { .. })),
+                "{:?}",
+                result.map(|c| c.tls)
+            );
+            let first = seen.recv().await.unwrap();
+            assert_eq!(
+                first.first(),
+                Some(&0x16),
+                "a TLS handshake record each time"
+            );
+        }
+        assert_eq!(
+            counter(&registry, "outbound_plaintext_fallbacks_total"),
+            0.0
+        );
+        // The same server, unvouched: the permissive fallback, as before.
+        let unvouched = Upstream::unvouched(addr);
+        let connected = connector.connect_to(&unvouched, false).await.unwrap();
+        assert_eq!(connected.tls, TlsStatus::NoTls(NoTlsReason::PeerNotMeshed));
+        assert_eq!(
+            counter(&registry, "outbound_plaintext_fallbacks_total"),
+            1.0
+        );
+    }
+
     #[test]
     fn a_timeout_proves_nothing_about_the_destination() {
         assert_eq!(
