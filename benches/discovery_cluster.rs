@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use outrider::discovery_api::Http2Channel;
 use outrider::discovery_api::v1::ResolveRequest;
 use outrider::discovery_api::v1::discovery_client::DiscoveryClient;
-use outrider::identity::{Credentials, RawCredentials, SpiffeId};
+use outrider::identity::{Credentials, SpiffeId};
 use outrider::test_util::certs::TestCa;
 use outrider::test_util::fake_apiserver::FakeApiServer;
 use outrider::tls::{KxGroup, MeshTls, PeerExpectation, TlsSettings};
@@ -208,20 +208,7 @@ async fn run(scale: Scale) {
         &outrider::test_util::secret_data(&secret.expect("the CA Secret")),
         "cluster.local",
     );
-    let svid = ca.issue("bench", "client");
-    let credentials = Arc::new(
-        Credentials::from_raw(
-            &RawCredentials {
-                cert_pem: svid.chain_pem.into_bytes(),
-                key_pem: svid.key_pem.into_bytes(),
-                bundle_pem: ca.root_pem.clone().into_bytes(),
-            },
-            &svid.id,
-            rustls_pki_types::UnixTime::now(),
-            Duration::from_secs(60),
-        )
-        .unwrap(),
-    );
+    let credentials = Arc::new(ca.credentials("bench", "client"));
 
     // Subscribers: `subscribed` Services, each followed by one stream,
     // spread over `connections` connections. A stream is ready once it

@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::controller::ControllerProcess;
-use outrider::ca::secret::CaMaterial;
 use outrider::discovery_api::Http2Channel;
 use outrider::discovery_api::v1::discovery_client::DiscoveryClient;
 use outrider::discovery_api::v1::{EndpointSet, ResolveRequest, resolution};
-use outrider::identity::{Credentials, RawCredentials, SpiffeId, TrustDomain};
+use outrider::identity::{Credentials, SpiffeId};
 use outrider::test_util::eventually;
 use outrider::test_util::fake_apiserver::FakeApiServer;
 use outrider::tls::{KxGroup, MeshTls, PeerExpectation, TlsSettings};
@@ -99,29 +98,11 @@ async fn credentials_for(api: &FakeApiServer, service_account: &str) -> Arc<Cred
     })
     .await
     .expect("the CA Secret");
-    let data = outrider::test_util::secret_data(&secret);
-    let td = TrustDomain::parse("cluster.local").unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    let ca = CaMaterial::from_secret_data(&data, &td, now).unwrap();
-    let id = SpiffeId::workload(&td, "shop", service_account).unwrap();
-    let svid = ca
-        .signing
-        .issue(&id, Duration::from_secs(3600), now)
-        .unwrap();
-    let raw = RawCredentials {
-        cert_pem: svid.chain_pem.into_bytes(),
-        key_pem: svid.key_pem.into_bytes(),
-        bundle_pem: ca.bundle_pem.clone().into_bytes(),
-    };
-    Arc::new(
-        Credentials::from_raw(
-            &raw,
-            &id,
-            rustls_pki_types::UnixTime::now(),
-            Duration::from_secs(60),
-        )
-        .unwrap(),
-    )
+    let ca = outrider::test_util::certs::TestCa::from_ca_secret(
+        &outrider::test_util::secret_data(&secret),
+        "cluster.local",
+    );
+    Arc::new(ca.credentials("shop", service_account))
 }
 
 fn settings() -> TlsSettings {

@@ -301,6 +301,68 @@ impl Net {
         assert!(ready, "proxy in {name} never ready:\n{}", self.logs(name));
     }
 
+    /// The bridge's address: where the control plane lives.
+    fn bridge(&self) -> std::net::IpAddr {
+        std::net::IpAddr::V4(Ipv4Addr::new(10, 222, self.subnet, 254))
+    }
+
+    /// A fake API server on the bridge (port 6443), and beside it the
+    /// cluster DNS of [`cluster_dns`] (port 53); both stop with the net.
+    fn start_api_server(&mut self) -> outrider::test_util::fake_apiserver::FakeApiServer {
+        use outrider::test_util::fake_apiserver::FakeApiServer;
+        let bridge = self.bridge();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let switch = self.switch.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            enter(&switch);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                tokio::spawn(cluster_dns(SocketAddr::new(bridge, 53), bridge));
+                tx.send(FakeApiServer::start_at(SocketAddr::new(bridge, 6443)).await)
+                    .unwrap();
+                let _ = stopped.await;
+            });
+        });
+        self.app_stops.push(stop);
+        rx.recv_timeout(Duration::from_secs(5)).unwrap()
+    }
+
+    /// `outrider controller` on the bridge against `api`, serving discovery
+    /// on the bridge's port 8090; its log is `controller.log`.
+    fn start_controller(&mut self, api: &outrider::test_util::fake_apiserver::FakeApiServer) {
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+        chown_tree(&kubeconfig);
+        let log = File::create(self.dir.path().join("controller.log")).unwrap();
+        let controller = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.switch,
+                BIN,
+                "controller",
+                "--kubeconfig",
+            ])
+            .arg(&kubeconfig)
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(["--webhook-listen", "127.0.0.1:0"])
+            .args(["--discovery-listen", &self.discovery_addr().to_string()])
+            .args(["--resync", "1s"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.push(("controller".into(), controller));
+    }
+
+    fn discovery_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bridge(), 8090)
+    }
+
     /// `ip netns exec` in this pod reads a resolv.conf naming the DNS
     /// server on the bridge (see [`cluster_dns`]), with kubelet's search
     /// list and `ndots`.
@@ -703,33 +765,15 @@ fn container<'a>(pod: &'a serde_json::Value, name: &str) -> &'a serde_json::Valu
 /// The whole chain on real interception: the controller issues identities
 /// into a (fake) API server, a stand-in kubelet mounts them, `outrider
 /// inject` writes the pod, and its init container and proxy run with
-/// exactly the environment the injector wrote, the proxy watching
-/// policies from the API server. A STRICT + default-deny pod then serves
-/// an allowed meshed caller and the kubelet probe, and nothing else.
+/// exactly the environment the injector wrote, the proxy finding the
+/// controller by name and taking its policies from it. A STRICT +
+/// default-deny pod then serves an allowed meshed caller and the kubelet
+/// probe, and nothing else.
 #[test]
 fn an_injected_pod_runs_on_what_the_injector_and_controller_wrote() {
-    use outrider::test_util::fake_apiserver::FakeApiServer;
     use serde_json::json;
     let mut net = Net::new(&["a", "b"]);
-    let api_addr: SocketAddr = format!("10.222.{}.254:6443", net.subnet).parse().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let switch = net.switch.clone();
-    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        enter(&switch);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let bridge = api_addr.ip();
-            tokio::spawn(cluster_dns(SocketAddr::new(bridge, 53), bridge));
-            tx.send(FakeApiServer::start_at(api_addr).await).unwrap();
-            let _ = api_stopped.await;
-        });
-    });
-    net.app_stops.push(stop_api);
-    let api = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let api = net.start_api_server();
     // The pods resolve names through the "cluster DNS" on the bridge, as
     // kubelet's resolv.conf would have them.
     for pod in ["a", "b"] {
@@ -778,37 +822,9 @@ fn an_injected_pod_runs_on_what_the_injector_and_controller_wrote() {
                  "rules": [{"from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/a"]}],
                             "to": [{"methods": ["GET"], "paths": ["/api/*"]}]}]}}),
     );
-    let kubeconfig = net.dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    chown_tree(&kubeconfig);
-
     // The controller, next to the API server.
-    let controller_log = File::create(net.dir.path().join("controller.log")).unwrap();
-    let controller = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.switch,
-            BIN,
-            "controller",
-            "--kubeconfig",
-        ])
-        .arg(&kubeconfig)
-        .args([
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--webhook-listen",
-            "127.0.0.1:0",
-            "--resync",
-            "1s",
-            "--discovery-listen",
-        ])
-        .arg(format!("10.222.{}.254:8090", net.subnet))
-        .stdout(Stdio::null())
-        .stderr(controller_log)
-        .spawn()
-        .unwrap();
-    net.children.push(("controller".into(), controller));
+    net.start_controller(&api);
+    let kubeconfig = net.dir.path().join("kubeconfig");
 
     // A stand-in kubelet: Secret volumes and the downward-API labels.
     let mut identity_dirs = Vec::new();
@@ -1008,26 +1024,8 @@ struct ServiceCluster {
 
 impl ServiceCluster {
     fn start(net: &mut Net, backends: &[&str], impostors: &[&str]) -> Self {
-        use outrider::test_util::fake_apiserver::FakeApiServer;
         use serde_json::json;
-        let api_addr: SocketAddr = format!("10.222.{}.254:6443", net.subnet).parse().unwrap();
-        let discovery: SocketAddr = format!("10.222.{}.254:8090", net.subnet).parse().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let switch = net.switch.clone();
-        let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            enter(&switch);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                tx.send(FakeApiServer::start_at(api_addr).await).unwrap();
-                let _ = api_stopped.await;
-            });
-        });
-        net.app_stops.push(stop_api);
-        let api = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let api = net.start_api_server();
         for ns in ["shop", "outrider-system"] {
             api.apply(
                 "namespaces",
@@ -1066,28 +1064,7 @@ impl ServiceCluster {
             backends: backends.iter().map(|b| b.to_string()).collect(),
         };
         cluster.set_endpoints(net, backends);
-        let kubeconfig = net.dir.path().join("kubeconfig");
-        std::fs::write(&kubeconfig, cluster.api.kubeconfig()).unwrap();
-        let log = File::create(net.dir.path().join("controller.log")).unwrap();
-        let controller = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &net.switch,
-                BIN,
-                "controller",
-                "--kubeconfig",
-            ])
-            .arg(&kubeconfig)
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .args(["--webhook-listen", "127.0.0.1:0"])
-            .args(["--discovery-listen", &discovery.to_string()])
-            .args(["--resync", "1s"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        net.children.push(("controller".into(), controller));
+        net.start_controller(&cluster.api);
         // Proxies get SVIDs from the controller's own CA, as in a cluster.
         let secret = (0..200)
             .find_map(|_| {
@@ -1097,7 +1074,7 @@ impl ServiceCluster {
             .expect("the controller wrote its CA Secret");
         net.ca =
             TestCa::from_ca_secret(&outrider::test_util::secret_data(&secret), "cluster.local");
-        net.discovery = Some(discovery);
+        net.discovery = Some(net.discovery_addr());
         cluster
     }
 

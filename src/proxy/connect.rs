@@ -422,22 +422,9 @@ mod tests {
 
     /// A connector for `shop/client` in `mode`, its metrics' registry.
     fn connector(mode: MtlsMode) -> (MeshConnector, prometheus::Registry) {
-        use crate::identity::{Credentials, RawCredentials};
         use crate::test_util::certs::TestCa;
         use crate::tls::{KxGroup, MeshTls, TlsSettings};
-        let ca = TestCa::new("cluster.local");
-        let svid = ca.issue("shop", "client");
-        let credentials = Credentials::from_raw(
-            &RawCredentials {
-                cert_pem: svid.chain_pem.into_bytes(),
-                key_pem: svid.key_pem.into_bytes(),
-                bundle_pem: ca.root_pem.clone().into_bytes(),
-            },
-            &svid.id,
-            rustls_pki_types::UnixTime::now(),
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let credentials = TestCa::new("cluster.local").credentials("shop", "client");
         let settings = TlsSettings {
             clock_skew: Duration::from_secs(60),
             resumption: false,

@@ -86,6 +86,27 @@ impl TestCa {
             .expect("issue")
     }
 
+    /// Validated credentials for `namespace/service_account`, as a proxy
+    /// loads them from its identity directory.
+    pub fn credentials(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> crate::identity::Credentials {
+        let svid = self.issue(namespace, service_account);
+        crate::identity::Credentials::from_raw(
+            &crate::identity::RawCredentials {
+                cert_pem: svid.chain_pem.into_bytes(),
+                key_pem: svid.key_pem.into_bytes(),
+                bundle_pem: self.root_pem.clone().into_bytes(),
+            },
+            &svid.id,
+            rustls_pki_types::UnixTime::now(),
+            Duration::from_secs(60),
+        )
+        .expect("credentials")
+    }
+
     /// A leaf built from SVID-like defaults that `tweak` may break.
     pub fn leaf_with(&self, uris: &[&str], tweak: impl FnOnce(&mut CertificateParams)) -> LeafPem {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
