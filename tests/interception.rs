@@ -32,6 +32,19 @@ const MARKER: &str = "cleartext-marker-7f3a9c";
 
 static NEXT_SUBNET: AtomicU8 = AtomicU8::new(1);
 
+/// Tests take turns through this: most share it, the ones that measure
+/// spread take it alone.
+static TURNS: parking_lot::RwLock<()> = parking_lot::RwLock::new(());
+
+enum Turn {
+    Shared {
+        _guard: parking_lot::RwLockReadGuard<'static, ()>,
+    },
+    Alone {
+        _guard: parking_lot::RwLockWriteGuard<'static, ()>,
+    },
+}
+
 fn require_root() {
     assert!(
         nix::unistd::Uid::effective().is_root(),
@@ -98,6 +111,9 @@ struct Pod {
 /// A bridge in its own namespace and one namespace per pod, torn down on
 /// drop together with every process started in them.
 struct Net {
+    /// Shared with the other tests, or exclusive for one that measures
+    /// how traffic spreads (see [`Net::alone`]).
+    _turn: Turn,
     switch: String,
     subnet: u8,
     pods: Vec<Pod>,
@@ -113,6 +129,28 @@ struct Net {
 
 impl Net {
     fn new(pod_names: &[&str]) -> Self {
+        Self::with_turn(
+            pod_names,
+            Turn::Shared {
+                _guard: TURNS.read_recursive(),
+            },
+        )
+    }
+
+    /// A net for a test that measures how requests spread over replicas
+    /// by latency: it runs with no other test of this binary, whose load
+    /// would make some replicas really slower than others (on CI's 2
+    /// cores, a replica once got 50 % of 600 requests that way).
+    fn alone(pod_names: &[&str]) -> Self {
+        Self::with_turn(
+            pod_names,
+            Turn::Alone {
+                _guard: TURNS.write(),
+            },
+        )
+    }
+
+    fn with_turn(pod_names: &[&str], turn: Turn) -> Self {
         require_root();
         let subnet = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
         let tag = format!("{}{subnet}", std::process::id() % 100_000);
@@ -164,6 +202,7 @@ impl Net {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
         Self {
+            _turn: turn,
             switch,
             subnet,
             pods,
@@ -1295,7 +1334,7 @@ fn share(served: &[(String, f64)], name: &str) -> f64 {
 /// sent to one backend, so one backend got all 600 requests.
 #[test]
 fn requests_over_one_keep_alive_connection_spread_over_the_service_s_pods() {
-    let mut net = Net::new(&["client", "b1", "b2", "b3", "loner"]);
+    let mut net = Net::alone(&["client", "b1", "b2", "b3", "loner"]);
     let backends = ["b1", "b2", "b3"];
     let cluster = ServiceCluster::start(&mut net, &backends, &[]);
     for b in backends {
@@ -1311,6 +1350,7 @@ fn requests_over_one_keep_alive_connection_spread_over_the_service_s_pods() {
     let (failed, first) = client.run(600);
     assert_eq!(failed, 0, "{first:?}\n{}", net.logs("client"));
     let served = cluster.served(&net);
+    eprintln!("600 requests on one connection: {served:?}");
     for b in backends {
         let share = share(&served, b);
         assert!(
@@ -1384,7 +1424,7 @@ fn requests_over_one_keep_alive_connection_spread_over_the_service_s_pods() {
 
 #[test]
 fn a_slow_replica_gets_a_small_share_and_an_impostor_serves_nothing() {
-    let mut net = Net::new(&["client", "b1", "b2", "b3", "imp"]);
+    let mut net = Net::alone(&["client", "b1", "b2", "b3", "imp"]);
     let backends = ["b1", "b2", "b3", "imp"];
     let cluster = ServiceCluster::start(&mut net, &backends, &["imp"]);
     meshed(&mut net, "b1", "permissive");
@@ -1568,7 +1608,7 @@ fn ask_name(ns: &str, to: SocketAddr) -> Result<String, String> {
 /// ServiceAccount of the same trust domain) the trust-domain check took.
 #[test]
 fn opaque_connections_pick_an_endpoint_each_and_never_an_impostor() {
-    let mut net = Net::new(&["client", "b1", "b2", "b3", "imp"]);
+    let mut net = Net::alone(&["client", "b1", "b2", "b3", "imp"]);
     let backends = ["b1", "b2", "b3", "imp"];
     let cluster = ServiceCluster::start(&mut net, &backends, &["imp"]);
     cluster.mark_opaque(&net);

@@ -5,10 +5,12 @@
 //!
 //! - **Cost** = (the latency estimate + 5 ms) × (requests in flight + 1).
 //!   The estimate jumps up to any slower sample at once (a peak), moves
-//!   toward faster ones with a 10 s time constant, and while an endpoint
+//!   toward faster ones with a 2 s time constant, and while an endpoint
 //!   is not picked it decays toward zero with the same constant, so an
-//!   endpoint avoided for one slow answer is tried again (Linkerd's
-//!   numbers and tower's peak-EWMA; see docs/discovery.md). An endpoint
+//!   endpoint avoided for one slow answer is tried again (tower's
+//!   peak-EWMA; Linkerd's 10 s let one stalled answer steer sequential
+//!   traffic away from a healthy replica for that long: docs/discovery.md).
+//!   An endpoint
 //!   never measured is assumed as fast as the one it is compared with
 //!   (30 ms when neither is measured), and its first sample replaces that
 //!   guess: a new replica is tried at once instead of starving behind a
@@ -37,7 +39,7 @@ use std::time::{Duration, Instant};
 /// it is compared with is not measured either.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// How fast the estimate forgets a slow past.
-pub const DECAY: Duration = Duration::from_secs(10);
+pub const DECAY: Duration = Duration::from_secs(2);
 /// Added to every estimate before comparing: differences well below it
 /// are noise.
 pub const COST_FLOOR: Duration = Duration::from_millis(5);
@@ -488,6 +490,45 @@ mod tests {
         let counts = sequential(&[0.5, 0.5, 0.5], 1.5, 600);
         for count in &counts {
             assert!((120..=280).contains(count), "{counts:?}");
+        }
+    }
+
+    /// Sequential requests where any request may stall (a loaded machine):
+    /// `spike_ms` with probability `spike_chance`.
+    fn sequential_with_spikes(spike_ms: f64, spike_chance: f64, requests: usize) -> Vec<usize> {
+        let mut balancer = Balancer::new(13);
+        let mut rng = fastrand::Rng::with_seed(17);
+        let mut now = Instant::now();
+        balancer.set_endpoints(0..3usize, now);
+        let mut counts = vec![0; 3];
+        for _ in 0..requests {
+            let key = balancer.pick(now, None).unwrap();
+            counts[key] += 1;
+            let ms = if rng.f64() < spike_chance {
+                spike_ms
+            } else {
+                1.0 + rng.f64()
+            };
+            let rtt = Duration::from_secs_f64(ms / 1e3);
+            now += rtt;
+            balancer.finish(&key, Outcome::Answered(rtt), now);
+        }
+        counts
+    }
+
+    #[test]
+    fn noise_spikes_on_a_loaded_machine_do_not_starve_an_equal_endpoint() {
+        for (spike_ms, chance) in [(20.0, 0.02), (50.0, 0.01), (10.0, 0.05)] {
+            for requests in [600, 3000] {
+                let counts = sequential_with_spikes(spike_ms, chance, requests);
+                for count in &counts {
+                    let share = *count as f64 / requests as f64;
+                    assert!(
+                        (0.2..=0.47).contains(&share),
+                        "spikes of {spike_ms} ms at {chance}: {counts:?}"
+                    );
+                }
+            }
         }
     }
 
