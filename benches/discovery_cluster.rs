@@ -133,6 +133,8 @@ async fn client(
     let mut config = (*mesh.client_config(&expected).unwrap()).clone();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(discovery).await.unwrap();
+    // As the proxy's resolver does.
+    tcp.set_nodelay(true).unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
             rustls_pki_types::ServerName::try_from("outrider-discovery").unwrap(),
@@ -217,6 +219,10 @@ async fn run(scale: Scale) {
     let lags: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(scale.subscribed);
     let started = Instant::now();
+    println!(
+        "CA Secret found after {:.1} s",
+        loading.elapsed().as_secs_f64()
+    );
     for c in 0..scale.connections {
         let mut client = client(discovery, &credentials).await;
         for s in (c..scale.subscribed).step_by(scale.connections) {
@@ -249,6 +255,11 @@ async fn run(scale: Scale) {
             });
         }
     }
+    println!(
+        "{} streams opened after {:.1} s",
+        scale.subscribed,
+        started.elapsed().as_secs_f64()
+    );
     for _ in 0..scale.subscribed {
         tokio::time::timeout(Duration::from_secs(900), ready_rx.recv())
             .await
@@ -311,7 +322,12 @@ fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let scale = if bench {
         Scale {
-            services: 5_000,
+            // DISCOVERY_BENCH_SERVICES: a smaller cluster, to see how the
+            // figures grow with it.
+            services: std::env::var("DISCOVERY_BENCH_SERVICES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(5_000),
             endpoints: 10,
             connections: 20,
             subscribed: 1_000,

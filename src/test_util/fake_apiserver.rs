@@ -145,6 +145,9 @@ impl FakeApiServer {
         let state = self.state.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // As Go's net/http does: a watch event is a small write,
+                // which Nagle would hold for the previous one's ACK.
+                let _ = stream.set_nodelay(true);
                 let state = state.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
