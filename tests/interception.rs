@@ -1650,3 +1650,54 @@ fn opaque_connections_pick_an_endpoint_each_and_never_an_impostor() {
         "{metrics}"
     );
 }
+
+/// On the code before: each request whose body the client broke counted
+/// as a failure of the endpoint it went to, so after a handful of them
+/// healthy endpoints were paused for every other request of the pod.
+#[test]
+fn a_client_that_breaks_its_request_bodies_gets_no_endpoint_paused() {
+    let mut net = Net::new(&["client", "b1", "b2"]);
+    let backends = ["b1", "b2"];
+    let _cluster = ServiceCluster::start(&mut net, &backends, &[]);
+    // Apps that take their time: the body breaks before any answer.
+    for b in backends {
+        net.start_slow_app(b, Duration::from_millis(300));
+        net.init(b, &[]);
+        net.start_proxy(b, "permissive");
+    }
+    meshed(&mut net, "client", "permissive");
+    program_cluster_ip(&net, "client", &backends);
+    let service = SocketAddr::from((cluster_ip(&net), 80));
+    // A body promised in full and cut off: 20 times, more than enough
+    // failures to pause both endpoints had they been counted.
+    for _ in 0..20 {
+        in_netns(&net.pod("client").ns, || {
+            use std::io::{Read, Write};
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&service, Duration::from_secs(5)).unwrap();
+            stream
+                .write_all(
+                    b"POST /upload HTTP/1.1\r\nhost: web\r\ncontent-length: 1000\r\n\r\npartial",
+                )
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest);
+        });
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let metrics = net.metrics("client");
+    assert!(
+        metric(&metrics, "outrider_outbound_service_requests_total", &[]) >= 20.0,
+        "the broken requests went through the balancer: {metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "outrider_outbound_endpoint_pauses_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+    let mut client = KeepAliveClient::connect(&net.pod("client").ns, service);
+    let (failed, first) = client.run(20);
+    assert_eq!(failed, 0, "{first:?}");
+}

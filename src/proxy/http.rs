@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::authz::{Caller, ConnectionAuthz, Enforcer};
-use super::body::RequestBody;
+use super::body::{BodyFault, RequestBody};
 use super::detect::{Version, deadline_after};
 use super::endpoints::{InFlight as Picked, Pick, Target};
 use super::headers::{
@@ -279,7 +279,10 @@ impl HttpForward {
         let (body, body_fault) = RequestBody::new(body);
         let req = Request::from_parts(parts, body);
 
-        let (response, upstream_tls) = match self.send(upstream, picked, req, route).await {
+        let (response, upstream_tls) = match self
+            .send(upstream, picked, req, route, &body_fault)
+            .await
+        {
             Ok(Sent {
                 mut response,
                 tls,
@@ -343,13 +346,17 @@ impl HttpForward {
 impl HttpForward {
     /// Sends through the pool; a request to a balanced destination that
     /// failed before any of it was written goes once more, to another
-    /// endpoint. The balancer hears how each attempt ended.
+    /// endpoint. The balancer hears how each attempt ended: a failure the
+    /// client's own body caused is no fault of the endpoint, so it is
+    /// never counted against it (one broken client must not get healthy
+    /// endpoints paused for every other request of the pod).
     async fn send(
         &self,
         upstream: super::connect::Upstream,
         picked: Option<Picked>,
         req: Request<RequestBody>,
         route: Route,
+        body_fault: &BodyFault,
     ) -> Result<Sent, SendFailed> {
         let result = self.pool.send(&upstream, req, route).await;
         let (Target::Balanced(endpoints), Some(picked)) = (&self.target, picked) else {
@@ -362,6 +369,11 @@ impl HttpForward {
             }
             Err(failed) => failed,
         };
+        if body_fault.client_body_failed() {
+            // Dropped unfinished: abandoned, not failed.
+            drop(picked);
+            return Err(failed);
+        }
         picked.failed();
         let SendFailed {
             error,
@@ -387,6 +399,7 @@ impl HttpForward {
         let result = self.pool.send(&retry, req, route).await;
         match &result {
             Ok(_) => picked.answered(),
+            Err(_) if body_fault.client_body_failed() => drop(picked),
             Err(_) => picked.failed(),
         }
         result
