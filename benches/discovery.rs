@@ -31,14 +31,9 @@ struct Scale {
     seconds: u32,
 }
 
-fn ip(service: usize, endpoint: usize) -> String {
-    let n = service * 16 + endpoint;
-    format!("10.{}.{}.{}", (n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
-}
-
-fn cluster_ip(service: usize) -> String {
-    format!("10.96.{}.{}", (service >> 8) & 0xff, service & 0xff)
-}
+#[path = "common/addresses.rs"]
+mod addresses;
+use addresses::{cluster_ip, pod_ip};
 
 fn service(i: usize) -> Service {
     serde_json::from_value(json!({
@@ -53,7 +48,7 @@ fn slice(i: usize, endpoints: usize, generation: usize) -> EndpointSlice {
         .map(|e| {
             // Every other generation one endpoint is not ready: a change.
             let ready = !(generation % 2 == 1 && e == 0);
-            json!({"addresses": [ip(i, e)], "conditions": {"ready": ready}, "zone": "a",
+            json!({"addresses": [pod_ip(i, e)], "conditions": {"ready": ready}, "zone": "a",
                    "targetRef": {"kind": "Pod", "name": format!("pod-{i}-{e}")}})
         })
         .collect();
@@ -70,7 +65,7 @@ fn pod(i: usize, e: usize) -> Pod {
         "metadata": {"name": format!("pod-{i}-{e}"), "namespace": format!("ns-{}", i % 50),
                      "annotations": {"outrider.dev/proxy-version": "0.1.0"}},
         "spec": {"serviceAccountName": format!("sa-{i}"), "containers": []},
-        "status": {"podIPs": [{"ip": ip(i, e)}]}
+        "status": {"podIPs": [{"ip": pod_ip(i, e)}]}
     }))
     .unwrap()
 }

@@ -43,14 +43,9 @@ struct Scale {
     seconds: u32,
 }
 
-fn pod_ip(service: usize, endpoint: usize) -> String {
-    let n = service * 16 + endpoint;
-    format!("10.{}.{}.{}", (n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
-}
-
-fn cluster_ip(service: usize) -> String {
-    format!("10.96.{}.{}", (service >> 8) & 0xff, service & 0xff)
-}
+#[path = "common/addresses.rs"]
+mod addresses;
+use addresses::{cluster_ip, pod_ip};
 
 /// The slice of `service` with endpoint 0 ready or not.
 fn slice(service: usize, endpoints: usize, first_ready: bool) -> Value {
