@@ -57,6 +57,7 @@ fn compiled(yaml: &str) -> WorkloadPolicy {
                 policies.push(Arc::new(policy));
             }
             Kind::PeerAuthentication => peer_auths.push(PeerAuth::from_object(&object)),
+            Kind::RequestAuthentication => {}
         }
     }
     let workload = Workload {
@@ -100,6 +101,7 @@ fn main() {
     let http = Http {
         method: "GET",
         path: "/",
+        token: None,
     };
     let request = Request {
         peer: Some(&client),

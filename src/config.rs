@@ -27,7 +27,7 @@ use crate::identity::reload::ReloadConfig;
 use crate::policy::{Probe, Settings, Workload};
 use crate::proxy::discover::DiscoveryConfig;
 use crate::proxy::{
-    InboundConfig, InboundTarget, Limits, OutboundConfig, OutboundTarget, ProxyConfig,
+    InboundConfig, InboundTarget, JwksSettings, Limits, OutboundConfig, OutboundTarget, ProxyConfig,
 };
 use crate::runtime::check_log_level;
 use crate::tls::TlsSettings;
@@ -185,6 +185,7 @@ impl FileConfig {
         check_log_level(&self.log.level).map_err(|e| invalid("log.level", e))?;
         let policy = self.policy_config(&id)?;
         let discovery = self.discovery_config(&id)?;
+        let jwks = self.jwks_settings()?;
 
         let max_connections = self
             .limits
@@ -237,6 +238,7 @@ impl FileConfig {
                 pool_max_idle_per_destination: self.limits.pool_max_idle_per_destination,
             },
             discovery,
+            jwks,
         };
         Ok(Config {
             proxy,
@@ -257,6 +259,34 @@ impl FileConfig {
             log: self.log.clone(),
             policy,
             effective: self,
+        })
+    }
+
+    fn jwks_settings(&self) -> Result<JwksSettings, ConfigError> {
+        use rustls_pki_types::pem::PemObject;
+        let extra_roots = match &self.jwt.extra_ca_file {
+            None => Vec::new(),
+            Some(path) => {
+                let roots = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| {
+                        invalid("jwt.extra_ca_file", format!("{}: {e}", path.display()))
+                    })?;
+                if roots.is_empty() {
+                    return Err(invalid(
+                        "jwt.extra_ca_file",
+                        format!("{}: no certificate", path.display()),
+                    ));
+                }
+                roots
+            }
+        };
+        if self.jwt.fetch_timeout.is_zero() {
+            return Err(invalid("jwt.fetch_timeout", "must be more than zero"));
+        }
+        Ok(JwksSettings {
+            extra_roots,
+            fetch_timeout: self.jwt.fetch_timeout,
         })
     }
 

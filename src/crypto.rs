@@ -20,3 +20,11 @@ pub static CHAIN_ALGORITHMS: &[&dyn rustls_pki_types::SignatureVerificationAlgor
 pub fn install_default() {
     let _ = provider().install_default();
 }
+
+/// SHA-256 of `data` (cache keys for verified tokens).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}

@@ -129,5 +129,6 @@ fn question(args: &PolicyCheckArgs) -> Result<Question, String> {
         source: args.ip,
         port: args.port,
         http: args.method.clone().zip(args.path.clone()),
+        token: None,
     })
 }

@@ -38,6 +38,28 @@ pub struct FileConfig {
     pub workload: WorkloadSection,
     pub policy: PolicySection,
     pub discovery: DiscoverySection,
+    pub jwt: JwtSection,
+}
+
+/// Fetching the keys of JWT issuers (RequestAuthentication `jwksUri`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtSection {
+    /// PEM CA certificates trusted for JWKS servers beside the platform's
+    /// roots (an identity provider with a private CA).
+    pub extra_ca_file: Option<PathBuf>,
+    /// The deadline of one JWKS fetch, redirects included.
+    #[serde(with = "serde_duration")]
+    pub fetch_timeout: Duration,
+}
+
+impl Default for JwtSection {
+    fn default() -> Self {
+        Self {
+            extra_ca_file: None,
+            fetch_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// The controller's discovery API (cluster mode). Without an address,
@@ -234,6 +256,7 @@ impl Default for FileConfig {
             workload: WorkloadSection::default(),
             policy: PolicySection::default(),
             discovery: DiscoverySection::default(),
+            jwt: JwtSection::default(),
         }
     }
 }

@@ -129,4 +129,6 @@ overrides! {
     discovery_address: String, "OUTRIDER_DISCOVERY_ADDRESS" => "discovery.address", discovery.address = set;
     /// The identity the discovery API must present.
     discovery_identity: String, "OUTRIDER_DISCOVERY_IDENTITY" => "discovery.identity", discovery.identity = some;
+    /// PEM CA certificates trusted for JWKS servers beside the platform's.
+    jwks_ca_file: PathBuf, "OUTRIDER_JWKS_CA_FILE" => "jwt.extra_ca_file", jwt.extra_ca_file = set;
 }

@@ -16,7 +16,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::index::{Probe, WorkloadPolicy};
+use super::jwt::VerifiedToken;
 use super::model::{Action, DefaultPolicy, MtlsMode, Operation, Pattern, Policy, Rule, Source};
+use super::token_match::{token_source_matches, when_holds};
 use crate::identity::SpiffeId;
 
 /// The facts a decision looks at.
@@ -35,6 +37,8 @@ pub struct Request<'a> {
 pub struct Http<'a> {
     pub method: &'a str,
     pub path: &'a str,
+    /// The request's verified token, if it carried one.
+    pub token: Option<&'a VerifiedToken>,
 }
 
 /// What decided.
@@ -271,203 +275,6 @@ fn default_allows(policy: &WorkloadPolicy, peer: Option<&SpiffeId>) -> bool {
     }
 }
 
-/// One caller's view of a workload's policy: every rule whose source and
-/// port conditions the caller meets, reduced to its method and path
-/// conditions. Built once per caller (and again when the policy changes),
-/// it decides each request without looking at rules that could never
-/// match it: with HTTP keep-alive or HTTP/2 the cost of a large policy is
-/// paid per caller, not per request. Compact (20 bytes per rule left
-/// possible), so that callers can share it and a budget can bound it.
-/// [`CallerPolicy::decide`] equals [`authorize`] for the same caller; a
-/// property test holds it to that.
-#[derive(Debug)]
-pub struct CallerPolicy {
-    policy: Arc<WorkloadPolicy>,
-    /// The probes an unauthenticated caller on this port may reach.
-    probes: Vec<Probe>,
-    /// Unauthenticated, on a STRICT port.
-    plaintext_refused: bool,
-    default_allows: bool,
-    /// The rules still possible in `policy.deny`, `.allow` and `.audit`,
-    /// in list and rule order.
-    deny: Box<[Residual]>,
-    allow: Box<[Residual]>,
-    audit: Box<[Residual]>,
-    /// The operations still possible of every residual rule, as indices
-    /// into its `to`.
-    operations: Box<[u32]>,
-}
-
-/// A rule the caller's source and port leave possible.
-#[derive(Debug, Clone, Copy)]
-struct Residual {
-    /// Index of its policy in the list.
-    policy: u32,
-    rule: u32,
-    /// Its possible operations, `operations[start..end]` of the view;
-    /// `None`: the rule has no `to` and matches any request.
-    operations: Option<(u32, u32)>,
-}
-
-/// Who is calling which port: the connection-level facts of a request.
-#[derive(Debug, Clone, Copy)]
-pub struct CallerFacts<'a> {
-    pub peer: Option<&'a SpiffeId>,
-    pub source: IpAddr,
-    pub port: u16,
-}
-
-impl CallerPolicy {
-    /// `None` only for a policy whose lists or rules could not be counted
-    /// in 32 bits, which no document under the size cap comes near; the
-    /// caller then decides with [`authorize`].
-    pub fn new(policy: Arc<WorkloadPolicy>, caller: CallerFacts<'_>) -> Option<Self> {
-        let req = Request {
-            peer: caller.peer,
-            source: caller.source,
-            port: caller.port,
-            http: None,
-        };
-        let facts = Facts::of(&req);
-        let mut operations: Vec<u32> = Vec::new();
-        let mut residuals = |list: &[Arc<Policy>]| -> Option<Box<[Residual]>> {
-            let mut kept = Vec::new();
-            for (i, p) in list.iter().enumerate() {
-                for (r, rule) in p.rules.iter().enumerate() {
-                    if !(rule.from.is_empty()
-                        || rule.from.iter().any(|s| source_matches(s, &facts)))
-                    {
-                        continue;
-                    }
-                    let residual_operations = if rule.to.is_empty() {
-                        None
-                    } else {
-                        let start = u32::try_from(operations.len()).ok()?;
-                        for (j, op) in rule.to.iter().enumerate() {
-                            if op.ports.check(|p| *p == caller.port) {
-                                operations.push(u32::try_from(j).ok()?);
-                            }
-                        }
-                        let end = u32::try_from(operations.len()).ok()?;
-                        if start == end {
-                            continue;
-                        }
-                        Some((start, end))
-                    };
-                    kept.push(Residual {
-                        policy: u32::try_from(i).ok()?,
-                        rule: u32::try_from(r).ok()?,
-                        operations: residual_operations,
-                    });
-                }
-            }
-            Some(kept.into_boxed_slice())
-        };
-        let deny = residuals(&policy.deny)?;
-        let allow = residuals(&policy.allow)?;
-        let audit = residuals(&policy.audit)?;
-        Some(Self {
-            probes: if caller.peer.is_none() {
-                policy
-                    .probes
-                    .iter()
-                    .filter(|p| p.port == caller.port)
-                    .cloned()
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            plaintext_refused: caller.peer.is_none()
-                && policy.mtls_mode(caller.port) == MtlsMode::Strict,
-            default_allows: default_allows(&policy, caller.peer),
-            deny,
-            allow,
-            audit,
-            operations: operations.into_boxed_slice(),
-            policy,
-        })
-    }
-
-    /// The policy this view was built from.
-    pub fn policy(&self) -> &Arc<WorkloadPolicy> {
-        &self.policy
-    }
-
-    /// What this view holds in memory, in bytes (the policy it points to
-    /// is shared and not counted).
-    pub fn bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + std::mem::size_of_val(&*self.deny)
-            + std::mem::size_of_val(&*self.allow)
-            + std::mem::size_of_val(&*self.audit)
-            + std::mem::size_of_val(&*self.operations)
-            + self.probes.capacity() * std::mem::size_of::<Probe>()
-    }
-
-    /// Decides one request (`None`: the connection is opaque).
-    pub fn decide(&self, http: Option<Http<'_>>) -> Result<Permit, Denied> {
-        let probe = self.probes.iter().any(|probe| probe_allows(probe, http));
-        decide(
-            &self.policy,
-            probe,
-            self.plaintext_refused,
-            &ViewedRequest { view: self, http },
-            || self.default_allows,
-        )
-    }
-}
-
-/// One request, judged through its caller's view.
-struct ViewedRequest<'a> {
-    view: &'a CallerPolicy,
-    http: Option<Http<'a>>,
-}
-
-impl ViewedRequest<'_> {
-    /// Whether the residual rule matches the request.
-    fn hits(&self, policy: &Policy, residual: &Residual) -> bool {
-        let Some((start, end)) = residual.operations else {
-            return true;
-        };
-        // An index the view cannot resolve never happens (it was built
-        // from this policy); were it to, it fails closed: a DENY rule
-        // matches, an ALLOW rule does not.
-        let unresolved = policy.action == Action::Deny;
-        let (Some(rule), Some(operations)) = (
-            policy.rules.get(residual.rule as usize),
-            self.view.operations.get(start as usize..end as usize),
-        ) else {
-            return unresolved;
-        };
-        operations.iter().any(|&j| {
-            rule.to.get(j as usize).map_or(unresolved, |op| {
-                request_matches(op, policy.action, self.http)
-            })
-        })
-    }
-}
-
-impl Matches for ViewedRequest<'_> {
-    fn matches(&self, list: List) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let residuals = match list {
-            List::Deny => &self.view.deny,
-            List::Allow => &self.view.allow,
-            List::Audit => &self.view.audit,
-        };
-        let policies = self.view.policy.list(list);
-        residuals
-            .chunk_by(|a, b| a.policy == b.policy)
-            .filter_map(move |of_one_policy| {
-                let first = of_one_policy.first()?;
-                let policy = policies.get(first.policy as usize)?;
-                of_one_policy
-                    .iter()
-                    .find(|residual| self.hits(policy, residual))
-                    .map(|residual| (residual.policy as usize, residual.rule as usize))
-            })
-    }
-}
-
 /// The first rule of `policy` that matches, if any.
 pub fn matching_rule(policy: &Policy, req: &Request<'_>) -> Option<usize> {
     first_match(policy, &Facts::of(req))
@@ -509,14 +316,21 @@ fn first_match(policy: &Policy, facts: &Facts<'_>) -> Option<usize> {
 }
 
 fn rule_matches(rule: &Rule, action: Action, facts: &Facts<'_>) -> bool {
-    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, facts)))
+    (rule.from.is_empty()
+        || rule
+            .from
+            .iter()
+            .any(|s| source_matches(s, facts) && token_source_matches(s, action, facts.req.http)))
         && (rule.to.is_empty()
             || rule
                 .to
                 .iter()
                 .any(|o| operation_matches(o, action, facts.req)))
+        && when_holds(&rule.when, action, facts.req.http)
 }
 
+/// The caller-level conditions of a source (its token conditions are
+/// [`token_source_matches`]'s).
 fn source_matches(source: &Source, facts: &Facts<'_>) -> bool {
     source
         .authenticated
@@ -552,6 +366,9 @@ fn request_matches(op: &Operation, action: Action, http: Option<Http<'_>>) -> bo
 fn namespace_of(id: &SpiffeId) -> Option<&str> {
     id.namespace_and_service_account().map(|(ns, _)| ns)
 }
+
+mod caller;
+pub use caller::{CallerFacts, CallerPolicy};
 
 #[cfg(test)]
 mod tests;

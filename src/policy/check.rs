@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::authz::{AuditMatch, Decider, Http, Request, authorize};
 use super::index::{Settings, Workload, compile};
+use super::jwt::VerifiedToken;
 use super::model::{Kind, PeerAuth, Policy};
 use super::objects::{ObjectSet, parse_documents};
 use crate::identity::SpiffeId;
@@ -34,6 +35,9 @@ pub struct Question {
     pub source: IpAddr,
     pub port: u16,
     pub http: Option<(String, String)>,
+    /// The request's verified token (from `--jwt`, or made up of
+    /// `--request-principal` and `--claim`).
+    pub token: Option<VerifiedToken>,
 }
 
 /// The answer, with its reasons.
@@ -118,6 +122,9 @@ pub fn check(objects: &ObjectSet, question: &Question) -> Answer {
                 policies.push(Arc::new(policy));
             }
             Kind::PeerAuthentication => peer_auths.push(PeerAuth::from_object(object)),
+            // Token checks are explained from what the request carries
+            // (see `Question`), not from the keys.
+            Kind::RequestAuthentication => {}
         }
     }
     let compiled = compile(
@@ -131,10 +138,11 @@ pub fn check(objects: &ObjectSet, question: &Question) -> Answer {
         peer: question.peer.as_ref(),
         source: question.source,
         port: question.port,
-        http: question
-            .http
-            .as_ref()
-            .map(|(method, path)| Http { method, path }),
+        http: question.http.as_ref().map(|(method, path)| Http {
+            method,
+            path,
+            token: question.token.as_ref(),
+        }),
     };
     let policies_in_force = compiled.deny.len() + compiled.allow.len() + compiled.audit.len();
     let opaque = request.http.is_none();
@@ -243,6 +251,7 @@ spec:
             source: "10.0.0.1".parse().unwrap(),
             port,
             http: http.map(|(m, p)| (m.to_string(), p.to_string())),
+            token: None,
         }
     }
 

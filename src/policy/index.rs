@@ -7,7 +7,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::model::{Action, DefaultPolicy, MtlsMode, PeerAuth, Policy, Selector};
+use http::header::HeaderName;
+
+use super::jwt::{JwtRule, TokenLocation, locations};
+use super::model::{Action, DefaultPolicy, MtlsMode, PeerAuth, Policy, RequestAuthn, Selector};
 
 /// A kubelet probe that is always allowed from unauthenticated callers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -68,8 +71,74 @@ pub struct WorkloadPolicy {
     /// Deciding policies with HTTP conditions, which cannot be evaluated on
     /// opaque connections (reported when that happens).
     pub http_only_rules: Vec<Arc<str>>,
+    /// The RequestAuthentications in force.
+    pub jwt: JwtPolicy,
     /// False until the source has delivered its first complete state.
     pub synced: bool,
+}
+
+/// The request authentication in force for a workload: the JWT rules of
+/// every RequestAuthentication that selects it (one per issuer, the
+/// first by `namespace/name` when two name the same issuer).
+#[derive(Debug, Clone, Default)]
+pub struct JwtPolicy {
+    pub rules: Vec<Arc<JwtRule>>,
+    /// A broken RequestAuthentication selects the workload: every request
+    /// is refused (it may have been meant to require tokens).
+    pub broken: Option<Arc<str>>,
+    /// Where the rules look for tokens.
+    pub locations: Vec<TokenLocation>,
+    /// Headers some rule copies a claim into: removed from every incoming
+    /// request before anything is copied.
+    pub claim_headers: Vec<HeaderName>,
+    /// Some rule says `presence: Required`.
+    pub required: bool,
+}
+
+impl JwtPolicy {
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty() && self.broken.is_none()
+    }
+}
+
+impl WorkloadPolicy {
+    /// Adds the RequestAuthentications of the namespace that select the
+    /// workload.
+    pub fn with_request_authentication(
+        mut self,
+        workload: &Workload,
+        request_authns: &[RequestAuthn],
+    ) -> Self {
+        let prefix = format!("{}/", workload.namespace);
+        let mut selected: Vec<&RequestAuthn> = request_authns
+            .iter()
+            .filter(|r| r.id.starts_with(&prefix) && r.selector.selects(&workload.labels))
+            .collect();
+        selected.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut jwt = JwtPolicy::default();
+        for authn in selected {
+            if !authn.is_valid() {
+                jwt.broken.get_or_insert_with(|| authn.id.clone());
+                continue;
+            }
+            for rule in &authn.rules {
+                if jwt.rules.iter().all(|r| r.issuer != rule.issuer) {
+                    jwt.rules.push(rule.clone());
+                }
+            }
+        }
+        jwt.locations = locations(&jwt.rules);
+        for rule in &jwt.rules {
+            for (header, _) in &rule.claim_headers {
+                if !jwt.claim_headers.contains(header) {
+                    jwt.claim_headers.push(header.clone());
+                }
+            }
+        }
+        jwt.required = jwt.rules.iter().any(|r| r.required);
+        self.jwt = jwt;
+        self
+    }
 }
 
 impl WorkloadPolicy {
@@ -125,6 +194,7 @@ pub fn compile(
         mtls,
         port_mtls,
         http_only_rules,
+        jwt: JwtPolicy::default(),
         synced,
     }
 }

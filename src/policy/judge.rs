@@ -24,7 +24,8 @@ use serde_json::Value;
 
 use super::crd;
 use super::model::{
-    Action, Match, MtlsMode, Object, Operation, Pattern, PeerAuth, Policy, Rule, Selector, Source,
+    Action, Condition, Match, MtlsMode, Object, Operation, Pattern, PeerAuth, Policy, Rule,
+    Selector, Source, TokenKey,
 };
 use crate::identity::SpiffeId;
 
@@ -123,6 +124,39 @@ impl Field<'_> {
             *self.broken = true;
         }
         out
+    }
+}
+
+impl Field<'_> {
+    /// A `when` entry. A key we cannot read breaks an ALLOW or AUDIT
+    /// policy; in a DENY policy the condition is dropped, so the rule
+    /// denies at least what was meant.
+    fn condition(&mut self, c: &crd::Condition) -> Option<Condition> {
+        let key = match TokenKey::parse(&c.key) {
+            Ok(key) => key,
+            Err(e) => {
+                self.problems.push(format!("when.key: {e}"));
+                if self.action != Action::Deny {
+                    *self.broken = true;
+                }
+                return None;
+            }
+        };
+        let values = c.values.as_deref().unwrap_or_default();
+        let not_values = c.not_values.as_deref().unwrap_or_default();
+        if values.is_empty() && not_values.is_empty() {
+            self.problems
+                .push(format!("when {:?}: needs values or notValues", c.key));
+            if self.action != Action::Deny {
+                *self.broken = true;
+            }
+            return None;
+        }
+        let values = Match {
+            any_of: self.any_of("when.values", values, Pattern::parse),
+            none_of: self.none_of("when.notValues", not_values, Pattern::parse),
+        };
+        Some(Condition { key, values })
     }
 }
 
@@ -260,6 +294,18 @@ impl Policy {
                             none_of: field.none_of("notIpBlocks", &s.not_ip_blocks, parse_cidr),
                         },
                         authenticated: s.authenticated,
+                        request_principals: Match {
+                            any_of: field.any_of(
+                                "requestPrincipals",
+                                &s.request_principals,
+                                Pattern::parse,
+                            ),
+                            none_of: field.none_of(
+                                "notRequestPrincipals",
+                                &s.not_request_principals,
+                                Pattern::parse,
+                            ),
+                        },
                     })
                     .collect(),
                 to: rule
@@ -283,6 +329,11 @@ impl Policy {
                             none_of: field.none_of("notPaths", &o.not_paths, parse_path),
                         },
                     })
+                    .collect(),
+                when: rule
+                    .when
+                    .iter()
+                    .filter_map(|c| field.condition(c))
                     .collect(),
             })
             .collect();
@@ -375,6 +426,8 @@ impl PeerAuth {
         }
     }
 }
+
+mod request_authentication;
 
 #[cfg(test)]
 mod tests;

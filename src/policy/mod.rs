@@ -14,10 +14,12 @@ pub mod check;
 pub mod crd;
 pub mod index;
 pub mod judge;
+pub mod jwt;
 pub mod model;
 pub mod objects;
 pub mod publish;
 pub mod source;
+pub mod token_match;
 
 pub use authz::{Decider, Denied, Http, Permit, Request, authorize};
 pub use index::{Probe, Settings, Workload, WorkloadPolicy};

@@ -171,6 +171,59 @@ pub struct Source {
     pub namespaces: Match<String>,
     pub ip_blocks: Match<IpNet>,
     pub authenticated: Option<bool>,
+    /// `<iss>/<sub>` of the request's verified token: known per request,
+    /// never per connection.
+    pub request_principals: Match<Pattern>,
+}
+
+impl Source {
+    /// Whether the source says anything only a request's token can answer.
+    pub fn has_token_conditions(&self) -> bool {
+        self.request_principals.is_constrained()
+    }
+}
+
+/// What a `when` condition looks at in the verified token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenKey {
+    /// `request.auth.claims[a][b]...`: the path into the claims.
+    Claim(Vec<String>),
+    /// `request.auth.audiences`.
+    Audiences,
+}
+
+impl TokenKey {
+    /// `request.auth.claims[<name>]` (nested with more brackets) or
+    /// `request.auth.audiences`.
+    pub fn parse(key: &str) -> Result<Self, String> {
+        if key == "request.auth.audiences" {
+            return Ok(Self::Audiences);
+        }
+        let bad =
+            || format!("{key:?} is not request.auth.claims[<name>] or request.auth.audiences");
+        let mut rest = key.strip_prefix("request.auth.claims").ok_or_else(bad)?;
+        let mut path = Vec::new();
+        while !rest.is_empty() {
+            let inner = rest.strip_prefix('[').ok_or_else(bad)?;
+            let (name, after) = inner.split_once(']').ok_or_else(bad)?;
+            if name.is_empty() || name.contains('[') {
+                return Err(bad());
+            }
+            path.push(name.to_string());
+            rest = after;
+        }
+        if path.is_empty() {
+            return Err(bad());
+        }
+        Ok(Self::Claim(path))
+    }
+}
+
+/// A `when` entry: the token's values under `key` against patterns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub key: TokenKey,
+    pub values: Match<Pattern>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -192,11 +245,17 @@ impl Operation {
 pub struct Rule {
     pub from: Vec<Source>,
     pub to: Vec<Operation>,
+    /// All must hold.
+    pub when: Vec<Condition>,
 }
 
 impl Rule {
+    /// Whether the rule says anything only an HTTP request can answer
+    /// (methods, paths, or the request's token).
     pub fn has_http_conditions(&self) -> bool {
         self.to.iter().any(Operation::is_http_only)
+            || self.from.iter().any(Source::has_token_conditions)
+            || !self.when.is_empty()
     }
 }
 
@@ -235,10 +294,29 @@ pub struct Object {
     pub spec: Value,
 }
 
+/// A RequestAuthentication, judged.
+#[derive(Debug, Clone)]
+pub struct RequestAuthn {
+    pub id: Arc<str>,
+    pub selector: Selector,
+    pub rules: Vec<Arc<super::jwt::JwtRule>>,
+    /// What was wrong with the object; empty when valid. A broken object
+    /// has no rules and refuses every request to the workloads it selects
+    /// (never fail open: it may have been meant to require tokens).
+    pub problems: Vec<String>,
+}
+
+impl RequestAuthn {
+    pub fn is_valid(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     AuthorizationPolicy,
     PeerAuthentication,
+    RequestAuthentication,
 }
 
 impl Kind {
@@ -246,6 +324,7 @@ impl Kind {
         match kind {
             "AuthorizationPolicy" => Some(Self::AuthorizationPolicy),
             "PeerAuthentication" => Some(Self::PeerAuthentication),
+            "RequestAuthentication" => Some(Self::RequestAuthentication),
             _ => None,
         }
     }
@@ -254,6 +333,7 @@ impl Kind {
         match self {
             Self::AuthorizationPolicy => "AuthorizationPolicy",
             Self::PeerAuthentication => "PeerAuthentication",
+            Self::RequestAuthentication => "RequestAuthentication",
         }
     }
 }

@@ -15,7 +15,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 use tokio::sync::{mpsc, watch};
 
 use super::index::{Settings, Workload, WorkloadPolicy, compile};
-use super::model::{Kind, PeerAuth, Policy};
+use super::model::{Kind, PeerAuth, Policy, RequestAuthn};
 use super::objects::ObjectSet;
 
 /// The policy in force for this workload.
@@ -101,7 +101,7 @@ pub struct Publisher {
     /// until then selectors cannot be evaluated, and a DENY that selects
     /// this workload by label would be missed.
     labels_known: bool,
-    judged: (Vec<Arc<Policy>>, Vec<PeerAuth>),
+    judged: Judged,
     /// Invalid object versions already logged and counted.
     reported: HashSet<(Kind, String, String, String)>,
     metrics: Metrics,
@@ -124,7 +124,7 @@ impl Publisher {
                 settings,
                 objects: None,
                 labels_known: !labels_from_file,
-                judged: (Vec::new(), Vec::new()),
+                judged: Judged::default(),
                 reported: HashSet::new(),
                 metrics,
                 tx,
@@ -213,10 +213,11 @@ impl Publisher {
         let compiled = compile(
             &self.workload,
             &self.settings,
-            &self.judged.0,
-            &self.judged.1,
+            &self.judged.policies,
+            &self.judged.peer_auths,
             synced,
-        );
+        )
+        .with_request_authentication(&self.workload, &self.judged.request_authns);
         tracing::debug!(
             deny = compiled.deny.len(),
             allow = compiled.allow.len(),
@@ -232,25 +233,30 @@ impl Publisher {
         self.tx.send_replace(Arc::new(compiled));
     }
 
-    fn judge(&mut self, objects: &ObjectSet) -> (Vec<Arc<Policy>>, Vec<PeerAuth>) {
+    fn judge(&mut self, objects: &ObjectSet) -> Judged {
         let in_namespace = objects
             .values()
             .filter(|o| o.namespace == self.workload.namespace);
-        let mut policies = Vec::new();
-        let mut peer_auths = Vec::new();
+        let mut judged = Judged::default();
         let mut counts: BTreeMap<(Kind, bool), i64> = BTreeMap::new();
         for object in in_namespace {
             let problems = match object.kind {
                 Kind::AuthorizationPolicy => {
                     let policy = Policy::from_object(object);
                     let problems = policy.problems.clone();
-                    policies.push(Arc::new(policy));
+                    judged.policies.push(Arc::new(policy));
                     problems
                 }
                 Kind::PeerAuthentication => {
                     let peer_auth = PeerAuth::from_object(object);
                     let problems = peer_auth.problems.clone();
-                    peer_auths.push(peer_auth);
+                    judged.peer_auths.push(peer_auth);
+                    problems
+                }
+                Kind::RequestAuthentication => {
+                    let authn = RequestAuthn::from_object(object);
+                    let problems = authn.problems.clone();
+                    judged.request_authns.push(authn);
                     problems
                 }
             };
@@ -282,7 +288,11 @@ impl Publisher {
                 }
             }
         }
-        for kind in [Kind::AuthorizationPolicy, Kind::PeerAuthentication] {
+        for kind in [
+            Kind::AuthorizationPolicy,
+            Kind::PeerAuthentication,
+            Kind::RequestAuthentication,
+        ] {
             for (valid, state) in [(true, "valid"), (false, "invalid")] {
                 let n = counts.get(&(kind, valid)).copied().unwrap_or(0);
                 self.metrics
@@ -291,8 +301,16 @@ impl Publisher {
                     .set(n);
             }
         }
-        (policies, peer_auths)
+        judged
     }
+}
+
+/// The namespace's objects, judged.
+#[derive(Debug, Default)]
+struct Judged {
+    policies: Vec<Arc<Policy>>,
+    peer_auths: Vec<PeerAuth>,
+    request_authns: Vec<RequestAuthn>,
 }
 
 #[cfg(test)]

@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::authn::{Authenticated, Authenticator, Refusal};
 use super::metrics::{Direction, Metrics};
 use super::outcome::AuthzKind;
 use crate::identity::SpiffeId;
 use crate::policy::PolicyRx;
 use crate::policy::WorkloadPolicy;
 use crate::policy::authz::{CallerFacts, CallerPolicy};
+use crate::policy::jwt::VerifiedToken;
 use crate::policy::{Denied, Http, Permit, Request, authorize};
 
 /// A denial, audit match or ignored HTTP rule for a given (policy, caller,
@@ -47,15 +49,17 @@ type LogKey = (String, String, u16, LogTopic);
 
 pub struct Enforcer {
     policy: PolicyRx,
+    authn: Authenticator,
     metrics: Metrics,
     logged: Mutex<HashMap<LogKey, Instant>>,
     views: SharedViews,
 }
 
 impl Enforcer {
-    pub fn new(policy: PolicyRx, metrics: Metrics) -> Self {
+    pub fn new(policy: PolicyRx, metrics: Metrics, authn: Authenticator) -> Self {
         Self {
             policy,
+            authn,
             metrics,
             logged: Mutex::new(HashMap::new()),
             views: SharedViews::default(),
@@ -209,9 +213,34 @@ impl ConnectionAuthz {
         }
     }
 
+    /// Authenticates one request under the policy in force (see
+    /// `authn`): its verified token, if it carries one.
+    pub async fn authenticate(
+        &self,
+        headers: &mut http::HeaderMap,
+    ) -> Result<Option<Authenticated>, Refusal> {
+        let current = self.enforcer.policy.borrow().clone();
+        if current.jwt.is_empty() {
+            return Ok(None);
+        }
+        self.enforcer
+            .authn
+            .authenticate(&current.jwt, headers)
+            .await
+    }
+
     /// Judges one request.
-    pub fn check_http(&self, method: &str, path: &str) -> Result<Permit, Denied> {
-        let http = Http { method, path };
+    pub fn check_http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&VerifiedToken>,
+    ) -> Result<Permit, Denied> {
+        let http = Http {
+            method,
+            path,
+            token,
+        };
         let current = self.enforcer.policy.borrow().clone();
         let outcome = match self.view(&current) {
             Some(view) => view.policy.decide(Some(http)),

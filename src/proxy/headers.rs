@@ -17,8 +17,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 /// value the caller sent.
 pub static CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-outrider-client-id");
 
-/// Every header of ours starts so (after folding case and `_` to `-`).
-const RESERVED_PREFIX: &str = "x-outrider-";
+/// Set on inbound requests to the verified token's `<iss>/<sub>`, after
+/// removing any value the caller sent.
+pub static REQUEST_PRINCIPAL_HEADER: HeaderName =
+    HeaderName::from_static("x-outrider-request-principal");
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -28,13 +30,8 @@ static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// `x-outrider-client-id`, `X_Outrider_Client_Id` (CGI and WSGI servers
 /// turn `-` and `_` alike into `HTTP_X_OUTRIDER_CLIENT_ID`).
 pub fn is_reserved(name: &HeaderName) -> bool {
-    // Header names are lower case once parsed.
-    let name = name.as_str().as_bytes();
-    name.len() >= RESERVED_PREFIX.len()
-        && name[..RESERVED_PREFIX.len()]
-            .iter()
-            .zip(RESERVED_PREFIX.as_bytes())
-            .all(|(&got, &want)| got == want || (got == b'_' && want == b'-'))
+    // Policies judge claim headers by the same rule, so it lives there.
+    crate::policy::jwt::is_reserved_header(name)
 }
 
 /// Removes every reserved header, whoever set it.

@@ -39,7 +39,8 @@ use super::pool::{
     CONNECTION_WINDOW, MAX_STREAMS_PER_CONNECTION, Pool, Route, STREAM_WINDOW, SendFailed, Sent,
 };
 use super::respond::{
-    ProxyBody, bad_request, error_response, forbidden, no_endpoints, unexpected_upgrade,
+    ProxyBody, bad_request, error_response, forbidden, no_endpoints, unauthenticated,
+    unexpected_upgrade,
 };
 use super::tls_status::{NoTlsReason, TlsStatus};
 use crate::lifecycle::Watch;
@@ -202,14 +203,25 @@ impl HttpForward {
         self.head_arrived.store(true, Ordering::Relaxed);
         let start = Instant::now();
         let grpc = is_grpc(&req);
+        let mut authenticated = None;
         let refusal = if self.version == Version::Http1 && has_duplicate_host(req.headers()) {
             Some(bad_request(grpc))
-        } else if let Side::Inbound { authz, .. } = &self.side
-            && authz
-                .check_http(req.method().as_str(), req.uri().path())
-                .is_err()
-        {
-            Some(forbidden(grpc))
+        } else if let Side::Inbound { authz, .. } = &self.side {
+            match authz.authenticate(req.headers_mut()).await {
+                Err(refusal) => Some(unauthenticated(refusal, grpc)),
+                Ok(token) => {
+                    let verified = token.as_ref().map(|t| &*t.token);
+                    if authz
+                        .check_http(req.method().as_str(), req.uri().path(), verified)
+                        .is_err()
+                    {
+                        Some(forbidden(grpc))
+                    } else {
+                        authenticated = token;
+                        None
+                    }
+                }
+            }
         } else {
             None
         };
@@ -271,6 +283,9 @@ impl HttpForward {
         }
         if let Side::Inbound { client_id, .. } = &self.side {
             set_client_id(req.headers_mut(), client_id.as_ref());
+        }
+        if let Some(authenticated) = &authenticated {
+            super::authn::set_headers(req.headers_mut(), authenticated);
         }
         if let Route::Http1 { .. } = route {
             *req.version_mut() = http::Version::HTTP_11;

@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use super::authn::Authenticator;
 use super::authz::{Caller, Enforcer};
 use super::connect::{AppConnector, Connect, Upstream};
 use super::detect::{
@@ -29,6 +30,7 @@ use super::endpoints::Target;
 use super::first_word::{FirstWord, WatchedWord, first_word};
 use super::http::{HttpServer, Side};
 use super::io::{Activity, MeteredIo, Rewind};
+use super::jwks::{Fetcher, KeyStore};
 use super::metrics::{Direction, Metrics, OpenConnection};
 use super::orig_dst::original_dst;
 use super::outcome::{ConnError, ConnOutcome, HandshakeFailure};
@@ -104,12 +106,46 @@ impl Inbound {
                 )),
                 limits,
                 tls,
-                enforcer: Arc::new(Enforcer::new(policy, metrics.clone())),
+                enforcer: Arc::new(Enforcer::new(
+                    policy.clone(),
+                    metrics.clone(),
+                    authenticator(proxy, &policy, &metrics)?,
+                )),
                 metrics,
                 app,
             },
         ))
     }
+}
+
+/// The request authenticator, with the key store following the JWKS
+/// URLs of the policy in force.
+fn authenticator(
+    proxy: &ProxyConfig,
+    policy: &PolicyRx,
+    metrics: &Metrics,
+) -> Result<Authenticator, Error> {
+    let fetcher = Fetcher::new(
+        super::jwks::fetch::roots(&proxy.jwks.extra_roots),
+        proxy.jwks.fetch_timeout,
+    )
+    .map_err(Error::Jwks)?;
+    let keys = KeyStore::new(fetcher, metrics.jwks.clone());
+    let mut policy = policy.clone();
+    let store = Arc::downgrade(&keys);
+    tokio::spawn(async move {
+        loop {
+            let rules = policy.borrow_and_update().jwt.rules.clone();
+            match store.upgrade() {
+                Some(store) => store.sync(&rules),
+                None => return,
+            }
+            if policy.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Authenticator::new(keys, metrics.authn_outcomes.clone()))
 }
 
 /// What the inbound listener learns about a connection as it accepts it.

@@ -60,6 +60,8 @@ pub struct Metrics {
     endpoint_pauses: IntCounter,
     retries: IntCounter,
     service_requests: IntCounterVec,
+    pub authn_outcomes: IntCounterVec,
+    pub jwks: super::jwks::JwksMetrics,
 }
 
 /// Handles for one connection, resolved once when its TLS status is known.
@@ -122,6 +124,12 @@ impl Metrics {
         )?;
         registry.register(Box::new(retries.clone()))?;
         Ok(Self {
+            authn_outcomes: counter(
+                "request_authn_total",
+                "Inbound requests by request-authentication outcome (verified, anonymous, refused) and reason.",
+                &["outcome", "reason"],
+            )?,
+            jwks: super::jwks::JwksMetrics::new(registry)?,
             http_requests: counter(
                 "http_requests_total",
                 "HTTP requests received, by direction and TLS status of the connection.",

@@ -7,6 +7,7 @@
 //! use port 0 and ask for the address) and served by [`Proxy::run`] until
 //! the drain signal.
 
+pub mod authn;
 mod authz;
 pub mod balance;
 mod body;
@@ -19,6 +20,7 @@ pub mod headers;
 mod http;
 mod inbound;
 mod io;
+pub mod jwks;
 mod mesh_proto;
 pub mod metrics;
 mod orig_dst;
@@ -138,6 +140,26 @@ pub struct ProxyConfig {
     /// Where to resolve destinations; `None`: every destination is its
     /// original address.
     pub discovery: Option<discover::DiscoveryConfig>,
+    /// How issuers' keys are fetched.
+    pub jwks: JwksSettings,
+}
+
+/// How the proxy fetches JWKS documents.
+#[derive(Debug, Clone)]
+pub struct JwksSettings {
+    /// CA certificates trusted beside the platform's roots.
+    pub extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The deadline of one fetch, redirects included.
+    pub fetch_timeout: Duration,
+}
+
+impl Default for JwksSettings {
+    fn default() -> Self {
+        Self {
+            extra_roots: Vec::new(),
+            fetch_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +169,8 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot set up TLS for fetching JWKS: {0}")]
+    Jwks(rustls::Error),
 }
 
 /// The bound listeners, ready to serve.

@@ -157,16 +157,20 @@ impl AuthzKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GrpcStatus {
     PermissionDenied,
+    ResourceExhausted,
     Internal,
     Unavailable,
+    Unauthenticated,
 }
 
 impl GrpcStatus {
     pub fn code(self) -> u16 {
         match self {
             Self::PermissionDenied => 7,
+            Self::ResourceExhausted => 8,
             Self::Internal => 13,
             Self::Unavailable => 14,
+            Self::Unauthenticated => 16,
         }
     }
 }

@@ -13,9 +13,11 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use super::authn::Refusal;
 use super::connect::ConnectError;
 use super::outcome::GrpcStatus;
 use super::pool::{ForwardError, InFlight, Release};
+use crate::policy::jwt::TokenError;
 
 /// Set on responses the proxy generates itself, naming why.
 pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-outrider-error");
@@ -174,6 +176,45 @@ pub fn forbidden(grpc: bool) -> Response<ProxyBody> {
         grpc,
         GrpcStatus::PermissionDenied,
     )
+}
+
+/// A request refused by request authentication: 401 with
+/// `WWW-Authenticate` (RFC 6750) for a missing or failed token, 503 when
+/// the issuer's keys are not available or the RequestAuthentication is
+/// broken (the token may be fine: the caller should retry, not re-login).
+pub fn unauthenticated(refusal: Refusal, grpc: bool) -> Response<ProxyBody> {
+    match refusal {
+        Refusal::Invalid(reason) => {
+            let mut response = synthetic_response(
+                StatusCode::UNAUTHORIZED,
+                "invalid-token",
+                grpc,
+                GrpcStatus::Unauthenticated,
+            );
+            let challenge = if reason == TokenError::Missing {
+                "Bearer"
+            } else {
+                "Bearer error=\"invalid_token\""
+            };
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+            response
+        }
+        Refusal::KeysUnavailable(_) => synthetic_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "jwks-unavailable",
+            grpc,
+            GrpcStatus::Unavailable,
+        ),
+        Refusal::PolicyBroken => synthetic_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "request-authentication-invalid",
+            grpc,
+            GrpcStatus::Unavailable,
+        ),
+    }
 }
 
 /// A response the proxy writes itself, `reason` in `x-outrider-error`.

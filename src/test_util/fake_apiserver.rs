@@ -317,6 +317,7 @@ fn remove(state: &mut State, key: &Key) -> Option<Value> {
 fn kind_of(plural: &str) -> String {
     match plural {
         "peerauthentications" => "PeerAuthentication".into(),
+        "requestauthentications" => "RequestAuthentication".into(),
         "authorizationpolicies" => "AuthorizationPolicy".into(),
         "serviceaccounts" => "ServiceAccount".into(),
         "mutatingwebhookconfigurations" => "MutatingWebhookConfiguration".into(),
@@ -335,7 +336,9 @@ fn kind_of(plural: &str) -> String {
 
 fn api_version_of(plural: &str) -> &'static str {
     match plural {
-        "peerauthentications" | "authorizationpolicies" => "security.outrider.dev/v1alpha1",
+        "peerauthentications" | "authorizationpolicies" | "requestauthentications" => {
+            "security.outrider.dev/v1alpha1"
+        }
         "leases" => "coordination.k8s.io/v1",
         "events" => "events.k8s.io/v1",
         "rolebindings" => "rbac.authorization.k8s.io/v1",

@@ -9,6 +9,7 @@ pub mod apps;
 pub mod certs;
 pub mod fake_apiserver;
 pub mod golden;
+pub mod jwks_server;
 pub mod tls;
 
 /// An ALLOW policy without a namespace, letting `shop/orders` call every

@@ -17,10 +17,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::kube_client::WatchBackoff;
-use crate::policy::crd::{AuthorizationPolicy, PeerAuthentication};
+use crate::policy::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
 /// The kinds served, as the proxy names them.
-pub const KINDS: [&str; 2] = ["AuthorizationPolicy", "PeerAuthentication"];
+pub const KINDS: [&str; 3] = [
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+    "RequestAuthentication",
+];
 
 /// One object: its kind and its JSON.
 pub type PolicyObject = (&'static str, Arc<Vec<u8>>);
@@ -53,7 +57,7 @@ impl PolicyStore {
         self.changed.subscribe()
     }
 
-    /// The objects of `namespace`, once both kinds have been read in full.
+    /// The objects of `namespace`, once every kind has been read in full.
     pub fn namespace(&self, namespace: &str) -> Option<Vec<PolicyObject>> {
         let state = self.state.read();
         if state.synced.len() < KINDS.len() {
@@ -102,7 +106,7 @@ impl PolicyStore {
     }
 }
 
-/// Starts a cluster-wide watch of both kinds into `store`.
+/// Starts a cluster-wide watch of every kind into `store`.
 pub fn start(client: &Client, store: &Arc<PolicyStore>, tasks: &mut JoinSet<()>) {
     tasks.spawn(feed(
         Api::all_with(
@@ -119,6 +123,14 @@ pub fn start(client: &Client, store: &Arc<PolicyStore>, tasks: &mut JoinSet<()>)
         ),
         store.clone(),
         KINDS[1],
+    ));
+    tasks.spawn(feed(
+        Api::all_with(
+            client.clone(),
+            &ApiResource::erase::<RequestAuthentication>(&()),
+        ),
+        store.clone(),
+        KINDS[2],
     ));
 }
 
@@ -175,13 +187,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nothing_is_served_until_both_kinds_are_listed_in_full() {
+    fn nothing_is_served_until_every_kind_is_listed_in_full() {
         let store = PolicyStore::new();
         store.apply(KINDS[0], "shop", "a", b"{}".to_vec());
         assert_eq!(store.namespace("shop"), None);
         store.relisted(KINDS[0], &[("shop".into(), "a".into())].into());
         assert_eq!(store.namespace("shop"), None, "PeerAuthentications unread");
         store.relisted(KINDS[1], &BTreeSet::new());
+        assert_eq!(
+            store.namespace("shop"),
+            None,
+            "RequestAuthentications unread"
+        );
+        store.relisted(KINDS[2], &BTreeSet::new());
         assert_eq!(store.namespace("shop").map(|s| s.len()), Some(1));
     }
 
@@ -189,6 +207,7 @@ mod tests {
     fn a_namespace_gets_its_own_objects_only_and_a_relist_drops_the_gone() {
         let store = PolicyStore::new();
         store.relisted(KINDS[1], &BTreeSet::new());
+        store.relisted(KINDS[2], &BTreeSet::new());
         for (ns, name) in [
             ("shop", "a"),
             ("shop", "b"),

@@ -11,6 +11,7 @@ use proptest::sample::select;
 use super::super::*;
 use crate::policy::crd;
 use crate::policy::index::{Settings, Workload, compile};
+use crate::policy::jwt::VerifiedToken;
 use crate::policy::model::MtlsMode;
 
 const PRINCIPALS: &[&str] = &[
@@ -25,6 +26,59 @@ const CIDRS: &[&str] = &["10.0.0.0/8", "192.168.0.0/16", "10.1.2.3"];
 const PORTS: &[u32] = &[80, 8080, 9090];
 const METHODS: &[&str] = &["GET", "POST", "DELETE"];
 const PATHS: &[&str] = &["/api/*", "/admin/*", "/healthz", "*.png"];
+
+const REQUEST_PRINCIPALS: &[&str] = &["https://idp/alice", "https://idp/*", "*", "*/bob"];
+const WHEN_KEYS: &[&str] = &[
+    "request.auth.claims[groups]",
+    "request.auth.audiences",
+    "request.auth.claims[org][team]",
+];
+const WHEN_VALUES: &[&str] = &["admin", "dev*", "api", "*", "payments"];
+
+/// The verified tokens requests may carry (`Req::token` indexes them).
+fn tokens() -> &'static [VerifiedToken] {
+    static TOKENS: std::sync::LazyLock<Vec<VerifiedToken>> = std::sync::LazyLock::new(|| {
+        let token = |principal: Option<&str>, audiences: &[&str], claims: serde_json::Value| {
+            VerifiedToken {
+                issuer: "https://idp".into(),
+                principal: principal.map(String::from),
+                audiences: audiences.iter().map(|a| a.to_string()).collect(),
+                claims: claims.as_object().cloned().unwrap_or_default(),
+                expires: u64::MAX,
+            }
+        };
+        vec![
+            token(
+                Some("https://idp/alice"),
+                &["api"],
+                serde_json::json!({"groups": ["admin", "dev"], "org": {"team": "payments"}}),
+            ),
+            token(
+                Some("https://idp/bob"),
+                &["web", "api"],
+                serde_json::json!({"groups": "devops"}),
+            ),
+            token(None, &["web"], serde_json::json!({"groups": 7})),
+        ]
+    });
+    &TOKENS
+}
+
+fn condition() -> impl Strategy<Value = crd::Condition> {
+    (
+        select(WHEN_KEYS),
+        strings(WHEN_VALUES),
+        strings(WHEN_VALUES),
+    )
+        .prop_filter("a condition has values", |(_, v, nv)| {
+            !v.is_empty() || !nv.is_empty()
+        })
+        .prop_map(|(key, values, not_values)| crd::Condition {
+            key: key.to_string(),
+            values: (!values.is_empty()).then_some(values),
+            not_values: (!not_values.is_empty()).then_some(not_values),
+        })
+}
 
 const PEERS: &[Option<&str>] = &[
     None,
@@ -58,16 +112,21 @@ fn source() -> impl Strategy<Value = crd::Source> {
         strings(CIDRS),
         strings(CIDRS),
         prop_oneof![Just(None), Just(Some(true)), Just(Some(false))],
+        (strings(REQUEST_PRINCIPALS), strings(REQUEST_PRINCIPALS)),
     )
-        .prop_map(|(p, np, n, nn, i, ni, authenticated)| crd::Source {
-            principals: p,
-            not_principals: np,
-            namespaces: n,
-            not_namespaces: nn,
-            ip_blocks: i,
-            not_ip_blocks: ni,
-            authenticated,
-        })
+        .prop_map(
+            |(p, np, n, nn, i, ni, authenticated, (rp, nrp))| crd::Source {
+                principals: p,
+                not_principals: np,
+                namespaces: n,
+                not_namespaces: nn,
+                ip_blocks: i,
+                not_ip_blocks: ni,
+                authenticated,
+                request_principals: rp,
+                not_request_principals: nrp,
+            },
+        )
 }
 
 fn operation() -> impl Strategy<Value = crd::Operation> {
@@ -95,8 +154,9 @@ fn rule() -> impl Strategy<Value = crd::AuthorizationRule> {
     (
         proptest::collection::vec(source(), 0..2),
         proptest::collection::vec(operation(), 0..2),
+        proptest::collection::vec(condition(), 0..2),
     )
-        .prop_map(|(from, to)| crd::AuthorizationRule { from, to })
+        .prop_map(|(from, to, when)| crd::AuthorizationRule { from, to, when })
 }
 
 fn spec(action: crd::Action) -> impl Strategy<Value = crd::AuthorizationPolicySpec> {
@@ -121,6 +181,8 @@ struct Req {
     source: IpAddr,
     port: u16,
     http: Option<(&'static str, &'static str)>,
+    /// Index into [`tokens`]; `None`: no token.
+    token: Option<usize>,
 }
 
 fn request() -> impl Strategy<Value = Req> {
@@ -132,12 +194,14 @@ fn request() -> impl Strategy<Value = Req> {
             Just(None),
             (select(METHODS), select(REQUEST_PATHS)).prop_map(Some)
         ],
+        prop_oneof![Just(None), (0usize..3).prop_map(Some)],
     )
-        .prop_map(|(peer, source, port, http)| Req {
+        .prop_map(|(peer, source, port, http, token)| Req {
             peer: peer.map(|p| SpiffeId::parse(p).unwrap()),
             source: source.parse().unwrap(),
             port: port as u16,
             http,
+            token,
         })
 }
 
@@ -146,7 +210,11 @@ fn as_request(r: &Req) -> Request<'_> {
         peer: r.peer.as_ref(),
         source: r.source,
         port: r.port,
-        http: r.http.map(|(method, path)| Http { method, path }),
+        http: r.http.map(|(method, path)| Http {
+            method,
+            path,
+            token: r.token.and_then(|i| tokens().get(i)),
+        }),
     }
 }
 
@@ -261,7 +329,7 @@ proptest! {
                 1 => { let v = vec![NAMESPACES[pick % NAMESPACES.len()].to_string()]; if not { s.not_namespaces = v } else { s.namespaces = v } }
                 _ => { let v = vec![CIDRS[pick % CIDRS.len()].to_string()]; if not { s.not_ip_blocks = v } else { s.ip_blocks = v } }
             }
-            crd::AuthorizationRule { from: vec![s], to: Vec::new() }
+            crd::AuthorizationRule { from: vec![s], to: Vec::new(), when: Vec::new() }
         };
         let op_field = |not: bool| {
             let mut o = crd::Operation::default();
@@ -270,7 +338,7 @@ proptest! {
                 4 => { let v = vec![METHODS[pick % METHODS.len()].to_string()]; if not { o.not_methods = v } else { o.methods = v } }
                 _ => { let v = vec![PATHS[pick % PATHS.len()].to_string()]; if not { o.not_paths = v } else { o.paths = v } }
             }
-            crd::AuthorizationRule { from: Vec::new(), to: vec![o] }
+            crd::AuthorizationRule { from: Vec::new(), to: vec![o], when: Vec::new() }
         };
         let rule = |not: bool| if field < 3 { source_field(not) } else { op_field(not) };
         // HTTP-only fields say nothing about opaque connections.
@@ -291,7 +359,10 @@ proptest! {
         mtls in select(&[MtlsMode::Permissive, MtlsMode::Strict]),
         req in request(),
         more in proptest::collection::vec(
-            prop_oneof![Just(None), (select(METHODS), select(REQUEST_PATHS)).prop_map(Some)],
+            (
+                prop_oneof![Just(None), (select(METHODS), select(REQUEST_PATHS)).prop_map(Some)],
+                prop_oneof![Just(None), (0usize..3).prop_map(Some)],
+            ),
             0..4,
         ),
     ) {
@@ -302,9 +373,9 @@ proptest! {
         )
         .expect("a small policy always has a view");
         // Several requests on one connection, as keep-alive would send them.
-        for http in std::iter::once(req.http).chain(more) {
-            let one = Req { http, ..req.clone() };
-            let http = http.map(|(method, path)| Http { method, path });
+        for (http, token) in std::iter::once((req.http, req.token)).chain(more) {
+            let one = Req { http, token, ..req.clone() };
+            let http = as_request(&one).http;
             prop_assert_eq!(view.decide(http), authorize(&policy, &as_request(&one)));
         }
     }

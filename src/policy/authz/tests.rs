@@ -73,7 +73,11 @@ fn run(policy: &WorkloadPolicy, cases: &[Case]) {
             peer: peer.as_ref(),
             source: ip(c.source),
             port: c.port,
-            http: c.http.map(|(method, path)| Http { method, path }),
+            http: c.http.map(|(method, path)| Http {
+                method,
+                path,
+                token: None,
+            }),
         };
         let outcome = authorize(policy, &req);
         let (allowed, by) = match &outcome {
@@ -498,6 +502,7 @@ fn audit_policies_never_decide_but_report_their_matches() {
         http: Some(Http {
             method: "GET",
             path: "/api/x",
+            token: None,
         }),
     };
     let permit = authorize(&p, &req).unwrap();

@@ -136,9 +136,10 @@ fn kinds_have_short_names_and_the_outrider_category_so_they_never_clash_with_ist
 fn the_yaml_round_trips_through_serde() {
     let yaml = crds_yaml().unwrap();
     let docs = crate::yaml::documents(&yaml).unwrap();
-    assert_eq!(docs.len(), 2);
+    assert_eq!(docs.len(), 3);
     assert_eq!(docs[0]["spec"]["group"], "security.outrider.dev");
     assert_eq!(docs[1]["spec"]["names"]["kind"], "PeerAuthentication");
+    assert_eq!(docs[2]["spec"]["names"]["kind"], "RequestAuthentication");
 }
 
 #[test]

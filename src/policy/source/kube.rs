@@ -16,7 +16,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource};
 use tokio::sync::mpsc;
 
-use crate::policy::crd::{AuthorizationPolicy, PeerAuthentication};
+use crate::policy::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use crate::policy::model::{Kind, Object};
 use crate::policy::objects::{ObjectSet, object_from_value};
 use crate::policy::publish::{Metrics, Update};
@@ -51,7 +51,15 @@ pub async fn run(
         Kind::PeerAuthentication,
         ApiResource::erase::<PeerAuthentication>(&()),
     );
-    let events = futures_util::stream::select(policies, peer_auths);
+    let request_authns = stream(
+        Kind::RequestAuthentication,
+        ApiResource::erase::<RequestAuthentication>(&()),
+    );
+    let events = futures_util::stream::select_all([
+        policies.boxed(),
+        peer_auths.boxed(),
+        request_authns.boxed(),
+    ]);
     tokio::pin!(events);
 
     let mut state: BTreeMap<Kind, Watched> = BTreeMap::new();
@@ -76,7 +84,7 @@ pub async fn run(
                 false
             }
         };
-        let all_synced = state.len() == 2 && state.values().all(|w| w.synced);
+        let all_synced = state.len() == 3 && state.values().all(|w| w.synced);
         if changed && all_synced {
             let set: ObjectSet = state
                 .values()

@@ -43,7 +43,14 @@ fn policy_with_rules(rules: usize) -> Arc<WorkloadPolicy> {
 fn enforcer(policy: Arc<WorkloadPolicy>, budget: usize) -> Arc<Enforcer> {
     let (_tx, rx) = tokio::sync::watch::channel(policy);
     let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
-    let mut enforcer = Enforcer::new(rx, metrics);
+    let fetcher = crate::proxy::jwks::Fetcher::new(
+        rustls::RootCertStore::empty(),
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let keys = crate::proxy::jwks::KeyStore::new(fetcher, metrics.jwks.clone());
+    let authn = crate::proxy::authn::Authenticator::new(keys, metrics.authn_outcomes.clone());
+    let mut enforcer = Enforcer::new(rx, metrics, authn);
     enforcer.views.budget = budget;
     Arc::new(enforcer)
 }
@@ -70,7 +77,7 @@ fn connections_of_one_caller_share_one_view_and_other_callers_get_their_own() {
         .map(|_| ConnectionAuthz::new(enforcer.clone(), caller("10.0.0.1")))
         .collect();
     for connection in &connections {
-        assert!(connection.check_http("GET", "/open").is_ok());
+        assert!(connection.check_http("GET", "/open", None).is_ok());
     }
     let first = cached(&connections[0]).unwrap();
     for connection in &connections {
@@ -80,7 +87,7 @@ fn connections_of_one_caller_share_one_view_and_other_callers_get_their_own() {
     assert_eq!(held_by_one, first.bytes);
 
     let elsewhere = ConnectionAuthz::new(enforcer.clone(), caller("10.0.0.2"));
-    assert!(elsewhere.check_http("GET", "/open").is_ok());
+    assert!(elsewhere.check_http("GET", "/open", None).is_ok());
     assert!(!Arc::ptr_eq(&cached(&elsewhere).unwrap(), &first));
     assert_eq!(enforcer.views.held.load(Ordering::Relaxed), 2 * held_by_one);
 }
@@ -90,8 +97,8 @@ fn a_view_is_given_back_to_the_budget_when_its_last_connection_closes() {
     let enforcer = enforcer(policy_with_rules(100), VIEWS_BUDGET);
     let first = ConnectionAuthz::new(enforcer.clone(), caller("10.0.0.1"));
     let second = ConnectionAuthz::new(enforcer.clone(), caller("10.0.0.1"));
-    assert!(first.check_http("GET", "/open").is_ok());
-    assert!(second.check_http("GET", "/open").is_ok());
+    assert!(first.check_http("GET", "/open", None).is_ok());
+    assert!(second.check_http("GET", "/open", None).is_ok());
     assert!(enforcer.views.held.load(Ordering::Relaxed) > 0);
     drop(first);
     assert!(enforcer.views.held.load(Ordering::Relaxed) > 0);
@@ -114,8 +121,8 @@ fn past_the_budget_requests_are_judged_rule_by_rule_with_the_same_outcomes() {
         ("DELETE", "/open"),
     ] {
         assert_eq!(
-            with_view.check_http(method, path),
-            without.check_http(method, path),
+            with_view.check_http(method, path, None),
+            without.check_http(method, path, None),
             "{method} {path}"
         );
     }
@@ -130,7 +137,7 @@ fn past_the_budget_requests_are_judged_rule_by_rule_with_the_same_outcomes() {
     );
     assert_eq!(full.views.held.load(Ordering::Relaxed), 0);
     assert_eq!(
-        without.check_http("GET", "/nowhere").unwrap_err().by,
+        without.check_http("GET", "/nowhere", None).unwrap_err().by,
         Decider::NoAllowMatched
     );
 }
