@@ -49,7 +49,13 @@ if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
   python3 -m venv "$tools/venv"
   "$tools/venv/bin/pip" install --quiet 'kubernetes-validate==1.37.0'
 fi
+if ! "$tools/venv/bin/python" -c 'import jwt, cryptography' >/dev/null 2>&1; then
+  echo "ci/test.sh: installing PyJWT and cryptography (PyPI) to mint test tokens" >&2
+  "$tools/venv/bin/pip" install --quiet 'PyJWT==2.10.1' 'cryptography==50.0.2'
+fi
 export HELM="$tools/helm/helm"
+# tests/request_authn.rs mints its JWTs with PyJWT (tests/jwt/mint.py).
+export OUTRIDER_PYTHON="$tools/venv/bin/python"
 export KUBERNETES_VALIDATE="$tools/venv/bin/kubernetes-validate"
 # A real kube-apiserver and etcd for tests/kube_apiserver.rs (built from
 # Debian's source package: ~6-10 min the first time, kept under target/).

@@ -83,6 +83,33 @@ pub async fn http1_app_at(at: SocketAddr, delay: Duration) -> SocketAddr {
     addr
 }
 
+/// HTTP/1.1 app answering with the request headers it received, one
+/// `name: value` line each (what an application behind the proxy sees).
+pub async fn headers_app() -> SocketAddr {
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| async move {
+                    let mut lines: Vec<String> = req
+                        .headers()
+                        .iter()
+                        .map(|(name, value)| {
+                            format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes()))
+                        })
+                        .collect();
+                    lines.sort();
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(lines.concat()))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 /// HTTP/2 (prior knowledge, h2c) app with the same answers.
 pub async fn http2_app() -> SocketAddr {
     let (listener, addr) = bind().await;
