@@ -371,4 +371,4 @@ mod caller;
 pub use caller::{CallerFacts, CallerPolicy};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

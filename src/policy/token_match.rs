@@ -80,3 +80,6 @@ fn scalar(value: &Value) -> Option<String> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -325,3 +325,92 @@ fn every_field_is_documented_for_kubectl_explain() {
         );
     }
 }
+
+fn check_request_authn(spec: Value) -> Result<(), String> {
+    let object = json!({"apiVersion": "security.outrider.dev/v1alpha1", "kind": "RequestAuthentication",
+        "metadata": {"name": "idp", "namespace": "shop"}, "spec": spec});
+    kube::core::cel::Validator::new()
+        .validate(&schema::<RequestAuthentication>(), &object, None)
+        .map_err(|e| format!("{e:?}"))
+}
+
+fn jwt_rule(extra: Value) -> Value {
+    let mut rule = json!({"issuer": "https://idp.example", "audiences": ["payments"],
+        "jwksUri": "https://idp.example/keys"});
+    for (k, v) in extra.as_object().unwrap() {
+        if v.is_null() {
+            rule.as_object_mut().unwrap().remove(k);
+        } else {
+            rule[k] = v.clone();
+        }
+    }
+    json!({"jwtRules": [rule]})
+}
+
+#[test]
+fn a_realistic_request_authentication_passes_every_rule() {
+    check_request_authn(jwt_rule(json!({
+        "fromHeaders": [{"name": "x-jwt", "prefix": ""}],
+        "forwardOriginalToken": false,
+        "outputClaimToHeaders": [{"header": "x-user-group", "claim": "group"}],
+        "presence": "Required",
+        "algorithms": ["ES256", "EdDSA"],
+    })))
+    .unwrap();
+    check_request_authn(jwt_rule(json!({"jwksUri": null, "jwks": "{\"keys\": []}"}))).unwrap();
+}
+
+#[test]
+fn request_authentication_refuses_plain_http_keys_two_key_sources_and_our_headers() {
+    for (bad, why) in [
+        (json!({"jwksUri": "http://idp.example/keys"}), "plain http"),
+        (json!({"jwks": "{}"}), "both jwksUri and jwks"),
+        (json!({"jwksUri": null}), "no keys at all"),
+        (
+            json!({"outputClaimToHeaders": [{"header": "X-Outrider-Client-Id", "claim": "sub"}]}),
+            "the proxy's own header",
+        ),
+        (
+            json!({"outputClaimToHeaders": [{"header": "x_outrider_client_id", "claim": "sub"}]}),
+            "the proxy's own header, CGI spelling",
+        ),
+        (
+            json!({"fromHeaders": [{"name": "bad header"}]}),
+            "header name",
+        ),
+    ] {
+        assert!(check_request_authn(jwt_rule(bad)).is_err(), "{why}");
+    }
+    // Sizes are OpenAPI's, which the API server checks (not CEL).
+    let rule = &schema::<RequestAuthentication>()["properties"]["spec"]["properties"]["jwtRules"]["items"]
+        ["properties"];
+    assert_eq!(rule["audiences"]["minItems"], 1);
+    assert_eq!(rule["issuer"]["minLength"], 1);
+    // Shared-secret and unsigned algorithms do not exist in the schema.
+    let hs = serde_json::from_value::<JwtAlgorithm>(json!("HS256"));
+    assert!(hs.is_err());
+}
+
+#[test]
+fn when_keys_are_token_claims_or_audiences_only() {
+    let with_when = |key: &str, values: Value| json!({"action": "ALLOW", "rules": [{"when": [{"key": key, "values": values}]}]});
+    for good in [
+        "request.auth.claims[groups]",
+        "request.auth.claims[org][team]",
+        "request.auth.audiences",
+    ] {
+        check_policy(with_when(good, json!(["a"]))).unwrap();
+    }
+    for bad in [
+        "request.headers[x-user]",
+        "source.ip",
+        "request.auth.claims",
+        "request.auth.claims[]",
+        "request.auth.claims[a]x",
+    ] {
+        assert!(check_policy(with_when(bad, json!(["a"]))).is_err(), "{bad}");
+    }
+    let no_values =
+        json!({"action": "ALLOW", "rules": [{"when": [{"key": "request.auth.audiences"}]}]});
+    assert!(check_policy(no_values).is_err());
+}

@@ -147,3 +147,74 @@ fn peer_authentications_of_other_namespaces_are_ignored() {
     let p = compile(&workload(&[]), &settings(), &[], &[other], true);
     assert_eq!(p.mtls_mode(1), MtlsMode::Permissive);
 }
+
+fn request_authn(namespace: &str, name: &str, spec: &str) -> RequestAuthn {
+    RequestAuthn::from_object(&Object {
+        kind: Kind::RequestAuthentication,
+        namespace: namespace.into(),
+        name: name.into(),
+        created: None,
+        spec: crate::yaml::value(spec).unwrap(),
+    })
+}
+
+#[test]
+fn request_authentications_that_select_the_workload_give_one_rule_per_issuer() {
+    let authns = [
+        request_authn(
+            "shop",
+            "a",
+            "{jwtRules: [{issuer: https://idp, audiences: [x], jwksUri: https://idp/keys, outputClaimToHeaders: [{header: x-group, claim: group}]}]}",
+        ),
+        // Same issuer again: the first by name wins.
+        request_authn(
+            "shop",
+            "b",
+            "{selector: {matchLabels: {app: payments}}, jwtRules: [{issuer: https://idp, audiences: [y], jwksUri: https://other/keys, presence: Required}, {issuer: https://corp, audiences: [y], jwksUri: https://corp/keys}]}",
+        ),
+        request_authn(
+            "shop",
+            "c",
+            "{selector: {matchLabels: {app: web}}, jwtRules: [{issuer: https://web, audiences: [w], jwksUri: https://web/keys}]}",
+        ),
+        request_authn(
+            "ops",
+            "d",
+            "{jwtRules: [{issuer: https://ops, audiences: [o], jwksUri: https://ops/keys}]}",
+        ),
+    ];
+    let p = compile(
+        &workload(&[("app", "payments")]),
+        &settings(),
+        &[],
+        &[],
+        true,
+    )
+    .with_request_authentication(&workload(&[("app", "payments")]), &authns);
+    let issuers: Vec<&str> = p.jwt.rules.iter().map(|r| &*r.issuer).collect();
+    assert_eq!(issuers, ["https://idp", "https://corp"]);
+    assert_eq!(p.jwt.rules[0].audiences, ["x"]);
+    assert!(!p.jwt.required, "b's Required rule for idp lost to a's");
+    assert_eq!(p.jwt.claim_headers, ["x-group"]);
+    assert!(p.jwt.broken.is_none());
+}
+
+#[test]
+fn a_broken_request_authentication_refuses_its_workloads_and_no_rule_is_kept() {
+    let broken = request_authn(
+        "shop",
+        "bad",
+        "{jwtRules: [{issuer: https://idp, audiences: [x], jwksUri: http://idp/keys}]}",
+    );
+    assert!(!broken.is_valid());
+    let unreadable = request_authn("shop", "worse", "{jwtRules: 7}");
+    assert!(!unreadable.is_valid());
+    for authn in [broken, unreadable] {
+        let id = authn.id.clone();
+        let p = compile(&workload(&[]), &settings(), &[], &[], true)
+            .with_request_authentication(&workload(&[]), &[authn]);
+        assert_eq!(p.jwt.broken, Some(id));
+        assert!(p.jwt.rules.is_empty());
+        assert!(!p.jwt.is_empty());
+    }
+}
