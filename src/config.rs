@@ -236,6 +236,7 @@ impl FileConfig {
                     .peer_pool_idle_timeout
                     .min(self.limits.idle_timeout / 2),
                 pool_max_idle_per_destination: self.limits.pool_max_idle_per_destination,
+                max_request_body: self.limits.max_request_body.map(|b| b as u64),
             },
             discovery,
             jwks,

@@ -223,6 +223,10 @@ pub struct LimitsSection {
     #[serde(with = "serde_duration")]
     pub peer_pool_idle_timeout: Duration,
     pub pool_max_idle_per_destination: usize,
+    /// Inbound request bodies over this size are refused with 413 (unset:
+    /// no limit).
+    #[serde(with = "serde_opt_bytes")]
+    pub max_request_body: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -322,6 +326,7 @@ impl Default for LimitsSection {
             idle_timeout: Duration::from_secs(3600),
             request_head_timeout: Duration::from_secs(10),
             memory_limit: None,
+            max_request_body: None,
             max_connections: None,
             max_plaintext_connections: None,
             max_unverified_per_source: 128,

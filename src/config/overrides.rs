@@ -122,6 +122,8 @@ overrides! {
     /// `limits.memory` through the downward API); sizes the connection
     /// limits when they are not set.
     memory_limit: String, "OUTRIDER_MEMORY_LIMIT" => "limits.memory_limit", limits.memory_limit = byte_size;
+    /// Inbound request bodies over this size get 413 (`10Mi`, `1G`, bytes).
+    max_request_body: String, "OUTRIDER_MAX_REQUEST_BODY" => "limits.max_request_body", limits.max_request_body = byte_size;
     /// Ports that skip protocol detection, comma-separated (replaces the
     /// default list).
     opaque_ports: String, "OUTRIDER_OPAQUE_PORTS" => "opaque_ports", opaque_ports = parse_opaque_ports;

@@ -15,7 +15,7 @@ use http::HeaderMap;
 use parking_lot::Mutex;
 use prometheus::IntCounterVec;
 
-use super::jwks::{KeyStore, Unavailable};
+use super::jwks::{Fetcher, KeyStore, Unavailable};
 use crate::policy::index::JwtPolicy;
 use crate::policy::jwt::{
     self, CLOCK_SKEW_SECONDS, JwtRule, KeySet, TokenError, TokenLocation, VerifiedToken,
@@ -77,8 +77,34 @@ impl Authenticator {
         }
     }
 
-    pub fn keys(&self) -> &Arc<KeyStore> {
-        &self.keys
+    /// The inbound authenticator, its key store following the JWKS URLs
+    /// of the policy in force.
+    pub fn following(
+        proxy: &super::ProxyConfig,
+        policy: &crate::policy::PolicyRx,
+        metrics: &super::metrics::Metrics,
+    ) -> Result<Self, super::Error> {
+        let fetcher = Fetcher::new(
+            super::jwks::fetch::roots(&proxy.jwks.extra_roots),
+            proxy.jwks.fetch_timeout,
+        )
+        .map_err(super::Error::Jwks)?;
+        let keys = KeyStore::new(fetcher, metrics.jwks.clone());
+        let mut policy = policy.clone();
+        let store = Arc::downgrade(&keys);
+        tokio::spawn(async move {
+            loop {
+                let rules = policy.borrow_and_update().jwt.rules.clone();
+                match store.upgrade() {
+                    Some(store) => store.sync(&rules),
+                    None => return,
+                }
+                if policy.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self::new(keys, metrics.authn_outcomes.clone()))
     }
 
     /// Authenticates one request under `policy`. Headers some rule copies

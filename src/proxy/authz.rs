@@ -229,6 +229,11 @@ impl ConnectionAuthz {
             .await
     }
 
+    /// Counts a request refused for the size of its body.
+    pub fn body_too_large(&self) {
+        self.enforcer.metrics.request_body_too_large();
+    }
+
     /// Judges one request.
     pub fn check_http(
         &self,

@@ -39,8 +39,7 @@ use super::pool::{
     CONNECTION_WINDOW, MAX_STREAMS_PER_CONNECTION, Pool, Route, STREAM_WINDOW, SendFailed, Sent,
 };
 use super::respond::{
-    ProxyBody, bad_request, error_response, forbidden, no_endpoints, unauthenticated,
-    unexpected_upgrade,
+    ProxyBody, bad_request, error_response, no_endpoints, payload_too_large, unexpected_upgrade,
 };
 use super::tls_status::{NoTlsReason, TlsStatus};
 use crate::lifecycle::Watch;
@@ -70,11 +69,18 @@ pub enum Side {
         client_id: Option<HeaderValue>,
         /// Who is calling, and what judges each request.
         authz: ConnectionAuthz,
+        /// The most bytes a request body may carry.
+        max_request_body: Option<u64>,
     },
 }
 
 impl Side {
-    pub fn inbound(tls: TlsStatus, enforcer: Arc<Enforcer>, caller: Caller) -> Self {
+    pub fn inbound(
+        tls: TlsStatus,
+        enforcer: Arc<Enforcer>,
+        caller: Caller,
+        max_request_body: Option<u64>,
+    ) -> Self {
         let client_id = tls
             .peer_id()
             .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
@@ -82,6 +88,7 @@ impl Side {
             tls,
             client_id,
             authz: ConnectionAuthz::new(enforcer, caller),
+            max_request_body,
         }
     }
 
@@ -160,42 +167,6 @@ struct HttpForward {
     head_arrived: AtomicBool,
 }
 
-/// What [`route`] looks at.
-#[derive(Debug, Clone, Copy)]
-pub struct RouteFacts {
-    /// The downstream connection's version.
-    pub version: Version,
-    pub direction: Direction,
-    /// Inbound, from a peer proxy over mesh mTLS.
-    pub from_mesh_peer: bool,
-    /// An HTTP/1 `Upgrade` request.
-    pub upgrade: bool,
-    /// A `CONNECT` request.
-    pub connect: bool,
-    /// Outbound: the destination is not known to be without a proxy.
-    pub mesh_http2_possible: bool,
-    /// The request carries [`ORIG_PROTO_HEADER`].
-    pub converted: bool,
-}
-
-/// How a request travels upstream.
-pub fn route(f: RouteFacts) -> Route {
-    match f.version {
-        // Tunnels need an HTTP/1 connection of their own.
-        Version::Http1 if f.upgrade || f.connect => Route::Http1 { upgrade: f.upgrade },
-        // Between proxies, HTTP/1 rides one multiplexed HTTP/2
-        // connection instead of a connection per concurrent request.
-        Version::Http1 if f.direction == Direction::Outbound && f.mesh_http2_possible => {
-            Route::Http1OverHttp2
-        }
-        Version::Http1 => Route::Http1 { upgrade: false },
-        // The peer proxy carried an HTTP/1 request over HTTP/2: the
-        // application gets it back as HTTP/1.
-        Version::Http2 if f.from_mesh_peer && f.converted => Route::Http1 { upgrade: false },
-        Version::Http2 => Route::Http2,
-    }
-}
-
 // === impl HttpForward ===
 
 impl HttpForward {
@@ -203,28 +174,22 @@ impl HttpForward {
         self.head_arrived.store(true, Ordering::Relaxed);
         let start = Instant::now();
         let grpc = is_grpc(&req);
-        let mut authenticated = None;
-        let refusal = if self.version == Version::Http1 && has_duplicate_host(req.headers()) {
-            Some(bad_request(grpc))
-        } else if let Side::Inbound { authz, .. } = &self.side {
-            match authz.authenticate(req.headers_mut()).await {
-                Err(refusal) => Some(unauthenticated(refusal, grpc)),
-                Ok(token) => {
-                    let verified = token.as_ref().map(|t| &*t.token);
-                    if authz
-                        .check_http(req.method().as_str(), req.uri().path(), verified)
-                        .is_err()
-                    {
-                        Some(forbidden(grpc))
-                    } else {
-                        authenticated = token;
-                        None
-                    }
+        let (refusal, authenticated) =
+            if self.version == Version::Http1 && has_duplicate_host(req.headers()) {
+                (Some(bad_request(grpc)), None)
+            } else if let Side::Inbound {
+                authz,
+                max_request_body,
+                ..
+            } = &self.side
+            {
+                match admit::inbound(authz, &mut req, *max_request_body, grpc).await {
+                    Ok(authenticated) => (None, authenticated),
+                    Err(response) => (Some(response), None),
                 }
-            }
-        } else {
-            None
-        };
+            } else {
+                (None, None)
+            };
         if let Some(response) = refusal {
             if let Some(tls) = self.side.downstream_tls() {
                 self.http_metrics
@@ -291,7 +256,13 @@ impl HttpForward {
             *req.version_mut() = http::Version::HTTP_11;
         }
         let (parts, body) = req.into_parts();
-        let (body, body_fault) = RequestBody::new(body);
+        let limit = match &self.side {
+            Side::Inbound {
+                max_request_body, ..
+            } => *max_request_body,
+            Side::Outbound => None,
+        };
+        let (body, body_fault) = RequestBody::new(body, limit);
         let req = Request::from_parts(parts, body);
 
         let (response, upstream_tls) = match self
@@ -330,6 +301,13 @@ impl HttpForward {
                     });
                     (response, tls)
                 }
+            }
+            Err(SendFailed { .. }) if body_fault.too_large() => {
+                self.metrics.request_body_too_large();
+                (
+                    payload_too_large(grpc),
+                    TlsStatus::NoTls(NoTlsReason::NoConnection),
+                )
             }
             Err(SendFailed { error, .. }) if body_fault.client_body_failed() => {
                 self.metrics
@@ -587,6 +565,10 @@ where
         }
     }
 }
+
+mod admit;
+mod route;
+pub use route::{RouteFacts, route};
 
 #[cfg(test)]
 mod tests;

@@ -30,7 +30,6 @@ use super::endpoints::Target;
 use super::first_word::{FirstWord, WatchedWord, first_word};
 use super::http::{HttpServer, Side};
 use super::io::{Activity, MeteredIo, Rewind};
-use super::jwks::{Fetcher, KeyStore};
 use super::metrics::{Direction, Metrics, OpenConnection};
 use super::orig_dst::original_dst;
 use super::outcome::{ConnError, ConnOutcome, HandshakeFailure};
@@ -109,43 +108,13 @@ impl Inbound {
                 enforcer: Arc::new(Enforcer::new(
                     policy.clone(),
                     metrics.clone(),
-                    authenticator(proxy, &policy, &metrics)?,
+                    Authenticator::following(proxy, &policy, &metrics)?,
                 )),
                 metrics,
                 app,
             },
         ))
     }
-}
-
-/// The request authenticator, with the key store following the JWKS
-/// URLs of the policy in force.
-fn authenticator(
-    proxy: &ProxyConfig,
-    policy: &PolicyRx,
-    metrics: &Metrics,
-) -> Result<Authenticator, Error> {
-    let fetcher = Fetcher::new(
-        super::jwks::fetch::roots(&proxy.jwks.extra_roots),
-        proxy.jwks.fetch_timeout,
-    )
-    .map_err(Error::Jwks)?;
-    let keys = KeyStore::new(fetcher, metrics.jwks.clone());
-    let mut policy = policy.clone();
-    let store = Arc::downgrade(&keys);
-    tokio::spawn(async move {
-        loop {
-            let rules = policy.borrow_and_update().jwt.rules.clone();
-            match store.upgrade() {
-                Some(store) => store.sync(&rules),
-                None => return,
-            }
-            if policy.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-    Ok(Authenticator::new(keys, metrics.authn_outcomes.clone()))
 }
 
 /// What the inbound listener learns about a connection as it accepts it.
@@ -512,7 +481,12 @@ impl Inbound {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         self.metrics.protocol(DIRECTION, Some(version));
-        let side = Side::inbound(c.tls, self.enforcer.clone(), c.caller);
+        let side = Side::inbound(
+            c.tls,
+            self.enforcer.clone(),
+            c.caller,
+            self.limits.max_request_body,
+        );
         self.http
             .serve(
                 io,

@@ -61,6 +61,7 @@ pub struct Metrics {
     retries: IntCounter,
     service_requests: IntCounterVec,
     pub authn_outcomes: IntCounterVec,
+    body_too_large: IntCounter,
     pub jwks: super::jwks::JwksMetrics,
 }
 
@@ -130,6 +131,14 @@ impl Metrics {
                 &["outcome", "reason"],
             )?,
             jwks: super::jwks::JwksMetrics::new(registry)?,
+            body_too_large: {
+                let c = IntCounter::new(
+                    "http_request_body_too_large_total",
+                    "Inbound requests refused with 413: a body over limits.max_request_body.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             http_requests: counter(
                 "http_requests_total",
                 "HTTP requests received, by direction and TLS status of the connection.",
@@ -345,6 +354,10 @@ impl Metrics {
     }
 
     /// The request counter of a Service, looked up once per endpoint set.
+    pub fn request_body_too_large(&self) {
+        self.body_too_large.inc();
+    }
+
     pub fn service_requests(&self, service: &str) -> IntCounter {
         self.service_requests.with_label_values(&[service])
     }

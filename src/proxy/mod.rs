@@ -127,6 +127,8 @@ pub struct Limits {
     /// Idle pooled connections to peer proxies are not reused after this.
     pub peer_pool_idle_timeout: Duration,
     pub pool_max_idle_per_destination: usize,
+    /// Inbound request bodies over this many bytes are refused (413).
+    pub max_request_body: Option<u64>,
 }
 
 #[derive(Debug, Clone)]

@@ -217,6 +217,16 @@ pub fn unauthenticated(refusal: Refusal, grpc: bool) -> Response<ProxyBody> {
     }
 }
 
+/// A request whose body is over `limits.max_request_body`.
+pub fn payload_too_large(grpc: bool) -> Response<ProxyBody> {
+    synthetic_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body-too-large",
+        grpc,
+        GrpcStatus::ResourceExhausted,
+    )
+}
+
 /// A response the proxy writes itself, `reason` in `x-outrider-error`.
 /// gRPC callers get `grpc_status` in a trailers-only response instead of
 /// the HTTP status.

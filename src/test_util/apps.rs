@@ -110,6 +110,57 @@ pub async fn headers_app() -> SocketAddr {
     addr
 }
 
+/// How a request body ended at [`body_counter_app`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodySeen {
+    /// Read to its end: this many bytes.
+    Complete(u64),
+    /// Broke after this many bytes (the proxy reset it).
+    Broken(u64),
+}
+
+/// HTTP/1.1 app that reads each request body to its end without keeping
+/// it, answers `bytes=N`, and records how every body ended.
+pub async fn body_counter_app() -> (
+    SocketAddr,
+    std::sync::Arc<parking_lot::Mutex<Vec<BodySeen>>>,
+) {
+    let (listener, addr) = bind().await;
+    let seen: std::sync::Arc<parking_lot::Mutex<Vec<BodySeen>>> = Default::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        let mut body = req.into_body();
+                        let mut count = 0u64;
+                        let outcome = loop {
+                            match body.frame().await {
+                                None => break BodySeen::Complete(count),
+                                Some(Ok(frame)) => {
+                                    count += frame.data_ref().map_or(0, |d| d.len() as u64)
+                                }
+                                Some(Err(_)) => break BodySeen::Broken(count),
+                            }
+                        };
+                        record.lock().push(outcome);
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                            "bytes={count}"
+                        )))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
 /// HTTP/2 (prior knowledge, h2c) app with the same answers.
 pub async fn http2_app() -> SocketAddr {
     let (listener, addr) = bind().await;
