@@ -102,6 +102,9 @@ pub struct InjectConfig {
     pub skip_outbound_cidrs: String,
     /// Unset: the proxy's built-in list.
     pub opaque_ports: Option<String>,
+    /// Inbound request bodies over this size get 413 (`10Mi`); unset: no
+    /// limit.
+    pub max_request_body: Option<String>,
     pub iptables_mode: String,
     /// The controller's discovery API (`host:port`) injected proxies
     /// resolve destinations through; unset: no discovery.
@@ -131,6 +134,7 @@ impl Default for InjectConfig {
             skip_outbound_ports: String::new(),
             skip_outbound_cidrs: String::new(),
             opaque_ports: None,
+            max_request_body: None,
             iptables_mode: "auto".into(),
             discovery_address: Some(DEFAULT_DISCOVERY_ADDRESS.into()),
             discovery_identity: None,
@@ -182,6 +186,9 @@ impl InjectConfig {
         parse_cidrs(&self.skip_outbound_cidrs).map_err(|e| bad("skipOutboundCidrs", e))?;
         if let Some(ports) = &self.opaque_ports {
             parse_opaque_ports(ports).map_err(|e| bad("opaquePorts", e))?;
+        }
+        if let Some(size) = &self.max_request_body {
+            crate::units::parse_bytes(size).map_err(|e| bad("maxRequestBody", e))?;
         }
         self.iptables_mode
             .parse::<IptablesMode>()
@@ -243,6 +250,7 @@ pub fn pod_settings(
             "skip-outbound-ports" => m.skip_outbound_ports = value,
             "skip-outbound-cidrs" => m.skip_outbound_cidrs = value,
             "opaque-ports" => m.opaque_ports = Some(value),
+            "max-request-body" => m.max_request_body = Some(value),
             "log-level" => m.log_level = value,
             "default-policy" => m.default_policy = value,
             "proxy-cpu-request" => m.resources.cpu_request = Some(value),
@@ -260,6 +268,9 @@ pub fn pod_settings(
     parse_cidrs(&m.skip_outbound_cidrs).map_err(|e| bad("outrider.dev/skip-outbound-cidrs", e))?;
     if let Some(ports) = &m.opaque_ports {
         parse_opaque_ports(ports).map_err(|e| bad("outrider.dev/opaque-ports", e))?;
+    }
+    if let Some(size) = &m.max_request_body {
+        crate::units::parse_bytes(size).map_err(|e| bad("outrider.dev/max-request-body", e))?;
     }
     keyword::<DefaultPolicy>(&m.default_policy)
         .map_err(|e| bad("outrider.dev/default-policy", e))?;
@@ -371,10 +382,12 @@ mod tests {
                 ("outrider.dev/proxy-memory-limit", "256Mi"),
                 ("outrider.dev/sidecar-mode", "classic"),
                 ("outrider.dev/probes", "9000/ping"),
+                ("outrider.dev/max-request-body", "10Mi"),
                 ("example.com/unrelated", "kept"),
             ]),
         )
         .unwrap();
+        assert_eq!(settings.mesh.max_request_body.as_deref(), Some("10Mi"));
         assert_eq!(settings.mesh.skip_inbound_ports, "22");
         assert_eq!(settings.mesh.opaque_ports.as_deref(), Some("3306, 9042"));
         assert_eq!(settings.mesh.default_policy, "deny");
@@ -403,6 +416,7 @@ mod tests {
             ("outrider.dev/inject", "yes"),
             ("outrider.dev/probes", "/healthz"),
             ("outrider.dev/log-level", "outrider=loud"),
+            ("outrider.dev/max-request-body", "10 megabytes"),
         ] {
             let err =
                 pod_settings(&InjectConfig::default(), &annotations(&[(key, value)])).unwrap_err();

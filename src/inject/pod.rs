@@ -317,6 +317,9 @@ fn proxy_container(settings: &PodSettings, probes: &[Probe]) -> Container {
     if let Some(ports) = &mesh.opaque_ports {
         env_vars.push(env("OUTRIDER_OPAQUE_PORTS", ports.replace(' ', "")));
     }
+    if let Some(size) = &mesh.max_request_body {
+        env_vars.push(env("OUTRIDER_MAX_REQUEST_BODY", size.clone()));
+    }
     if let Some(address) = &mesh.discovery_address {
         env_vars.push(env("OUTRIDER_DISCOVERY_ADDRESS", address.clone()));
     }
