@@ -57,7 +57,7 @@ fn compiled(yaml: &str) -> WorkloadPolicy {
                 policies.push(Arc::new(policy));
             }
             Kind::PeerAuthentication => peer_auths.push(PeerAuth::from_object(&object)),
-            Kind::RequestAuthentication => {}
+            Kind::RequestAuthentication | Kind::LocalRateLimitPolicy => {}
         }
     }
     let workload = Workload {

@@ -124,7 +124,7 @@ pub fn check(objects: &ObjectSet, question: &Question) -> Answer {
             Kind::PeerAuthentication => peer_auths.push(PeerAuth::from_object(object)),
             // Token checks are explained from what the request carries
             // (see `Question`), not from the keys.
-            Kind::RequestAuthentication => {}
+            Kind::RequestAuthentication | Kind::LocalRateLimitPolicy => {}
         }
     }
     let compiled = compile(

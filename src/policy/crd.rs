@@ -19,15 +19,20 @@ pub const VERSION: &str = "v1alpha1";
 
 /// A wildcard may only start or end a pattern (`spiffe://cluster.local/ns/shop/*`,
 /// `*/sa/admin`); `*` alone matches everything.
-const PATTERN_RULE: &str = "self.all(p, size(p) > 0 && (p == '*' || !p.contains('*') || (p.startsWith('*') && !p.substring(1).contains('*')) || (p.endsWith('*') && !p.substring(0, size(p) - 1).contains('*'))))";
-const PATTERN_MESSAGE: &str =
+pub(crate) const PATTERN_RULE: &str = "self.all(p, size(p) > 0 && (p == '*' || !p.contains('*') || (p.startsWith('*') && !p.substring(1).contains('*')) || (p.endsWith('*') && !p.substring(0, size(p) - 1).contains('*'))))";
+pub(crate) const PATTERN_MESSAGE: &str =
     "patterns must be non-empty, with '*' only as the first or last character";
-const PORT_RULE: &str = "self.all(p, p >= 1 && p <= 65535)";
+pub(crate) const PORT_RULE: &str = "self.all(p, p >= 1 && p <= 65535)";
 const CIDR_RULE: &str = "self.all(c, c.matches('^[0-9]{1,3}(\\\\.[0-9]{1,3}){3}(/[0-9]{1,2})?$') || c.matches('^[0-9a-fA-F:]*:[0-9a-fA-F:.]*(/[0-9]{1,3})?$'))";
-const METHOD_RULE: &str = "self.all(m, m.matches('^[A-Z]+$'))";
+pub(crate) const METHOD_RULE: &str = "self.all(m, m.matches('^[A-Z]+$'))";
 const NAMESPACE_RULE: &str = "self.all(n, n.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'))";
 
+mod rate_limit;
 mod request_authentication;
+pub use rate_limit::{
+    LocalRateLimitPolicy, LocalRateLimitPolicySpec, Rate, RateLimit, RateLimitMatch, RateLimitMode,
+    RateOverride,
+};
 pub use request_authentication::{
     ClaimToHeader, JwtAlgorithm, JwtHeader, JwtRule, Presence, RequestAuthentication,
     RequestAuthenticationSpec,
@@ -292,6 +297,7 @@ pub fn crd_files() -> Result<Vec<(String, String)>, crate::yaml::Error> {
         AuthorizationPolicy::crd(),
         PeerAuthentication::crd(),
         RequestAuthentication::crd(),
+        LocalRateLimitPolicy::crd(),
     ]
     .into_iter()
     .map(|crd| {

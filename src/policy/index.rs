@@ -10,6 +10,7 @@ use std::sync::Arc;
 use http::header::HeaderName;
 
 use super::jwt::{JwtRule, TokenLocation, locations};
+use super::limits::RateLimitPolicy;
 use super::model::{Action, DefaultPolicy, MtlsMode, PeerAuth, Policy, RequestAuthn, Selector};
 
 /// A kubelet probe that is always allowed from unauthenticated callers.
@@ -73,6 +74,8 @@ pub struct WorkloadPolicy {
     pub http_only_rules: Vec<Arc<str>>,
     /// The RequestAuthentications in force.
     pub jwt: JwtPolicy,
+    /// The LocalRateLimitPolicies that select the workload, by name.
+    pub rate_limits: Vec<Arc<RateLimitPolicy>>,
     /// False until the source has delivered its first complete state.
     pub synced: bool,
 }
@@ -139,6 +142,27 @@ impl WorkloadPolicy {
         self.jwt = jwt;
         self
     }
+
+    /// Adds the LocalRateLimitPolicies of the namespace that select the
+    /// workload (broken ones have no limits and add nothing).
+    pub fn with_rate_limits(
+        mut self,
+        workload: &Workload,
+        policies: &[Arc<RateLimitPolicy>],
+    ) -> Self {
+        let prefix = format!("{}/", workload.namespace);
+        self.rate_limits = policies
+            .iter()
+            .filter(|p| {
+                p.id.starts_with(&prefix)
+                    && p.selector.selects(&workload.labels)
+                    && !p.limits.is_empty()
+            })
+            .cloned()
+            .collect();
+        self.rate_limits.sort_by(|a, b| a.id.cmp(&b.id));
+        self
+    }
 }
 
 impl WorkloadPolicy {
@@ -195,6 +219,7 @@ pub fn compile(
         port_mtls,
         http_only_rules,
         jwt: JwtPolicy::default(),
+        rate_limits: Vec::new(),
         synced,
     }
 }

@@ -427,6 +427,7 @@ impl PeerAuth {
     }
 }
 
+mod rate_limit;
 mod request_authentication;
 
 #[cfg(test)]

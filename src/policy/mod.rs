@@ -15,6 +15,7 @@ pub mod crd;
 pub mod index;
 pub mod judge;
 pub mod jwt;
+pub mod limits;
 pub mod model;
 pub mod objects;
 pub mod publish;

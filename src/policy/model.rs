@@ -317,6 +317,7 @@ pub enum Kind {
     AuthorizationPolicy,
     PeerAuthentication,
     RequestAuthentication,
+    LocalRateLimitPolicy,
 }
 
 impl Kind {
@@ -325,6 +326,7 @@ impl Kind {
             "AuthorizationPolicy" => Some(Self::AuthorizationPolicy),
             "PeerAuthentication" => Some(Self::PeerAuthentication),
             "RequestAuthentication" => Some(Self::RequestAuthentication),
+            "LocalRateLimitPolicy" => Some(Self::LocalRateLimitPolicy),
             _ => None,
         }
     }
@@ -334,6 +336,7 @@ impl Kind {
             Self::AuthorizationPolicy => "AuthorizationPolicy",
             Self::PeerAuthentication => "PeerAuthentication",
             Self::RequestAuthentication => "RequestAuthentication",
+            Self::LocalRateLimitPolicy => "LocalRateLimitPolicy",
         }
     }
 }

@@ -15,6 +15,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 use tokio::sync::{mpsc, watch};
 
 use super::index::{Settings, Workload, WorkloadPolicy, compile};
+use super::limits::RateLimitPolicy;
 use super::model::{Kind, PeerAuth, Policy, RequestAuthn};
 use super::objects::ObjectSet;
 
@@ -217,7 +218,8 @@ impl Publisher {
             &self.judged.peer_auths,
             synced,
         )
-        .with_request_authentication(&self.workload, &self.judged.request_authns);
+        .with_request_authentication(&self.workload, &self.judged.request_authns)
+        .with_rate_limits(&self.workload, &self.judged.rate_limits);
         tracing::debug!(
             deny = compiled.deny.len(),
             allow = compiled.allow.len(),
@@ -259,6 +261,12 @@ impl Publisher {
                     judged.request_authns.push(authn);
                     problems
                 }
+                Kind::LocalRateLimitPolicy => {
+                    let limits = RateLimitPolicy::from_object(object);
+                    let problems = limits.problems.clone();
+                    judged.rate_limits.push(Arc::new(limits));
+                    problems
+                }
             };
             *counts
                 .entry((object.kind, problems.is_empty()))
@@ -292,6 +300,7 @@ impl Publisher {
             Kind::AuthorizationPolicy,
             Kind::PeerAuthentication,
             Kind::RequestAuthentication,
+            Kind::LocalRateLimitPolicy,
         ] {
             for (valid, state) in [(true, "valid"), (false, "invalid")] {
                 let n = counts.get(&(kind, valid)).copied().unwrap_or(0);
@@ -311,6 +320,7 @@ struct Judged {
     policies: Vec<Arc<Policy>>,
     peer_auths: Vec<PeerAuth>,
     request_authns: Vec<RequestAuthn>,
+    rate_limits: Vec<Arc<RateLimitPolicy>>,
 }
 
 #[cfg(test)]

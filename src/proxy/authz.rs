@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use super::authn::{Authenticated, Authenticator, Refusal};
 use super::metrics::{Direction, Metrics};
 use super::outcome::AuthzKind;
+use super::ratelimit::{Counted, Limited, RateLimiter};
 use crate::identity::SpiffeId;
 use crate::policy::PolicyRx;
 use crate::policy::WorkloadPolicy;
@@ -50,6 +51,7 @@ type LogKey = (String, String, u16, LogTopic);
 pub struct Enforcer {
     policy: PolicyRx,
     authn: Authenticator,
+    limiter: RateLimiter,
     metrics: Metrics,
     logged: Mutex<HashMap<LogKey, Instant>>,
     views: SharedViews,
@@ -58,6 +60,7 @@ pub struct Enforcer {
 impl Enforcer {
     pub fn new(policy: PolicyRx, metrics: Metrics, authn: Authenticator) -> Self {
         Self {
+            limiter: RateLimiter::new(metrics.rate_limited.clone()),
             policy,
             authn,
             metrics,
@@ -227,6 +230,42 @@ impl ConnectionAuthz {
             .authn
             .authenticate(&current.jwt, headers)
             .await
+    }
+
+    /// Counts the request against the rate limits in force. The caller is
+    /// its mesh identity, else its token's principal, else its address.
+    pub fn rate_limit(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&VerifiedToken>,
+    ) -> Result<(), Limited> {
+        let current = self.enforcer.policy.borrow().clone();
+        if current.rate_limits.is_empty() {
+            return Ok(());
+        }
+        let address;
+        let caller = match (
+            &self.caller.peer,
+            token.and_then(|t| t.principal.as_deref()),
+        ) {
+            (Some(peer), _) => peer.as_str(),
+            (None, Some(principal)) => principal,
+            (None, None) => {
+                address = self.caller.source.to_string();
+                &address
+            }
+        };
+        self.enforcer.limiter.check(
+            &current.rate_limits,
+            Counted {
+                port: self.caller.port,
+                method,
+                path,
+                caller,
+            },
+            tokio::time::Instant::now(),
+        )
     }
 
     /// Counts a request refused for the size of its body.

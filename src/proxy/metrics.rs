@@ -61,6 +61,7 @@ pub struct Metrics {
     retries: IntCounter,
     service_requests: IntCounterVec,
     pub authn_outcomes: IntCounterVec,
+    pub rate_limited: IntCounterVec,
     body_too_large: IntCounter,
     pub jwks: super::jwks::JwksMetrics,
 }
@@ -131,6 +132,11 @@ impl Metrics {
                 &["outcome", "reason"],
             )?,
             jwks: super::jwks::JwksMetrics::new(registry)?,
+            rate_limited: counter(
+                "rate_limited_total",
+                "Inbound requests over a LocalRateLimitPolicy limit, by policy and mode (enforce: refused with 429; dry-run: only counted).",
+                &["policy", "mode"],
+            )?,
             body_too_large: {
                 let c = IntCounter::new(
                     "http_request_body_too_large_total",

@@ -27,6 +27,7 @@ mod orig_dst;
 mod outbound;
 pub mod outcome;
 mod pool;
+pub mod ratelimit;
 mod respond;
 mod tcp;
 mod tls_status;

@@ -217,6 +217,22 @@ pub fn unauthenticated(refusal: Refusal, grpc: bool) -> Response<ProxyBody> {
     }
 }
 
+/// A request over a LocalRateLimitPolicy limit: 429 with `Retry-After`
+/// (whole seconds, at least 1).
+pub fn rate_limited(retry_after: std::time::Duration, grpc: bool) -> Response<ProxyBody> {
+    let mut response = synthetic_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate-limited",
+        grpc,
+        GrpcStatus::ResourceExhausted,
+    );
+    let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    response
+}
+
 /// A request whose body is over `limits.max_request_body`.
 pub fn payload_too_large(grpc: bool) -> Response<ProxyBody> {
     synthetic_response(

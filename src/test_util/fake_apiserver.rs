@@ -318,6 +318,7 @@ fn kind_of(plural: &str) -> String {
     match plural {
         "peerauthentications" => "PeerAuthentication".into(),
         "requestauthentications" => "RequestAuthentication".into(),
+        "localratelimitpolicies" => "LocalRateLimitPolicy".into(),
         "authorizationpolicies" => "AuthorizationPolicy".into(),
         "serviceaccounts" => "ServiceAccount".into(),
         "mutatingwebhookconfigurations" => "MutatingWebhookConfiguration".into(),
@@ -336,9 +337,10 @@ fn kind_of(plural: &str) -> String {
 
 fn api_version_of(plural: &str) -> &'static str {
     match plural {
-        "peerauthentications" | "authorizationpolicies" | "requestauthentications" => {
-            "security.outrider.dev/v1alpha1"
-        }
+        "peerauthentications"
+        | "authorizationpolicies"
+        | "requestauthentications"
+        | "localratelimitpolicies" => "security.outrider.dev/v1alpha1",
         "leases" => "coordination.k8s.io/v1",
         "events" => "events.k8s.io/v1",
         "rolebindings" => "rbac.authorization.k8s.io/v1",

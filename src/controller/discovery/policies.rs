@@ -17,13 +17,16 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::kube_client::WatchBackoff;
-use crate::policy::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use crate::policy::crd::{
+    AuthorizationPolicy, LocalRateLimitPolicy, PeerAuthentication, RequestAuthentication,
+};
 
 /// The kinds served, as the proxy names them.
-pub const KINDS: [&str; 3] = [
+pub const KINDS: [&str; 4] = [
     "AuthorizationPolicy",
     "PeerAuthentication",
     "RequestAuthentication",
+    "LocalRateLimitPolicy",
 ];
 
 /// One object: its kind and its JSON.
@@ -132,6 +135,14 @@ pub fn start(client: &Client, store: &Arc<PolicyStore>, tasks: &mut JoinSet<()>)
         store.clone(),
         KINDS[2],
     ));
+    tasks.spawn(feed(
+        Api::all_with(
+            client.clone(),
+            &ApiResource::erase::<LocalRateLimitPolicy>(&()),
+        ),
+        store.clone(),
+        KINDS[3],
+    ));
 }
 
 async fn feed(api: Api<DynamicObject>, store: Arc<PolicyStore>, kind: &'static str) {
@@ -200,6 +211,12 @@ mod tests {
             "RequestAuthentications unread"
         );
         store.relisted(KINDS[2], &BTreeSet::new());
+        assert_eq!(
+            store.namespace("shop"),
+            None,
+            "LocalRateLimitPolicies unread"
+        );
+        store.relisted(KINDS[3], &BTreeSet::new());
         assert_eq!(store.namespace("shop").map(|s| s.len()), Some(1));
     }
 
@@ -208,6 +225,7 @@ mod tests {
         let store = PolicyStore::new();
         store.relisted(KINDS[1], &BTreeSet::new());
         store.relisted(KINDS[2], &BTreeSet::new());
+        store.relisted(KINDS[3], &BTreeSet::new());
         for (ns, name) in [
             ("shop", "a"),
             ("shop", "b"),

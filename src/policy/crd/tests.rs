@@ -136,10 +136,11 @@ fn kinds_have_short_names_and_the_outrider_category_so_they_never_clash_with_ist
 fn the_yaml_round_trips_through_serde() {
     let yaml = crds_yaml().unwrap();
     let docs = crate::yaml::documents(&yaml).unwrap();
-    assert_eq!(docs.len(), 3);
+    assert_eq!(docs.len(), 4);
     assert_eq!(docs[0]["spec"]["group"], "security.outrider.dev");
     assert_eq!(docs[1]["spec"]["names"]["kind"], "PeerAuthentication");
     assert_eq!(docs[2]["spec"]["names"]["kind"], "RequestAuthentication");
+    assert_eq!(docs[3]["spec"]["names"]["kind"], "LocalRateLimitPolicy");
 }
 
 #[test]
@@ -413,4 +414,36 @@ fn when_keys_are_token_claims_or_audiences_only() {
     let no_values =
         json!({"action": "ALLOW", "rules": [{"when": [{"key": "request.auth.audiences"}]}]});
     assert!(check_policy(no_values).is_err());
+}
+
+fn check_rate_limit(spec: Value) -> Result<(), String> {
+    let object = json!({"apiVersion": "security.outrider.dev/v1alpha1", "kind": "LocalRateLimitPolicy",
+        "metadata": {"name": "limits", "namespace": "shop"}, "spec": spec});
+    kube::core::cel::Validator::new()
+        .validate(&schema::<LocalRateLimitPolicy>(), &object, None)
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[test]
+fn a_rate_limit_needs_a_budget_and_well_formed_matches() {
+    check_rate_limit(json!({"mode": "DryRun", "limits": [{
+        "match": {"ports": [8080], "methods": ["POST"], "paths": ["/api/*"]},
+        "total": {"requestsPerSecond": 100, "burst": 200},
+        "perClient": {"requestsPerSecond": 10},
+        "overrides": [{"clients": ["spiffe://cluster.local/ns/shop/sa/batch"], "requestsPerSecond": 50}]
+    }]}))
+    .unwrap();
+    assert!(check_rate_limit(json!({"limits": [{"match": {"paths": ["/api/*"]}}]})).is_err());
+    assert!(
+        check_rate_limit(
+            json!({"limits": [{"match": {"paths": ["a*b"]}, "total": {"requestsPerSecond": 1}}]})
+        )
+        .is_err()
+    );
+    assert!(
+        check_rate_limit(
+            json!({"limits": [{"match": {"ports": [0]}, "total": {"requestsPerSecond": 1}}]})
+        )
+        .is_err()
+    );
 }

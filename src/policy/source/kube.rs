@@ -16,7 +16,9 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource};
 use tokio::sync::mpsc;
 
-use crate::policy::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use crate::policy::crd::{
+    AuthorizationPolicy, LocalRateLimitPolicy, PeerAuthentication, RequestAuthentication,
+};
 use crate::policy::model::{Kind, Object};
 use crate::policy::objects::{ObjectSet, object_from_value};
 use crate::policy::publish::{Metrics, Update};
@@ -55,10 +57,15 @@ pub async fn run(
         Kind::RequestAuthentication,
         ApiResource::erase::<RequestAuthentication>(&()),
     );
+    let rate_limits = stream(
+        Kind::LocalRateLimitPolicy,
+        ApiResource::erase::<LocalRateLimitPolicy>(&()),
+    );
     let events = futures_util::stream::select_all([
         policies.boxed(),
         peer_auths.boxed(),
         request_authns.boxed(),
+        rate_limits.boxed(),
     ]);
     tokio::pin!(events);
 
@@ -84,7 +91,7 @@ pub async fn run(
                 false
             }
         };
-        let all_synced = state.len() == 3 && state.values().all(|w| w.synced);
+        let all_synced = state.len() == 4 && state.values().all(|w| w.synced);
         if changed && all_synced {
             let set: ObjectSet = state
                 .values()

@@ -1,15 +1,18 @@
 //! What an inbound request passes before it is forwarded, in order:
 //! request authentication (401, or 503 without the issuer's keys),
-//! authorization with the verified token (403), and a declared body
-//! length over the limit (413; a body that only grows past it is cut as
-//! it streams, in `body`).
+//! authorization with the verified token (403), a declared body length
+//! over the limit (413; a body that only grows past it is cut as it
+//! streams, in `body`), and the rate limits (429): a request refused
+//! earlier spends no one's budget.
 
 use http::{Request, Response, header};
 use hyper::body::Incoming;
 
 use super::super::authn::Authenticated;
 use super::super::authz::ConnectionAuthz;
-use super::super::respond::{ProxyBody, forbidden, payload_too_large, unauthenticated};
+use super::super::respond::{
+    ProxyBody, forbidden, payload_too_large, rate_limited, unauthenticated,
+};
 
 pub(super) async fn inbound(
     authz: &ConnectionAuthz,
@@ -34,6 +37,9 @@ pub(super) async fn inbound(
         authz.body_too_large();
         return Err(payload_too_large(grpc));
     }
+    authz
+        .rate_limit(req.method().as_str(), req.uri().path(), token)
+        .map_err(|limited| rate_limited(limited.retry_after, grpc))?;
     Ok(authenticated)
 }
 
