@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outrider");
@@ -331,4 +333,94 @@ spec:
     let out = run(&["--strict"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("shop/payments-typo"));
+}
+
+/// The admin service account calling payouts, with whatever token flags.
+fn payouts(token_args: &[&str]) -> Output {
+    let admin = spiffe("ns/shop/sa/admin");
+    let mut args = vec![
+        "--labels",
+        "app=payments",
+        "--port",
+        "8080",
+        "--ip",
+        "10.1.0.9",
+        "--source",
+        &admin,
+        "--method",
+        "POST",
+        "--path",
+        "/api/admin/payouts/7",
+    ];
+    args.extend_from_slice(token_args);
+    check(&args)
+}
+
+#[test]
+fn token_conditions_are_explained_from_a_described_token() {
+    let out = payouts(&[
+        "--request-principal",
+        "https://idp.shop.example/ann",
+        "--claim",
+        r#"groups=["finance","staff"]"#,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("decided by: policy shop/payments-from-orders, rules[1]"),
+        "{stdout}"
+    );
+    let out = payouts(&["--claim", r#"groups=["staff"]"#]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("decided by: policy shop/payments-payouts-need-finance, rules[0]"),
+        "{stdout}"
+    );
+    // No token at all: the claim is absent, the DENY holds.
+    assert_eq!(payouts(&[]).status.code(), Some(1));
+}
+
+#[test]
+fn a_real_token_is_verified_as_the_proxy_would_before_the_decision() {
+    use serde_json::json;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |exp: u64| {
+        json!({"iss": "https://idp.shop.example", "sub": "ann", "aud": "payments",
+            "exp": exp, "groups": ["finance"]})
+    };
+    let minted = common::jwt::mint(json!({
+        "keys": [{"kid": "k1", "alg": "ES256"}],
+        "tokens": [
+            {"name": "good", "kid": "k1", "alg": "ES256", "claims": claims(now + 600)},
+            {"name": "expired", "kid": "k1", "alg": "ES256", "claims": claims(now - 600)},
+        ],
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, &minted.jwks).unwrap();
+    let file = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, minted.token(name)).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let (good, expired) = (file("good"), file("expired"));
+    let jwks = jwks.to_string_lossy().into_owned();
+    let out = payouts(&["--jwt", &good, "--jwks", &jwks]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.starts_with("token: verified, principal https://idp.shop.example/ann\nALLOW"),
+        "{stdout}"
+    );
+    let out = payouts(&["--jwt", &expired, "--jwks", &jwks]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("401 invalid_token") && stdout.contains("(expired)"),
+        "{stdout}"
+    );
 }

@@ -16,6 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::jwt::{Minted, mint};
 use common::{ProxyProcess, Workload, config, sections, workload};
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::Empty;
@@ -32,46 +33,6 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-/// Keys and tokens from PyJWT.
-struct Minted {
-    jwks: String,
-    every_key: String,
-    tokens: serde_json::Map<String, Value>,
-}
-
-impl Minted {
-    fn token(&self, name: &str) -> &str {
-        self.tokens[name].as_str().unwrap()
-    }
-}
-
-fn mint(request: Value) -> Minted {
-    let python = std::env::var("OUTRIDER_PYTHON")
-        .expect("OUTRIDER_PYTHON: a Python with PyJWT and cryptography (ci/test.sh makes one)");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/jwt/mint.py");
-    let mut child = std::process::Command::new(python)
-        .arg(script)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "mint.py failed");
-    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
-    Minted {
-        jwks: answer["jwks"].to_string(),
-        every_key: answer["every_key"].to_string(),
-        tokens: answer["tokens"].as_object().unwrap().clone(),
-    }
 }
 
 fn claims(sub: &str, extra: Value) -> Value {

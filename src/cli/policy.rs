@@ -60,6 +60,21 @@ pub struct PolicyCheckArgs {
     /// A kubelet probe exemption, `PORT` or `PORT/path`; repeatable.
     #[arg(long)]
     pub probe: Vec<String>,
+    /// A JWT the request carries (a file holding it): verified as the
+    /// proxy would, against --jwks; a token the proxy refuses is
+    /// explained and exits 1.
+    #[arg(long, requires = "jwks", conflicts_with_all = ["request_principal", "claim"])]
+    pub jwt: Option<PathBuf>,
+    /// The issuer's keys (a JWKS file) for --jwt.
+    #[arg(long, requires = "jwt")]
+    pub jwks: Option<PathBuf>,
+    /// The request's verified token principal, `<iss>/<sub>`.
+    #[arg(long)]
+    pub request_principal: Option<String>,
+    /// A claim of the request's verified token, `name=value` (value as
+    /// JSON when it parses: `groups=["admin"]`); repeatable.
+    #[arg(long)]
+    pub claim: Vec<String>,
     /// Treat an invalid policy object as bad input (exit 2) instead of
     /// explaining with its fail-safe form.
     #[arg(long)]
@@ -90,6 +105,38 @@ pub fn run_check(args: &PolicyCheckArgs) -> anyhow::Result<ExitCode> {
     let question = question(args).map_err(UsageError::Input)?;
     let objects = check::load(&args.policies, &args.namespace)
         .map_err(|e| UsageError::Input(e.to_string()))?;
+    let mut question = question;
+    if let (Some(jwt), Some(jwks)) = (&args.jwt, &args.jwks) {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| UsageError::Input(format!("{}: {e}", path.display())))
+        };
+        let (token, keys) = (read(jwt)?, read(jwks)?);
+        let token = String::from_utf8_lossy(&token).into_owned();
+        match check::token::verify(
+            &objects,
+            &question.workload,
+            &question.settings,
+            &token,
+            &keys,
+        ) {
+            Ok(verified) => {
+                println!(
+                    "token: verified, principal {}",
+                    verified.principal.as_deref().unwrap_or("(no sub)")
+                );
+                question.token = Some(verified);
+            }
+            Err(refusal) => {
+                println!("REFUSED before authorization\n  {refusal}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    } else if args.request_principal.is_some() || !args.claim.is_empty() {
+        question.token = Some(
+            check::token::described(args.request_principal.as_deref(), &args.claim)
+                .map_err(UsageError::Input)?,
+        );
+    }
     let answer = check::check(&objects, &question);
     if args.strict && !answer.warnings.is_empty() {
         return Err(UsageError::Input(answer.warnings.join("\n")).into());

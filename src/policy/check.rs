@@ -13,6 +13,8 @@ use super::model::{Kind, PeerAuth, Policy};
 use super::objects::{ObjectSet, parse_documents};
 use crate::identity::SpiffeId;
 
+pub mod token;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error("cannot read {path}: {source}")]

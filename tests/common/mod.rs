@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, mpsc};
 
 pub mod controller;
+pub mod jwt;
 
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
