@@ -327,6 +327,7 @@ fn lower_layers_never_reach_up() {
         (
             "proxy",
             &[
+                "crypto",
                 "discovery_api",
                 "identity",
                 "lifecycle",

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use super::index::{Probe, WorkloadPolicy};
 use super::jwt::VerifiedToken;
 use super::model::{Action, DefaultPolicy, MtlsMode, Operation, Pattern, Policy, Rule, Source};
-use super::token_match::{token_source_matches, when_holds};
+use super::token_match::{Offered, token_source_matches, when_holds};
 use crate::identity::SpiffeId;
 
 /// The facts a decision looks at.
@@ -317,16 +317,15 @@ fn first_match(policy: &Policy, facts: &Facts<'_>) -> Option<usize> {
 
 fn rule_matches(rule: &Rule, action: Action, facts: &Facts<'_>) -> bool {
     (rule.from.is_empty()
-        || rule
-            .from
-            .iter()
-            .any(|s| source_matches(s, facts) && token_source_matches(s, action, facts.req.http)))
+        || rule.from.iter().any(|s| {
+            source_matches(s, facts) && token_source_matches(s, action, offered(facts.req.http))
+        }))
         && (rule.to.is_empty()
             || rule
                 .to
                 .iter()
                 .any(|o| operation_matches(o, action, facts.req)))
-        && when_holds(&rule.when, action, facts.req.http)
+        && when_holds(&rule.when, action, offered(facts.req.http))
 }
 
 /// The caller-level conditions of a source (its token conditions are
@@ -360,6 +359,14 @@ fn request_matches(op: &Operation, action: Action, http: Option<Http<'_>>) -> bo
         // HTTP conditions cannot be checked on an opaque connection: they
         // never let an ALLOW match and never stop a DENY from matching.
         None => !op.is_http_only() || action == Action::Deny,
+    }
+}
+
+/// What a request offers the token conditions of a rule.
+fn offered(http: Option<Http<'_>>) -> Offered<'_> {
+    match http {
+        Some(http) => Offered::Http(http.token),
+        None => Offered::Opaque,
     }
 }
 

@@ -10,36 +10,41 @@
 
 use serde_json::Value;
 
-use super::authz::Http;
+use super::jwt::VerifiedToken;
 use super::model::{Action, Condition, Pattern, Source, TokenKey};
 
+/// What a request offers token conditions: an opaque connection has no
+/// request; an HTTP request has its verified token, or none.
+#[derive(Debug, Clone, Copy)]
+pub enum Offered<'a> {
+    Opaque,
+    Http(Option<&'a VerifiedToken>),
+}
+
 /// The token conditions of a source.
-pub fn token_source_matches(source: &Source, action: Action, http: Option<Http<'_>>) -> bool {
+pub fn token_source_matches(source: &Source, action: Action, offered: Offered<'_>) -> bool {
     if !source.has_token_conditions() {
         return true;
     }
-    let Some(http) = http else {
+    let Offered::Http(token) = offered else {
         return action == Action::Deny;
     };
-    let principal = http
-        .token
-        .and_then(|t| t.principal.as_deref())
-        .unwrap_or("");
+    let principal = token.and_then(|t| t.principal.as_deref()).unwrap_or("");
     source
         .request_principals
         .check(|p: &Pattern| p.matches(principal))
 }
 
 /// Whether every `when` condition holds.
-pub fn when_holds(conditions: &[Condition], action: Action, http: Option<Http<'_>>) -> bool {
+pub fn when_holds(conditions: &[Condition], action: Action, offered: Offered<'_>) -> bool {
     if conditions.is_empty() {
         return true;
     }
-    let Some(http) = http else {
+    let Offered::Http(token) = offered else {
         return action == Action::Deny;
     };
     conditions.iter().all(|condition| {
-        let values = token_values(condition, http);
+        let values = token_values(condition, token);
         condition
             .values
             .check(|p: &Pattern| values.iter().any(|v| p.matches(v)))
@@ -49,8 +54,8 @@ pub fn when_holds(conditions: &[Condition], action: Action, http: Option<Http<'_
 /// The values under a condition's key: a string claim is one value, a
 /// list of strings is each of them, a number or boolean is its JSON text;
 /// objects and absent claims give none.
-fn token_values(condition: &Condition, http: Http<'_>) -> Vec<String> {
-    let Some(token) = http.token else {
+fn token_values(condition: &Condition, token: Option<&VerifiedToken>) -> Vec<String> {
+    let Some(token) = token else {
         return Vec::new();
     };
     match &condition.key {

@@ -9,7 +9,7 @@ use super::{
     Action, Facts, Http, List, Matches, Policy, Probe, Request, Source, WorkloadPolicy, decide,
     default_allows, probe_allows, request_matches, source_matches,
 };
-use super::{Denied, MtlsMode, Permit, token_source_matches, when_holds};
+use super::{Denied, MtlsMode, Permit, offered, token_source_matches, when_holds};
 use crate::identity::SpiffeId;
 
 /// One caller's view of a workload's policy: every rule whose source and
@@ -241,12 +241,12 @@ impl ViewedRequest<'_> {
                 None => unresolved,
                 Some(sources) => sources.iter().any(|&j| {
                     rule.from.get(j as usize).map_or(unresolved, |source| {
-                        token_source_matches(source, policy.action, self.http)
+                        token_source_matches(source, policy.action, offered(self.http))
                     })
                 }),
             },
         };
-        operation_hit && source_hit() && when_holds(&rule.when, policy.action, self.http)
+        operation_hit && source_hit() && when_holds(&rule.when, policy.action, offered(self.http))
     }
 }
 

@@ -35,8 +35,8 @@ pub struct LocalRateLimitPolicySpec {
     pub selector: Option<WorkloadSelector>,
     /// Enforce (default): refuse requests over a limit. DryRun: only
     /// count them (`rate_limited_total{mode="dry-run"}`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<RateLimitMode>,
+    #[serde(default)]
+    pub mode: RateLimitMode,
     /// Every limit whose `match` a request meets applies to it.
     #[schemars(length(min = 1, max = 64))]
     pub limits: Vec<RateLimit>,

@@ -77,8 +77,8 @@ pub struct JwtRule {
     pub output_claim_to_headers: Vec<ClaimToHeader>,
     /// Optional (default): a request without a token goes on with no
     /// request principal. Required: it is refused with 401.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence: Option<Presence>,
+    #[serde(default)]
+    pub presence: Presence,
     /// Signature algorithms accepted; omitted, all of them. Only
     /// asymmetric ones exist: shared-secret (HS*) and `none` tokens are
     /// always refused.

@@ -202,6 +202,16 @@ fn every_example_passes_the_schema_and_its_cel_rules() {
                         serde_json::from_value::<PeerAuthenticationSpec>(value["spec"].clone())
                             .map(|_| ()),
                     ),
+                    Some("RequestAuthentication") => (
+                        schema::<RequestAuthentication>(),
+                        serde_json::from_value::<RequestAuthenticationSpec>(value["spec"].clone())
+                            .map(|_| ()),
+                    ),
+                    Some("LocalRateLimitPolicy") => (
+                        schema::<LocalRateLimitPolicy>(),
+                        serde_json::from_value::<LocalRateLimitPolicySpec>(value["spec"].clone())
+                            .map(|_| ()),
+                    ),
                     other => panic!("{}: unexpected kind {other:?}", path.display()),
                 };
                 spec_ok.unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -41,7 +41,7 @@ impl RateLimitPolicy {
         Self {
             id,
             selector: Selector::from_crd(spec.selector.as_ref()),
-            dry_run: spec.mode == Some(crd::RateLimitMode::DryRun),
+            dry_run: spec.mode == crd::RateLimitMode::DryRun,
             limits: if problems.is_empty() {
                 limits
             } else {

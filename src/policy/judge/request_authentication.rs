@@ -112,7 +112,7 @@ fn judge_rule(policy: &Arc<str>, rule: &crd::JwtRule) -> Result<JwtRule, String>
         locations,
         forward: rule.forward_original_token.unwrap_or(true),
         claim_headers,
-        required: rule.presence == Some(crd::Presence::Required),
+        required: rule.presence == crd::Presence::Required,
         algorithms,
     })
 }
