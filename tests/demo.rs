@@ -35,6 +35,10 @@ fn the_demo_passes_every_step_well_under_a_minute() {
         "replica-1: ",
         "replica-3: ",
         "one keep-alive connection, spread per request",
+        "GET /api/private/report, no token      -> 403 Forbidden",
+        "as https://issuer.demo.outrider/alice",
+        "GET /api/orders, an expired token      -> 401 Unauthorized",
+        "got 429",
         "All steps passed",
     ] {
         assert!(

@@ -13,10 +13,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::proxy::headers::CLIENT_ID_HEADER;
+use crate::proxy::headers::{CLIENT_ID_HEADER, REQUEST_PRINCIPAL_HEADER};
 
-/// Serves `GET /...` with `<name> saw caller <x-outrider-client-id>` until
-/// the task is dropped; returns the bound address.
+/// Serves `GET /...` with `<name> saw caller <x-outrider-client-id>` (and
+/// ` as <x-outrider-request-principal>` when the request carried a
+/// verified token) until the task is dropped; returns the bound address.
 pub async fn spawn_identity_app(name: &'static str) -> std::io::Result<SocketAddr> {
     spawn_slow_identity_app(name, Duration::ZERO).await
 }
@@ -39,8 +40,14 @@ pub async fn spawn_slow_identity_app(
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("unauthenticated")
                         .to_string();
+                    let on_behalf_of = req
+                        .headers()
+                        .get(&REQUEST_PRINCIPAL_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(|p| format!(" as {p}"))
+                        .unwrap_or_default();
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
-                        "{name} saw caller {caller}\n"
+                        "{name} saw caller {caller}{on_behalf_of}\n"
                     )))))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -84,12 +91,25 @@ impl HttpClient {
         method: Method,
         path: &str,
     ) -> Result<(StatusCode, String), ClientError> {
+        self.send(method, path, None).await
+    }
+
+    /// A request, with `Authorization: Bearer <token>` when given one.
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<(StatusCode, String), ClientError> {
         self.sender.ready().await?;
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", "backend")
-            .body(Empty::new())?;
+            .header("host", "backend");
+        if let Some(token) = token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req.body(Empty::new())?;
         let response = self.sender.send_request(req).await?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();

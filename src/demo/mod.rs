@@ -7,12 +7,15 @@
 //! under load without a failed request, an authorization policy applied
 //! live, the metrics endpoint, and per-request balancing over three
 //! replicas found through the controller's discovery service
-//! ([`replicas`]). Each step checks its own outcome; the exit code is 0
-//! only if all pass.
+//! ([`replicas`]), and tokens from the demo's own identity provider
+//! verified at the backend, with a rate limit ([`tokens`]). Each step
+//! checks its own outcome; the exit code is 0 only if all pass.
 
 mod app;
+mod issuer;
 mod probe;
 mod replicas;
+mod tokens;
 
 pub use app::{HttpClient, spawn_identity_app, spawn_slow_identity_app};
 pub use probe::{is_served, served_leaf};
@@ -37,7 +40,7 @@ use crate::tls::{KxGroup, TlsSettings};
 
 const ROTATIONS: usize = 3;
 const LOAD_CLIENTS: usize = 4;
-const STEPS: usize = 9;
+const STEPS: usize = 10;
 /// Requests of the balancing step, on one keep-alive connection.
 const BALANCED_REQUESTS: usize = 300;
 
@@ -151,6 +154,8 @@ fn issue(ca: &CaDir, id: &SpiffeId, out: &Path, extra_bundle: &str) -> Result<St
 struct PolicyFiles<'a> {
     dir: &'a Path,
     labels: &'a str,
+    /// The CA of the identity provider whose keys it fetches.
+    jwks_ca: &'a Path,
 }
 
 fn sidecar_config(
@@ -170,6 +175,7 @@ fn sidecar_config(
         policy_source: policy.as_ref().map(|_| "files".into()),
         policy_dir: policy.as_ref().map(|p| p.dir.to_path_buf()),
         workload_labels: policy.as_ref().map(|p| p.labels.to_string()),
+        jwks_ca_file: policy.as_ref().map(|p| p.jwks_ca.to_path_buf()),
         identity_dir: Some(dir.to_path_buf()),
         identity_id: Some(id.to_string()),
         mtls_mode: Some("strict".into()),
@@ -219,9 +225,14 @@ async fn run(keep_running: bool) -> StepResult {
     // mesh default (allow-all) applies until step 6.
     let policy_dir = workdir.path().join("policies");
     std::fs::create_dir(&policy_dir).or_fail(S2)?;
+    // The identity provider of step 9, whose CA the backend trusts.
+    let issuer = issuer::Issuer::start(&workdir.path().join("issuer"))
+        .await
+        .or_fail(S2)?;
     let backend_policy = PolicyFiles {
         dir: &policy_dir,
         labels: "app=backend",
+        jwks_ca: &issuer.ca_file,
     };
     let backend = Sidecar::start(
         &sidecar_config(
@@ -503,7 +514,13 @@ async fn run(keep_running: bool) -> StepResult {
         "a replica's sidecar did not drain cleanly".into()
     })?;
 
-    const S9: &str = "shut down";
+    const S9: &str = "tokens from an identity provider, and a rate limit";
+    println!("[9/{STEPS}] {S9}");
+    tokens::run(&policy_dir, frontend_outbound, &issuer)
+        .await
+        .or_fail(S9)?;
+
+    const S10: &str = "shut down";
     if keep_running {
         println!("\nThe mesh keeps running. Try:");
         println!("  curl http://{frontend_outbound}/api/hello        (allowed)");
@@ -515,11 +532,11 @@ async fn run(keep_running: bool) -> StepResult {
         );
         let _ = tokio::signal::ctrl_c().await;
     }
-    println!("[9/{STEPS}] {S9}");
+    println!("[10/{STEPS}] {S10}");
     let (a, b) = tokio::join!(frontend.shutdown(), backend.shutdown());
     check(
         a == crate::lifecycle::Drained::Clean && b == crate::lifecycle::Drained::Clean,
-        S9,
+        S10,
         || "connections were still open at the end of the grace period".into(),
     )?;
     println!("      both sidecars drained cleanly");
