@@ -125,27 +125,18 @@ async fn a_streamed_body_growing_past_the_limit_is_reset_upstream_and_answered_4
     }
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_one_gib_upload_under_the_limit_streams_without_growing_the_proxy() {
     let (app, seen) = apps::body_counter_app().await;
     let (_tmp, proxy) = proxy_with_limit(app, "2Gi").await;
     // Warm up: one small upload, so buffers that exist anyway are counted.
     chunked_upload(proxy.inbound(), 1024 * 1024, 256 * 1024).await;
-    let before = peak_rss_kib(proxy.pid());
+    let before = common::status_kib(proxy.pid(), "VmHWM");
     let gib = 1024 * 1024 * 1024;
     let answer = chunked_upload(proxy.inbound(), gib, 256 * 1024).await;
     assert!(answer.contains(&format!("bytes={gib}")), "{answer}");
     assert_eq!(seen.lock().last(), Some(&BodySeen::Complete(gib)));
-    let growth_mib = (peak_rss_kib(proxy.pid()) - before) / 1024;
+    let growth_mib = (common::status_kib(proxy.pid(), "VmHWM") - before) / 1024;
     assert!(
         growth_mib < 16,
         "peak RSS grew {growth_mib} MiB for a 1 GiB upload"

@@ -26,15 +26,6 @@ const MIB: u64 = 1024 * 1024;
 static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A value from `/proc/<pid>/status`, in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| rest.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
 /// Connects from `source` (any 127/8 address) to `to`.
 async fn connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
@@ -182,11 +173,11 @@ async fn connections_that_have_not_spoken_cost_under_a_kib_and_idle_mesh_relays_
     drop(silent_connections(mesh.server.inbound(), 200, 1).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let before = status_kib(server, "VmRSS");
+    let before = common::status_kib(server, "VmRSS");
     let silent = silent_connections(mesh.server.inbound(), 2000, 2).await;
     assert_eq!(silent.len(), 2000);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let per_silent = (status_kib(server, "VmRSS").saturating_sub(before)) as f64 / 2000.0;
+    let per_silent = (common::status_kib(server, "VmRSS").saturating_sub(before)) as f64 / 2000.0;
     if per_silent > 1.0 {
         let metrics = mesh.server.metrics().await;
         let lines: Vec<&str> = metrics
@@ -208,7 +199,7 @@ async fn connections_that_have_not_spoken_cost_under_a_kib_and_idle_mesh_relays_
     let pids = [server, mesh.client.pid()];
     let rss = || {
         pids.iter()
-            .map(|&pid| status_kib(pid, "VmRSS"))
+            .map(|&pid| common::status_kib(pid, "VmRSS"))
             .sum::<u64>()
     };
     let before = rss();
@@ -328,7 +319,7 @@ async fn a_10000_connection_flood_stays_inside_128_mib_while_a_mesh_peer_is_serv
             Err(why) => failures.push(why),
         }
     }
-    let peak_mib = status_kib(server, "VmHWM") / 1024;
+    let peak_mib = common::status_kib(server, "VmHWM") / 1024;
     let metrics = mesh.server.metrics().await;
     let count = |reason: &str| {
         apps::metric(
@@ -434,7 +425,7 @@ async fn a_10000_rule_policy_is_held_once_per_caller_not_once_per_connection() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let pid = server.pid();
-    let before = status_kib(pid, "VmRSS");
+    let before = common::status_kib(pid, "VmRSS");
     let mut held = Vec::new();
     for i in 0..200 {
         let mut stream = TcpStream::connect(inbound).await.unwrap();
@@ -443,7 +434,7 @@ async fn a_10000_rule_policy_is_held_once_per_caller_not_once_per_connection() {
         held.push(stream);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let per_connection = status_kib(pid, "VmRSS").saturating_sub(before) as f64 / 200.0;
+    let per_connection = common::status_kib(pid, "VmRSS").saturating_sub(before) as f64 / 200.0;
     eprintln!("{per_connection:.1} KiB per keep-alive connection");
     // An HTTP/1 connection's own buffers and tasks, both sides of the
     // proxy; the caller's view of the policy (about 240 KiB here) is
@@ -463,12 +454,12 @@ async fn memory_a_burst_needed_is_given_back_once_it_is_over() {
     let inbound = mesh.server.inbound();
     // The first trim calibrates on the idle proxy.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = status_kib(server, "VmRSS");
+    let idle = common::status_kib(server, "VmRSS");
 
     // A burst: 6,000 connections, a third of them relayed.
     let held = flood(inbound, 6_000, 8).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let during = status_kib(server, "VmRSS");
+    let during = common::status_kib(server, "VmRSS");
     assert!(
         during > idle + 8 * 1024,
         "the burst needed only {} KiB",
@@ -477,14 +468,14 @@ async fn memory_a_burst_needed_is_given_back_once_it_is_over() {
     drop(held);
 
     let given_back = common::eventually(Duration::from_secs(15), async || {
-        let now = status_kib(server, "VmRSS");
+        let now = common::status_kib(server, "VmRSS");
         (now < idle + (during - idle) / 4).then_some(now)
     })
     .await;
     assert!(
         given_back.is_some(),
         "idle {idle} KiB, {during} KiB during the burst, still {} KiB 15 s after it",
-        status_kib(server, "VmRSS")
+        common::status_kib(server, "VmRSS")
     );
     let returned = mesh
         .server

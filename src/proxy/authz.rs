@@ -216,13 +216,19 @@ impl ConnectionAuthz {
         }
     }
 
-    /// Authenticates one request under the policy in force (see
-    /// `authn`): its verified token, if it carries one.
+    /// The policy in force: read once per request, so that every check of
+    /// the request sees the same one.
+    pub fn current(&self) -> Arc<WorkloadPolicy> {
+        self.enforcer.policy.borrow().clone()
+    }
+
+    /// Authenticates one request under `current` (see `authn`): its
+    /// verified token, if it carries one.
     pub async fn authenticate(
         &self,
+        current: &WorkloadPolicy,
         headers: &mut http::HeaderMap,
     ) -> Result<Option<Authenticated>, Refusal> {
-        let current = self.enforcer.policy.borrow().clone();
         if current.jwt.is_empty() {
             return Ok(None);
         }
@@ -236,11 +242,11 @@ impl ConnectionAuthz {
     /// its mesh identity, else its token's principal, else its address.
     pub fn rate_limit(
         &self,
+        current: &WorkloadPolicy,
         method: &str,
         path: &str,
         token: Option<&VerifiedToken>,
     ) -> Result<(), Limited> {
-        let current = self.enforcer.policy.borrow().clone();
         if current.rate_limits.is_empty() {
             return Ok(());
         }
@@ -273,9 +279,21 @@ impl ConnectionAuthz {
         self.enforcer.metrics.request_body_too_large();
     }
 
-    /// Judges one request.
+    /// Judges one request under the policy in force.
+    #[cfg(test)]
     pub fn check_http(
         &self,
+        method: &str,
+        path: &str,
+        token: Option<&VerifiedToken>,
+    ) -> Result<Permit, Denied> {
+        self.check_http_in(&self.current(), method, path, token)
+    }
+
+    /// Judges one request under `current`.
+    pub fn check_http_in(
+        &self,
+        current: &Arc<WorkloadPolicy>,
         method: &str,
         path: &str,
         token: Option<&VerifiedToken>,
@@ -285,11 +303,10 @@ impl ConnectionAuthz {
             path,
             token,
         };
-        let current = self.enforcer.policy.borrow().clone();
-        let outcome = match self.view(&current) {
+        let outcome = match self.view(current) {
             Some(view) => view.policy.decide(Some(http)),
             // Past the views' budget: every rule, every request.
-            None => authorize(&current, &request(&self.caller, Some(http))),
+            None => authorize(current, &request(&self.caller, Some(http))),
         };
         self.enforcer
             .record(AuthzKind::Http, &self.caller, &outcome, Some(method));

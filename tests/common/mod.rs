@@ -262,6 +262,16 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// Polls `check` every 20 ms for up to `timeout`.
 pub async fn eventually<T>(timeout: Duration, check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
     outrider::test_util::eventually(timeout, check).await

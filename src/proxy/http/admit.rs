@@ -20,13 +20,14 @@ pub(super) async fn inbound(
     max_request_body: Option<u64>,
     grpc: bool,
 ) -> Result<Option<Authenticated>, Response<ProxyBody>> {
+    let current = authz.current();
     let authenticated = authz
-        .authenticate(req.headers_mut())
+        .authenticate(&current, req.headers_mut())
         .await
         .map_err(|refusal| unauthenticated(refusal, grpc))?;
     let token = authenticated.as_ref().map(|a| &*a.token);
     if authz
-        .check_http(req.method().as_str(), req.uri().path(), token)
+        .check_http_in(&current, req.method().as_str(), req.uri().path(), token)
         .is_err()
     {
         return Err(forbidden(grpc));
@@ -38,7 +39,7 @@ pub(super) async fn inbound(
         return Err(payload_too_large(grpc));
     }
     authz
-        .rate_limit(req.method().as_str(), req.uri().path(), token)
+        .rate_limit(&current, req.method().as_str(), req.uri().path(), token)
         .map_err(|limited| rate_limited(limited.retry_after, grpc))?;
     Ok(authenticated)
 }

@@ -48,6 +48,18 @@ fn store(server: &JwksServer) -> Arc<KeyStore> {
     KeyStore::new(fetcher, JwksMetrics::new(&registry).unwrap())
 }
 
+/// As if the last fetch were [`REFETCH_EVERY`] older.
+fn lapse_refetch_floor(store: &KeyStore, server: &JwksServer) {
+    let lapsed = |s: &mut State| {
+        s.last_attempt = s.last_attempt.map(|at| at - REFETCH_EVERY);
+    };
+    store
+        .issuer(&server.url("/keys"))
+        .unwrap()
+        .state
+        .send_modify(lapsed);
+}
+
 #[tokio::test]
 async fn the_first_request_waits_for_the_first_fetch_and_gets_its_keys() {
     let server = JwksServer::start(&document(&["k1"])).await;
@@ -92,14 +104,7 @@ async fn concurrent_unknown_key_ids_share_one_refetch_and_then_wait_ten_seconds(
     assert!(store.refetch(&rule, &old).await.is_none());
     assert_eq!(server.fetches(), 1, "at most once per 10 s");
     // Ten seconds later, twenty requests with the new key id at once.
-    let lapsed = |s: &mut State| {
-        s.last_attempt = s.last_attempt.map(|at| at - REFETCH_EVERY);
-    };
-    store
-        .issuer(&server.url("/keys"))
-        .unwrap()
-        .state
-        .send_modify(lapsed);
+    lapse_refetch_floor(&store, &server);
     let waits: Vec<_> = (0..20)
         .map(|_| {
             let (store, rule, old) = (store.clone(), rule.clone(), old.clone());
@@ -121,14 +126,7 @@ async fn the_last_good_keys_stay_when_the_provider_goes_down() {
     store.sync(std::slice::from_ref(&rule));
     let good = store.keys(&rule).await.unwrap();
     server.set_down(true);
-    let lapsed = |s: &mut State| {
-        s.last_attempt = s.last_attempt.map(|at| at - REFETCH_EVERY);
-    };
-    store
-        .issuer(&server.url("/keys"))
-        .unwrap()
-        .state
-        .send_modify(lapsed);
+    lapse_refetch_floor(&store, &server);
     assert!(store.refetch(&rule, &good).await.is_none(), "fetch failed");
     let still = store.keys(&rule).await.unwrap();
     assert!(Arc::ptr_eq(&good, &still));
