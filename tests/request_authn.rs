@@ -71,6 +71,7 @@ fn mint_all() -> Minted {
             token("wrong_aud", "es", "ES256", claims("alice", json!({"aud": "billing"}))),
             token("unknown_iss", "es", "ES256", claims("alice", json!({"iss": "https://evil.example"}))),
             token("rs_for_es_only", "rs", "RS256", claims("alice", json!({"iss": ES_ONLY}))),
+            token("es_only", "es", "ES256", claims("erin", json!({"iss": ES_ONLY}))),
             token("rotated", "rotated", "ES256", claims("dave", json!({}))),
             token("unknown_kid", "rogue", "ES256", claims("mallory", json!({}))),
             {"name": "forged", "kid": "rogue", "kid_override": "es", "alg": "ES256",
@@ -87,7 +88,7 @@ fn policies(dir: &Path, jwks_url: &str, presence: &str) {
     std::fs::write(
         dir.join("authn.yaml"),
         format!(
-            "apiVersion: security.outrider.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: idp}}\nspec:\n  selector: {{matchLabels: {{app: payments}}}}\n  jwtRules:\n  - issuer: {ISSUER}\n    audiences: [payments]\n    jwksUri: {jwks_url}\n    presence: {presence}\n    outputClaimToHeaders: [{{header: x-user-group, claim: group}}]\n  - issuer: {ES_ONLY}\n    audiences: [payments]\n    jwksUri: {jwks_url}\n    algorithms: [ES256]\n"
+            "apiVersion: security.outrider.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: idp}}\nspec:\n  selector: {{matchLabels: {{app: payments}}}}\n  jwtRules:\n  - issuer: {ISSUER}\n    audiences: [payments]\n    jwksUri: {jwks_url}\n    presence: {presence}\n    outputClaimToHeaders: [{{header: x-user-group, claim: group}}]\n  - issuer: {ES_ONLY}\n    audiences: [payments]\n    jwksUri: {jwks_url}\n    algorithms: [ES256]\n    forwardOriginalToken: false\n"
         ),
     )
     .unwrap();
@@ -212,6 +213,18 @@ async fn every_row_of_the_semantics_table_holds_against_pyjwt_tokens() {
             "{name}: token not forwarded"
         );
     }
+
+    // A rule that does not forward: verified, then kept from the app.
+    let (status, _, seen) = with_token(&proxy, "/", minted.token("es_only")).await;
+    assert_eq!(status, 200, "{seen}");
+    assert!(
+        seen.contains("x-outrider-request-principal: https://es-only.example/erin\n"),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("authorization:"),
+        "forwardOriginalToken: false: {seen}"
+    );
 
     // Every kind of bad token: 401 invalid_token, never the application.
     for name in [

@@ -11,15 +11,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use parking_lot::Mutex;
-use prometheus::IntCounterVec;
+use prometheus::{IntCounter, IntCounterVec};
 
 use super::jwks::{Fetcher, KeyStore, Unavailable};
 use crate::policy::index::JwtPolicy;
-use crate::policy::jwt::{
-    self, CLOCK_SKEW_SECONDS, JwtRule, KeySet, TokenError, TokenLocation, VerifiedToken,
-};
+use crate::policy::jwt::{self, CLOCK_SKEW_SECONDS, JwtRule, KeySet, TokenError, VerifiedToken};
 
 /// Verified tokens remembered at most. Past it, an arbitrary entry goes:
 /// a caller minting many valid tokens only costs itself verifications.
@@ -51,20 +49,26 @@ impl Refusal {
 pub struct Authenticated {
     pub token: Arc<VerifiedToken>,
     pub rule: Arc<JwtRule>,
-    /// Where the token was found (removed when the rule does not forward).
-    pub location: TokenLocation,
+    /// `x-outrider-request-principal`'s value, made once per token.
+    principal_header: Option<HeaderValue>,
+    /// The header the token came in, when the rule does not forward it.
+    remove: Option<HeaderName>,
 }
 
 struct Cached {
     token: Arc<VerifiedToken>,
     rule: Arc<JwtRule>,
     keys: Arc<KeySet>,
+    principal_header: Option<HeaderValue>,
 }
 
 pub struct Authenticator {
     keys: Arc<KeyStore>,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
     outcomes: IntCounterVec,
+    /// The two outcomes of nearly every request, resolved once.
+    verified: IntCounter,
+    anonymous: IntCounter,
 }
 
 impl Authenticator {
@@ -73,6 +77,8 @@ impl Authenticator {
         Self {
             keys,
             cache: Mutex::new(HashMap::new()),
+            verified: outcomes.with_label_values(&["verified", ""]),
+            anonymous: outcomes.with_label_values(&["anonymous", ""]),
             outcomes,
         }
     }
@@ -118,12 +124,14 @@ impl Authenticator {
             headers.remove(name);
         }
         let outcome = self.decide(policy, headers).await;
-        let (label, reason) = match &outcome {
-            Ok(Some(_)) => ("verified", ""),
-            Ok(None) => ("anonymous", ""),
-            Err(refusal) => ("refused", refusal.as_str()),
-        };
-        self.outcomes.with_label_values(&[label, reason]).inc();
+        match &outcome {
+            Ok(Some(_)) => self.verified.inc(),
+            Ok(None) => self.anonymous.inc(),
+            Err(refusal) => self
+                .outcomes
+                .with_label_values(&["refused", refusal.as_str()])
+                .inc(),
+        }
         outcome
     }
 
@@ -143,20 +151,24 @@ impl Authenticator {
                 Ok(None)
             };
         };
-        let location = policy
-            .locations
-            .get(found.location)
-            .cloned()
-            .unwrap_or_else(TokenLocation::bearer);
+        let removed = |rule: &JwtRule| {
+            (!rule.forward).then(|| {
+                policy
+                    .locations
+                    .get(found.location)
+                    .map_or(http::header::AUTHORIZATION, |l| l.header.clone())
+            })
+        };
         if found.token.len() > jwt::MAX_TOKEN_BYTES {
             return Err(Refusal::Invalid(TokenError::Malformed));
         }
         let digest = crate::crypto::sha256(found.token.as_bytes());
-        if let Some(hit) = self.cached(&digest, policy).await {
+        if let Some((token, rule, principal_header)) = self.cached(&digest, policy).await {
             return Ok(Some(Authenticated {
-                token: hit.0,
-                rule: hit.1,
-                location,
+                remove: removed(&rule),
+                token,
+                rule,
+                principal_header,
             }));
         }
         let unverified = jwt::peek(found.token).map_err(Refusal::Invalid)?;
@@ -175,11 +187,24 @@ impl Authenticator {
             other => (other, keys),
         };
         let token = Arc::new(verified.map_err(Refusal::Invalid)?);
-        self.remember(digest, &token, rule, keys);
+        let principal_header = token
+            .principal
+            .as_deref()
+            .and_then(|p| HeaderValue::from_str(p).ok());
+        self.remember(
+            digest,
+            Cached {
+                token: token.clone(),
+                rule: rule.clone(),
+                keys,
+                principal_header: principal_header.clone(),
+            },
+        );
         Ok(Some(Authenticated {
+            remove: removed(rule),
             token,
             rule: rule.clone(),
-            location,
+            principal_header,
         }))
     }
 
@@ -189,11 +214,16 @@ impl Authenticator {
         &self,
         digest: &[u8; 32],
         policy: &JwtPolicy,
-    ) -> Option<(Arc<VerifiedToken>, Arc<JwtRule>)> {
-        let (token, rule, keys) = {
+    ) -> Option<(Arc<VerifiedToken>, Arc<JwtRule>, Option<HeaderValue>)> {
+        let (token, rule, keys, principal_header) = {
             let cache = self.cache.lock();
             let hit = cache.get(digest)?;
-            (hit.token.clone(), hit.rule.clone(), hit.keys.clone())
+            (
+                hit.token.clone(),
+                hit.rule.clone(),
+                hit.keys.clone(),
+                hit.principal_header.clone(),
+            )
         };
         let in_force = jwt::rule_for(&policy.rules, &token.issuer)?;
         if !Arc::ptr_eq(in_force, &rule) || now_seconds() > token.expires + CLOCK_SKEW_SECONDS {
@@ -205,16 +235,10 @@ impl Authenticator {
             self.cache.lock().remove(digest);
             return None;
         }
-        Some((token, rule))
+        Some((token, rule, principal_header))
     }
 
-    fn remember(
-        &self,
-        digest: [u8; 32],
-        token: &Arc<VerifiedToken>,
-        rule: &Arc<JwtRule>,
-        keys: Arc<KeySet>,
-    ) {
+    fn remember(&self, digest: [u8; 32], entry: Cached) {
         let mut cache = self.cache.lock();
         if cache.len() >= CACHE_ENTRIES {
             let now = now_seconds();
@@ -225,14 +249,7 @@ impl Authenticator {
                 cache.remove(&victim);
             }
         }
-        cache.insert(
-            digest,
-            Cached {
-                token: token.clone(),
-                rule: rule.clone(),
-                keys,
-            },
-        );
+        cache.insert(digest, entry);
     }
 }
 
@@ -247,17 +264,75 @@ fn now_seconds() -> u64 {
 /// copies into headers, and the token itself only when the rule forwards
 /// it. Call after reserved headers were removed.
 pub fn set_headers(headers: &mut HeaderMap, authenticated: &Authenticated) {
-    if let Some(principal) = &authenticated.token.principal
-        && let Ok(value) = http::HeaderValue::from_str(principal)
-    {
-        headers.insert(&super::headers::REQUEST_PRINCIPAL_HEADER, value);
+    if let Some(value) = &authenticated.principal_header {
+        headers.insert(&super::headers::REQUEST_PRINCIPAL_HEADER, value.clone());
     }
     for (header, claim) in &authenticated.rule.claim_headers {
         if let Some(value) = jwt::claim_header_value(&authenticated.token.claims, claim) {
             headers.insert(header.clone(), value);
         }
     }
-    if !authenticated.rule.forward {
-        headers.remove(&authenticated.location.header);
+    if let Some(name) = &authenticated.remove {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::policy::jwt::{ASYMMETRIC, KeySource, TokenLocation};
+
+    fn authenticated(forward: bool) -> Authenticated {
+        let rule = JwtRule {
+            policy: "shop/idp".into(),
+            issuer: "https://idp".into(),
+            audiences: vec!["a".into()],
+            keys: KeySource::Inline(Arc::new(KeySet::default())),
+            locations: vec![TokenLocation::bearer()],
+            forward,
+            claim_headers: vec![
+                (http::HeaderName::from_static("x-group"), "group".into()),
+                (http::HeaderName::from_static("x-groups"), "groups".into()),
+            ],
+            required: false,
+            algorithms: ASYMMETRIC.to_vec(),
+        };
+        let claims = json!({"group": "buyers", "groups": ["a", "b"]});
+        Authenticated {
+            token: Arc::new(VerifiedToken {
+                issuer: "https://idp".into(),
+                principal: Some("https://idp/alice".into()),
+                audiences: vec!["a".into()],
+                claims: claims.as_object().cloned().unwrap_or_default(),
+                expires: u64::MAX,
+            }),
+            rule: Arc::new(rule),
+            principal_header: Some(HeaderValue::from_static("https://idp/alice")),
+            remove: (!forward).then_some(http::header::AUTHORIZATION),
+        }
+    }
+
+    #[test]
+    fn the_application_gets_the_principal_the_claims_and_the_token_unless_it_is_kept_back() {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer t"));
+        set_headers(&mut headers, &authenticated(true));
+        assert_eq!(
+            headers[&crate::proxy::headers::REQUEST_PRINCIPAL_HEADER],
+            "https://idp/alice"
+        );
+        assert_eq!(headers["x-group"], "buyers");
+        assert!(!headers.contains_key("x-groups"), "a list is not copied");
+        assert_eq!(headers["authorization"], "Bearer t");
+
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer t"));
+        set_headers(&mut headers, &authenticated(false));
+        assert!(
+            !headers.contains_key("authorization"),
+            "forwardOriginalToken: false"
+        );
     }
 }

@@ -12,6 +12,7 @@
 //! shared budget still holds them all back.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,7 +60,8 @@ struct LimitState {
     /// The limit they were made for: a changed limit starts afresh.
     limit: Limit,
     total: Bucket,
-    callers: HashMap<Arc<str>, Bucket>,
+    /// By caller fingerprint ([`Fingerprint`]).
+    callers: HashMap<u64, Bucket, BuildHasherDefault<Fingerprint>>,
 }
 
 impl LimitState {
@@ -67,23 +69,72 @@ impl LimitState {
         Self {
             limit: limit.clone(),
             total: Bucket::new(now),
-            callers: HashMap::new(),
+            callers: HashMap::default(),
         }
     }
 
-    fn caller_bucket(&mut self, caller: &str, now: Instant) -> Bucket {
-        if let Some(bucket) = self.callers.get(caller) {
-            return *bucket;
-        }
-        if self.callers.len() >= MAX_CALLERS_PER_LIMIT {
+    fn caller_bucket(&self, caller: u64, now: Instant) -> Bucket {
+        self.callers
+            .get(&caller)
+            .copied()
+            .unwrap_or_else(|| Bucket::new(now))
+    }
+
+    /// The buckets after this request, or how long until it would fit:
+    /// the caller's own first, then the shared one.
+    fn spend(
+        &self,
+        limit: &Limit,
+        caller: &str,
+        fingerprint: u64,
+        now: Instant,
+    ) -> Result<(Option<Bucket>, Option<Bucket>), Duration> {
+        let own = match limit.client_rate(caller) {
+            Some(rate) => Some(self.caller_bucket(fingerprint, now).spend(rate, now)?),
+            None => None,
+        };
+        let total = match limit.total {
+            Some(rate) => Some(self.total.spend(rate, now)?),
+            None => None,
+        };
+        Ok((own, total))
+    }
+
+    fn keep(&mut self, fingerprint: u64, bucket: Bucket, now: Instant) {
+        if !self.callers.contains_key(&fingerprint) && self.callers.len() >= MAX_CALLERS_PER_LIMIT {
             self.callers.retain(|_, b| !b.is_full(now));
             if self.callers.len() >= MAX_CALLERS_PER_LIMIT
-                && let Some(victim) = self.callers.keys().next().cloned()
+                && let Some(victim) = self.callers.keys().next().copied()
             {
                 self.callers.remove(&victim);
             }
         }
-        Bucket::new(now)
+        self.callers.insert(fingerprint, bucket);
+    }
+}
+
+/// Callers are keyed by a 64-bit SipHash of who they are, under a key
+/// drawn at start-up: computed once per request rather than once per
+/// limit, and unpredictable, so no caller can aim at another's bucket
+/// (two callers share one only by a 2^-64 accident). This hasher passes
+/// that fingerprint through.
+#[derive(Default)]
+struct Fingerprint(u64);
+
+impl Hasher for Fingerprint {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used (the key is a u64); fold anything else.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -104,31 +155,69 @@ pub struct Counted<'a> {
     pub caller: &'a str,
 }
 
-type Key = (Arc<str>, usize);
-
-pub struct RateLimiter {
-    states: Mutex<HashMap<Key, Arc<Mutex<LimitState>>>>,
-    /// `rate_limited_total{policy, mode}`.
-    limited: IntCounterVec,
+/// The buckets of the policies in force, one slot per limit in order.
+#[derive(Debug, Default)]
+struct Slots {
+    /// The policies the slots are laid out for.
+    layout: Vec<Arc<RateLimitPolicy>>,
+    slots: Vec<LimitState>,
 }
 
-/// A spend decided but not yet made.
-struct Pending {
-    state: Arc<Mutex<LimitState>>,
-    caller: Option<Bucket>,
-    total: Option<Bucket>,
+impl Slots {
+    /// Lays the slots out for `policies`, keeping the buckets of every
+    /// limit that is still the same (same policy, place and value).
+    fn follow(&mut self, policies: &[Arc<RateLimitPolicy>], now: Instant) {
+        let same = self.layout.len() == policies.len()
+            && self
+                .layout
+                .iter()
+                .zip(policies)
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if same {
+            return;
+        }
+        let mut old: HashMap<(Arc<str>, usize), LimitState> = HashMap::new();
+        let mut slots = std::mem::take(&mut self.slots).into_iter();
+        for policy in &self.layout {
+            for index in 0..policy.limits.len() {
+                if let Some(state) = slots.next() {
+                    old.insert((policy.id.clone(), index), state);
+                }
+            }
+        }
+        self.slots = policies
+            .iter()
+            .flat_map(|p| p.limits.iter().enumerate().map(move |(i, l)| (p, i, l)))
+            .map(
+                |(policy, index, limit)| match old.remove(&(policy.id.clone(), index)) {
+                    Some(state) if state.limit == *limit => state,
+                    _ => LimitState::new(limit, now),
+                },
+            )
+            .collect();
+        self.layout = policies.to_vec();
+    }
+}
+
+pub struct RateLimiter {
+    slots: Mutex<Slots>,
+    fingerprints: RandomState,
+    /// `rate_limited_total{policy, mode}`.
+    limited: IntCounterVec,
 }
 
 impl RateLimiter {
     pub fn new(limited: IntCounterVec) -> Self {
         Self {
-            states: Mutex::new(HashMap::new()),
+            slots: Mutex::new(Slots::default()),
+            fingerprints: RandomState::new(),
             limited,
         }
     }
 
     /// Counts one request against every limit of `policies` it matches.
     /// `Err` only for an enforced limit; dry-run ones are counted alone.
+    /// Nothing is spent unless every enforced limit lets it through.
     pub fn check(
         &self,
         policies: &[Arc<RateLimitPolicy>],
@@ -138,101 +227,58 @@ impl RateLimiter {
         if policies.is_empty() {
             return Ok(());
         }
-        let in_force: usize = policies.iter().map(|p| p.limits.len()).sum();
-        if self.states.lock().len() > in_force {
-            self.retain(policies);
-        }
-        let mut pending = Vec::new();
+        let fingerprint = self.fingerprints.hash_one(request.caller);
+        let mut guard = self.slots.lock();
+        guard.follow(policies, now);
+        let slots = &mut guard.slots;
+        let counted = || {
+            policies
+                .iter()
+                .flat_map(|p| p.limits.iter().map(move |l| (p, l)))
+                .enumerate()
+                .filter(|(_, (_, limit))| limit.counts(request.port, request.method, request.path))
+        };
+        // First pass: would every limit let it through?
         let mut refused = None;
-        for policy in policies {
-            for (index, limit) in policy.limits.iter().enumerate() {
-                if !limit.counts(request.port, request.method, request.path) {
-                    continue;
+        let mut dry_run_refusals = Vec::new();
+        for (slot, (policy, limit)) in counted() {
+            let Some(state) = slots.get(slot) else {
+                continue;
+            };
+            if let Err(retry_after) = state.spend(limit, request.caller, fingerprint, now) {
+                if policy.dry_run {
+                    dry_run_refusals.push(slot);
+                } else if refused.is_none() {
+                    refused = Some(Limited {
+                        policy: policy.id.clone(),
+                        retry_after,
+                    });
                 }
-                let state = self.state(&policy.id, index, limit, now);
-                match Self::decide(&state, limit, request.caller, now) {
-                    Ok((caller, total)) => pending.push(Pending {
-                        state,
-                        caller,
-                        total,
-                    }),
-                    Err(retry_after) => {
-                        let mode = if policy.dry_run { "dry-run" } else { "enforce" };
-                        self.limited.with_label_values(&[&policy.id, mode]).inc();
-                        if !policy.dry_run && refused.is_none() {
-                            refused = Some(Limited {
-                                policy: policy.id.clone(),
-                                retry_after,
-                            });
-                        }
-                    }
-                }
+                let mode = if policy.dry_run { "dry-run" } else { "enforce" };
+                self.limited.with_label_values(&[&policy.id, mode]).inc();
             }
         }
         if let Some(limited) = refused {
             return Err(limited);
         }
-        for spend in pending {
-            let mut state = spend.state.lock();
-            if let Some(bucket) = spend.total {
-                state.total = bucket;
+        // Second pass: spend, the same arithmetic at the same instant.
+        for (slot, (_, limit)) in counted() {
+            if dry_run_refusals.contains(&slot) {
+                continue;
             }
-            if let Some(bucket) = spend.caller {
-                state.callers.insert(request.caller.into(), bucket);
+            let Some(state) = slots.get_mut(slot) else {
+                continue;
+            };
+            if let Ok((own, total)) = state.spend(limit, request.caller, fingerprint, now) {
+                if let Some(bucket) = own {
+                    state.keep(fingerprint, bucket, now);
+                }
+                if let Some(bucket) = total {
+                    state.total = bucket;
+                }
             }
         }
         Ok(())
-    }
-
-    /// The buckets after this request, or how long until it would fit:
-    /// the caller's own first, then the shared one.
-    fn decide(
-        state: &Mutex<LimitState>,
-        limit: &Limit,
-        caller: &str,
-        now: Instant,
-    ) -> Result<(Option<Bucket>, Option<Bucket>), Duration> {
-        let mut state = state.lock();
-        let caller_bucket = match limit.client_rate(caller) {
-            Some(rate) => Some(state.caller_bucket(caller, now).spend(rate, now)?),
-            None => None,
-        };
-        let total = match limit.total {
-            Some(rate) => Some(state.total.spend(rate, now)?),
-            None => None,
-        };
-        Ok((caller_bucket, total))
-    }
-
-    fn state(
-        &self,
-        policy: &Arc<str>,
-        index: usize,
-        limit: &Limit,
-        now: Instant,
-    ) -> Arc<Mutex<LimitState>> {
-        let mut states = self.states.lock();
-        let key = (policy.clone(), index);
-        let state = states
-            .entry(key)
-            .or_insert_with(|| Arc::new(Mutex::new(LimitState::new(limit, now))))
-            .clone();
-        drop(states);
-        let mut guard = state.lock();
-        if guard.limit != *limit {
-            *guard = LimitState::new(limit, now);
-        }
-        drop(guard);
-        state
-    }
-
-    /// Drops the buckets of limits no longer in force.
-    pub fn retain(&self, policies: &[Arc<RateLimitPolicy>]) {
-        self.states.lock().retain(|(id, index), _| {
-            policies
-                .iter()
-                .any(|p| p.id == *id && *index < p.limits.len())
-        });
     }
 }
 

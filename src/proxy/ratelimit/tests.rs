@@ -197,9 +197,8 @@ async fn a_flood_of_distinct_callers_is_bounded_in_memory() {
         let caller = format!("10.0.{}.{}", i / 256, i % 256);
         let _ = limiter.check(&policies, request(&caller), Instant::now());
     }
-    let states = limiter.states.lock();
-    let state = states.values().next().unwrap().lock();
-    assert!(state.callers.len() <= MAX_CALLERS_PER_LIMIT);
+    let slots = limiter.slots.lock();
+    assert!(slots.slots[0].callers.len() <= MAX_CALLERS_PER_LIMIT);
 }
 
 #[tokio::test(start_paused = true)]
