@@ -89,13 +89,17 @@ impl Authenticator {
         proxy: &super::ProxyConfig,
         policy: &crate::policy::PolicyRx,
         metrics: &super::metrics::Metrics,
-    ) -> Result<Self, super::Error> {
-        let fetcher = Fetcher::new(
-            super::jwks::fetch::roots(&proxy.jwks.extra_roots),
-            proxy.jwks.fetch_timeout,
-        )
-        .map_err(super::Error::Jwks)?;
-        let keys = KeyStore::new(fetcher, metrics.jwks.clone());
+    ) -> Self {
+        let settings = proxy.jwks.clone();
+        let keys = KeyStore::new(
+            Box::new(move || {
+                Fetcher::new(
+                    super::jwks::fetch::roots(&settings.extra_roots),
+                    settings.fetch_timeout,
+                )
+            }),
+            metrics.jwks.clone(),
+        );
         let mut policy = policy.clone();
         let store = Arc::downgrade(&keys);
         tokio::spawn(async move {
@@ -110,7 +114,7 @@ impl Authenticator {
                 }
             }
         });
-        Ok(Self::new(keys, metrics.authn_outcomes.clone()))
+        Self::new(keys, metrics.authn_outcomes.clone())
     }
 
     /// Authenticates one request under `policy`. Headers some rule copies
@@ -312,6 +316,53 @@ mod tests {
             principal_header: Some(HeaderValue::from_static("https://idp/alice")),
             remove: (!forward).then_some(http::header::AUTHORIZATION),
         }
+    }
+
+    #[tokio::test]
+    async fn the_token_cache_stays_bounded_and_lets_expired_tokens_go_first() {
+        let fetcher = crate::proxy::jwks::Fetcher::new(
+            rustls::RootCertStore::empty(),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        let registry = prometheus::Registry::new();
+        let store = KeyStore::with_fetcher(
+            fetcher,
+            crate::proxy::jwks::JwksMetrics::new(&registry).unwrap(),
+        );
+        let outcomes =
+            IntCounterVec::new(prometheus::Opts::new("o", "h"), &["outcome", "reason"]).unwrap();
+        let authn = Authenticator::new(store, outcomes);
+        let entry = |expires: u64| {
+            let a = authenticated(true);
+            let mut token = (*a.token).clone();
+            token.expires = expires;
+            Cached {
+                token: Arc::new(token),
+                rule: a.rule,
+                keys: Arc::new(KeySet::default()),
+                principal_header: None,
+            }
+        };
+        let digest = |i: usize| {
+            let mut d = [0u8; 32];
+            d[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            d
+        };
+        // Half the cache expired long ago, half valid.
+        for i in 0..CACHE_ENTRIES {
+            let expires = if i % 2 == 0 { 1 } else { u64::MAX / 2 };
+            authn.remember(digest(i), entry(expires));
+        }
+        authn.remember(digest(CACHE_ENTRIES), entry(u64::MAX / 2));
+        let cache = authn.cache.lock();
+        assert_eq!(cache.len(), CACHE_ENTRIES / 2 + 1, "the expired ones went");
+        assert!(cache.values().all(|c| c.token.expires > 1));
+        drop(cache);
+        for i in 0..3 * CACHE_ENTRIES {
+            authn.remember(digest(10 * CACHE_ENTRIES + i), entry(u64::MAX / 2));
+        }
+        assert!(authn.cache.lock().len() <= CACHE_ENTRIES);
     }
 
     #[test]

@@ -108,7 +108,7 @@ impl Inbound {
                 enforcer: Arc::new(Enforcer::new(
                     policy.clone(),
                     metrics.clone(),
-                    Authenticator::following(proxy, &policy, &metrics)?,
+                    Authenticator::following(proxy, &policy, &metrics),
                 )),
                 metrics,
                 app,

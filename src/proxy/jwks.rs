@@ -17,7 +17,7 @@
 pub mod fetch;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -93,20 +93,50 @@ pub struct Issuer {
     fetching: tokio::sync::Mutex<()>,
 }
 
+/// How the fetcher is made: only when a policy first names a URL, so
+/// that a proxy without RequestAuthentications never loads the
+/// platform's roots (about 0.3 MiB per proxy).
+type MakeFetcher = Box<dyn Fn() -> Result<Fetcher, rustls::Error> + Send + Sync>;
+
 /// The keys of every issuer in force.
 pub struct KeyStore {
     issuers: Mutex<HashMap<Arc<str>, Arc<Issuer>>>,
-    fetcher: Fetcher,
+    fetcher: OnceLock<Option<Fetcher>>,
+    make_fetcher: MakeFetcher,
     metrics: JwksMetrics,
 }
 
 impl KeyStore {
-    pub fn new(fetcher: Fetcher, metrics: JwksMetrics) -> Arc<Self> {
+    /// A store whose fetcher is made when first needed.
+    pub fn new(make_fetcher: MakeFetcher, metrics: JwksMetrics) -> Arc<Self> {
         Arc::new(Self {
             issuers: Mutex::new(HashMap::new()),
-            fetcher,
+            fetcher: OnceLock::new(),
+            make_fetcher,
             metrics,
         })
+    }
+
+    /// A store with its fetcher made already (tests).
+    pub fn with_fetcher(fetcher: Fetcher, metrics: JwksMetrics) -> Arc<Self> {
+        let store = Self::new(
+            Box::new(|| Err(rustls::Error::General("unused".into()))),
+            metrics,
+        );
+        let _ = store.fetcher.set(Some(fetcher));
+        store
+    }
+
+    fn fetcher(&self) -> Option<&Fetcher> {
+        self.fetcher
+            .get_or_init(|| match (self.make_fetcher)() {
+                Ok(fetcher) => Some(fetcher),
+                Err(error) => {
+                    tracing::error!(%error, "Cannot set up TLS for fetching JWKS; issuers' keys stay unavailable");
+                    None
+                }
+            })
+            .as_ref()
     }
 
     /// Keeps exactly the URLs of `rules`: new ones are fetched now and
@@ -190,8 +220,18 @@ impl KeyStore {
 
     /// One fetch; the caller holds `issuer.fetching`. True on success.
     async fn fetch_now(&self, issuer: &Issuer) -> bool {
-        let result = self
-            .fetcher
+        let Some(fetcher) = self.fetcher() else {
+            self.metrics
+                .fetches
+                .with_label_values(&[&issuer.issuer, "tls_setup"])
+                .inc();
+            issuer.state.send_modify(|s| {
+                s.last_attempt = Some(Instant::now());
+                s.attempts += 1;
+            });
+            return false;
+        };
+        let result = fetcher
             .fetch(&issuer.url)
             .await
             .map_err(|e| (fetch_label(&e), e.to_string()))

@@ -172,8 +172,6 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot set up TLS for fetching JWKS: {0}")]
-    Jwks(rustls::Error),
 }
 
 /// The bound listeners, ready to serve.

@@ -48,7 +48,7 @@ fn enforcer(policy: Arc<WorkloadPolicy>, budget: usize) -> Arc<Enforcer> {
         std::time::Duration::from_secs(1),
     )
     .unwrap();
-    let keys = crate::proxy::jwks::KeyStore::new(fetcher, metrics.jwks.clone());
+    let keys = crate::proxy::jwks::KeyStore::with_fetcher(fetcher, metrics.jwks.clone());
     let authn = crate::proxy::authn::Authenticator::new(keys, metrics.authn_outcomes.clone());
     let mut enforcer = Enforcer::new(rx, metrics, authn);
     enforcer.views.budget = budget;

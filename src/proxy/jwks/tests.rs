@@ -45,7 +45,7 @@ fn store(server: &JwksServer) -> Arc<KeyStore> {
     )
     .unwrap();
     let registry = prometheus::Registry::new();
-    KeyStore::new(fetcher, JwksMetrics::new(&registry).unwrap())
+    KeyStore::with_fetcher(fetcher, JwksMetrics::new(&registry).unwrap())
 }
 
 /// As if the last fetch were [`REFETCH_EVERY`] older.
@@ -173,4 +173,24 @@ async fn fetches_are_bounded_in_size_redirects_and_scheme() {
         untrusting.fetch(&server.url("/keys")).await,
         Err(FetchError::Tls { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_provider_that_accepts_and_never_answers_is_given_up_on() {
+    // Accepts TCP, never speaks TLS.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let fetcher = Fetcher::new(fetch::roots(&[]), Duration::from_millis(300)).unwrap();
+    let started = std::time::Instant::now();
+    let result = fetcher
+        .fetch(&format!("https://127.0.0.1:{port}/keys"))
+        .await;
+    assert!(matches!(result, Err(FetchError::Timeout(_))), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
 }
