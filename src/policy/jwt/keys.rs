@@ -49,15 +49,6 @@ pub struct KeySet {
     pub skipped: usize,
 }
 
-const RSA: &[Algorithm] = &[
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-];
-
 impl KeySet {
     /// Reads a JWKS document (`{"keys": [...]}`). Keys we cannot use are
     /// skipped, not fatal: a provider may publish encryption keys or key
@@ -120,7 +111,8 @@ fn usable(jwk: &Jwk) -> Option<Key> {
         return None;
     }
     let family: &'static [Algorithm] = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => RSA,
+        // RS256..PS512.
+        AlgorithmParameters::RSA(_) => &super::ASYMMETRIC[..6],
         AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
             EllipticCurve::P256 => &[Algorithm::ES256],
             EllipticCurve::P384 => &[Algorithm::ES384],
