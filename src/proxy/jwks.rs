@@ -152,18 +152,29 @@ impl KeyStore {
             .collect();
         issuers.retain(|url, _| wanted.contains_key(url));
         for (url, issuer) in wanted {
-            if issuers.contains_key(&url) {
-                continue;
-            }
-            let entry = Arc::new(Issuer {
-                url: url.clone(),
-                issuer,
-                state: watch::channel(State::default()).0,
-                fetching: tokio::sync::Mutex::new(()),
-            });
-            tokio::spawn(refresh(Arc::downgrade(&entry), Arc::downgrade(self)));
-            issuers.insert(url, entry);
+            self.entry(&mut issuers, &url, &issuer);
         }
+    }
+
+    /// The URL's entry, made (and its refresh started) if there is none.
+    fn entry(
+        self: &Arc<Self>,
+        issuers: &mut HashMap<Arc<str>, Arc<Issuer>>,
+        url: &Arc<str>,
+        issuer: &Arc<str>,
+    ) -> Arc<Issuer> {
+        if let Some(entry) = issuers.get(url) {
+            return entry.clone();
+        }
+        let entry = Arc::new(Issuer {
+            url: url.clone(),
+            issuer: issuer.clone(),
+            state: watch::channel(State::default()).0,
+            fetching: tokio::sync::Mutex::new(()),
+        });
+        tokio::spawn(refresh(Arc::downgrade(&entry), Arc::downgrade(self)));
+        issuers.insert(url.clone(), entry.clone());
+        entry
     }
 
     fn issuer(&self, url: &str) -> Option<Arc<Issuer>> {
@@ -171,15 +182,16 @@ impl KeyStore {
     }
 
     /// The keys a rule verifies with, waiting for a first fetch still
-    /// under way.
-    pub async fn keys(&self, rule: &JwtRule) -> Result<Arc<KeySet>, Unavailable> {
+    /// under way. A rule the store has not heard of yet (a request that
+    /// saw a new policy before `sync` did) gets its entry now.
+    pub async fn keys(self: &Arc<Self>, rule: &JwtRule) -> Result<Arc<KeySet>, Unavailable> {
         let url = match &rule.keys {
             KeySource::Inline(keys) => return Ok(keys.clone()),
             KeySource::Uri(url) => url,
         };
-        let Some(issuer) = self.issuer(url) else {
-            // The policy changed under this request; its rules are gone.
-            return Err(Unavailable::NeverFetched);
+        let issuer = {
+            let mut issuers = self.issuers.lock();
+            self.entry(&mut issuers, url, &rule.issuer)
         };
         let mut state = issuer.state.subscribe();
         if state.borrow().attempts == 0 {
