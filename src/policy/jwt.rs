@@ -347,13 +347,19 @@ pub fn is_reserved_header(name: &HeaderName) -> bool {
 /// booleans as JSON writes them; `None` for anything else or for a value
 /// a header cannot carry.
 pub fn claim_header_value(claims: &Map<String, Value>, claim: &str) -> Option<http::HeaderValue> {
-    let text = match claims.get(claim)? {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        _ => return None,
-    };
-    http::HeaderValue::from_str(&text).ok()
+    http::HeaderValue::from_str(&claim_text(claims.get(claim)?)?).ok()
+}
+
+/// A scalar claim as text (strings as they are, numbers and booleans as
+/// JSON writes them); `None` for lists, objects and null. Shared by claim
+/// headers and `when` conditions, so both read a claim alike.
+pub fn claim_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 
 use serde_json::Value;
 
-use super::jwt::VerifiedToken;
+use super::jwt::{VerifiedToken, claim_text};
 use super::model::{Action, Condition, Pattern, Source, TokenKey};
 
 /// What a request offers token conditions: an opaque connection has no
@@ -69,20 +69,11 @@ fn token_values(condition: &Condition, token: Option<&VerifiedToken>) -> Vec<Str
                 value = value.and_then(|v| v.get(name));
             }
             match value {
-                Some(Value::Array(items)) => items.iter().filter_map(scalar).collect(),
-                Some(v) => scalar(v).into_iter().collect(),
+                Some(Value::Array(items)) => items.iter().filter_map(claim_text).collect(),
+                Some(v) => claim_text(v).into_iter().collect(),
                 None => Vec::new(),
             }
         }
-    }
-}
-
-fn scalar(value: &Value) -> Option<String> {
-    match value {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
     }
 }
 

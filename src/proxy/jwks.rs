@@ -232,22 +232,14 @@ impl KeyStore {
 
     /// One fetch; the caller holds `issuer.fetching`. True on success.
     async fn fetch_now(&self, issuer: &Issuer) -> bool {
-        let Some(fetcher) = self.fetcher() else {
-            self.metrics
-                .fetches
-                .with_label_values(&[&issuer.issuer, "tls_setup"])
-                .inc();
-            issuer.state.send_modify(|s| {
-                s.last_attempt = Some(Instant::now());
-                s.attempts += 1;
-            });
-            return false;
+        let result = match self.fetcher() {
+            None => Err(("tls_setup", "no TLS client for fetching JWKS".to_string())),
+            Some(fetcher) => fetcher
+                .fetch(&issuer.url)
+                .await
+                .map_err(|e| (fetch_label(&e), e.to_string()))
+                .and_then(|body| KeySet::parse(&body).map_err(|e| ("not_jwks", e.to_string()))),
         };
-        let result = fetcher
-            .fetch(&issuer.url)
-            .await
-            .map_err(|e| (fetch_label(&e), e.to_string()))
-            .and_then(|body| KeySet::parse(&body).map_err(|e| ("not_jwks", e.to_string())));
         let ok = result.is_ok();
         let label = match &result {
             Ok(_) => "ok",

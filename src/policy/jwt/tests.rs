@@ -299,6 +299,19 @@ fn a_token_is_found_behind_its_prefix_and_two_different_ones_are_refused() {
 }
 
 #[test]
+fn a_token_that_is_not_utf8_is_malformed() {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "authorization",
+        HeaderValue::from_bytes(b"Bearer abc\xffdef").unwrap(),
+    );
+    assert_eq!(
+        find_token(&headers, &[TokenLocation::bearer()]),
+        Err(TokenError::Malformed)
+    );
+}
+
+#[test]
 fn a_jwks_keeps_only_asymmetric_signing_keys() {
     let ec = es256("ec");
     let document = json!({"keys": [

@@ -72,6 +72,18 @@ async fn the_first_request_waits_for_the_first_fetch_and_gets_its_keys() {
 }
 
 #[tokio::test]
+async fn a_rule_the_store_was_not_synced_with_is_fetched_on_first_use() {
+    // A request can see a new policy before the sync task has: its keys
+    // must be fetched then, not refused as never fetched.
+    let server = JwksServer::start(&document(&["k1"])).await;
+    let store = store(&server);
+    let rule = rule(server.url("/keys"));
+    let keys = store.keys(&rule).await.unwrap();
+    assert!(keys.has_key_id("k1"));
+    assert_eq!(server.fetches(), 1);
+}
+
+#[tokio::test]
 async fn a_provider_down_at_start_makes_keys_unavailable_until_it_answers() {
     let server = JwksServer::start(&document(&["k1"])).await;
     server.set_down(true);
