@@ -4,7 +4,7 @@
 //! through here, so the provider can be swapped in one line. Imports
 //! nothing from this crate.
 
-pub use rustls::crypto::ring as backend;
+pub use rustls::crypto::aws_lc_rs as backend;
 
 /// The provider with its default suites and groups; callers narrow it.
 pub fn provider() -> rustls::crypto::CryptoProvider {
@@ -23,7 +23,7 @@ pub fn install_default() {
 
 /// SHA-256 of `data` (cache keys for verified tokens).
 pub fn sha256(data: &[u8]) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
     out

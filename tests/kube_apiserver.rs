@@ -222,7 +222,7 @@ impl RealApiServer {
 
 fn rand_u128() -> u128 {
     let mut bytes = [0u8; 16];
-    rustls::crypto::ring::default_provider()
+    outrider::crypto::provider()
         .secure_random
         .fill(&mut bytes)
         .unwrap();
@@ -372,7 +372,7 @@ fn without_cel(value: &mut Value) {
 /// and the controller's kubeconfig; `None` when no server is available
 /// outside CI (see [`binaries`]).
 async fn installed() -> Option<(RealApiServer, Client, PathBuf)> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = outrider::crypto::provider().install_default();
     let bin = binaries()?;
     let server = RealApiServer::start(&bin).await;
     let admin = server.admin().await;

@@ -125,6 +125,8 @@ fn usable(jwk: &Jwk) -> Option<Key> {
         // Shared secrets are never accepted: a public JWKS carrying one
         // would let anyone who reads it mint tokens.
         AlgorithmParameters::OctetKey(_) => return None,
+        // Kinds a later jsonwebtoken may add are not ours to guess at.
+        _ => return None,
     };
     let algorithms = match jwk.common.key_algorithm {
         None => family,

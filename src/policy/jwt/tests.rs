@@ -6,7 +6,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::HeaderValue;
 use jsonwebtoken::{EncodingKey, Header};
-use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
 use serde_json::{Value, json};
 
 use super::*;
@@ -22,10 +22,10 @@ struct Signer {
 }
 
 fn es256(kid: &str) -> Signer {
-    let rng = ring::rand::SystemRandom::new();
+    let rng = aws_lc_rs::rand::SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
     let pair =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
     let point = pair.public_key().as_ref().to_vec();
     Signer {
         kid: kid.into(),
@@ -38,7 +38,7 @@ fn es256(kid: &str) -> Signer {
 }
 
 fn ed25519(kid: &str) -> Signer {
-    let rng = ring::rand::SystemRandom::new();
+    let rng = aws_lc_rs::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
     let public = pair.public_key().as_ref().to_vec();
@@ -198,7 +198,7 @@ fn unsigned_and_shared_secret_tokens_are_refused_whatever_they_claim() {
     let confused = jsonwebtoken::encode(
         &header,
         &claims(),
-        &EncodingKey::from_secret(&signer.public_bytes),
+        &EncodingKey::from_secret(&signer.public_bytes).unwrap(),
     )
     .unwrap();
     assert_eq!(
