@@ -243,7 +243,7 @@ async fn run(reps: usize, duration: Duration, dir: &Path) {
     )
     .unwrap();
     let (discovery, _server) =
-        server::serve_index(index, server::server_tls(Arc::new(credentials)).unwrap())
+        server::serve_index(index, server::server_tls(Arc::new(credentials), true).unwrap())
             .await
             .unwrap();
 

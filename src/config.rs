@@ -30,7 +30,7 @@ use crate::proxy::{
     InboundConfig, InboundTarget, JwksSettings, Limits, OutboundConfig, OutboundTarget, ProxyConfig,
 };
 use crate::runtime::check_log_level;
-use crate::tls::TlsSettings;
+use crate::tls::{KxGroup, TlsSettings};
 use crate::units::{list, port};
 
 /// Default identity mount, as in DESIGN.md.
@@ -147,6 +147,12 @@ impl FileConfig {
         if self.tls.key_exchange.is_empty() {
             return Err(invalid("tls.key_exchange", "needs at least one group"));
         }
+        if KxGroup::offered(&self.tls.key_exchange, self.tls.post_quantum).is_empty() {
+            return Err(invalid(
+                "tls.post_quantum",
+                "off leaves no group in tls.key_exchange: add x25519",
+            ));
+        }
         if self.outbound.peer_id.is_some() && self.outbound.peer.is_none() {
             return Err(invalid(
                 "outbound.peer_id",
@@ -253,7 +259,7 @@ impl FileConfig {
             tls: TlsSettings {
                 clock_skew: self.identity.clock_skew,
                 resumption: self.tls.resumption,
-                key_exchange: self.tls.key_exchange.clone(),
+                key_exchange: KxGroup::offered(&self.tls.key_exchange, self.tls.post_quantum),
             },
             admin_listen: self.admin.listen,
             shutdown_grace_period: self.shutdown_grace_period,

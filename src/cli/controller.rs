@@ -68,6 +68,10 @@ pub struct ControllerArgs {
         default_value = "0.0.0.0:8090"
     )]
     pub discovery_listen: std::net::SocketAddr,
+    /// Offer the post-quantum hybrid key exchange (x25519mlkem768) to
+    /// proxies; `false` leaves X25519 and P-256.
+    #[arg(long, env = "OUTRIDER_TLS_POST_QUANTUM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tls_post_quantum: bool,
     /// The cluster's DNS domain.
     #[arg(long, env = "OUTRIDER_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
@@ -214,6 +218,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         pod_security,
         discovery_listen: args.discovery_listen,
         cluster_domain: args.cluster_domain,
+        post_quantum: args.tls_post_quantum,
     };
     let runtime = build_runtime(2).context("starting the async runtime")?;
     runtime.block_on(controller::run(config, shutdown_signal()))?;

@@ -161,7 +161,11 @@ pub struct TlsSection {
     #[serde(with = "serde_duration")]
     pub handshake_timeout: Duration,
     pub resumption: bool,
+    /// The groups offered and accepted, most preferred first.
     pub key_exchange: Vec<KxGroup>,
+    /// Off: `x25519mlkem768` is dropped from `key_exchange` (the switch
+    /// for environments that must not use it, without restating the list).
+    pub post_quantum: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -282,7 +286,8 @@ impl Default for TlsSection {
         Self {
             handshake_timeout: Duration::from_secs(10),
             resumption: false,
-            key_exchange: vec![KxGroup::X25519, KxGroup::Secp256r1],
+            key_exchange: KxGroup::DEFAULT.to_vec(),
+            post_quantum: true,
         }
     }
 }

@@ -95,8 +95,11 @@ overrides! {
     admin_listen: String, "OUTRIDER_ADMIN_LISTEN" => "admin.listen", admin.listen = keyword;
     /// Enable TLS 1.3 session resumption.
     tls_resumption: bool, "OUTRIDER_TLS_RESUMPTION" => "tls.resumption", tls.resumption = verbatim;
-    /// Comma-separated key-exchange groups (x25519, secp256r1, secp384r1).
+    /// Comma-separated key-exchange groups (x25519mlkem768, x25519,
+    /// secp256r1, secp384r1), most preferred first.
     tls_key_exchange: String, "OUTRIDER_TLS_KEY_EXCHANGE" => "tls.key_exchange", tls.key_exchange = keywords;
+    /// Offer the post-quantum hybrid x25519mlkem768 (`false` drops it).
+    tls_post_quantum: bool, "OUTRIDER_TLS_POST_QUANTUM" => "tls.post_quantum", tls.post_quantum = verbatim;
     /// A tracing filter such as `info` or `outrider=debug`.
     log_level: String, "OUTRIDER_LOG_LEVEL" => "log.level", log.level = verbatim;
     /// plain or json.

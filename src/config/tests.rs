@@ -63,6 +63,10 @@ fn semantic_errors_name_the_field() {
             "inbound.app",
         ),
         ("tls:\n  key_exchange: []\n", "tls.key_exchange"),
+        (
+            "tls:\n  key_exchange: [x25519mlkem768]\n  post_quantum: false\n",
+            "tls.post_quantum",
+        ),
         ("log:\n  level: outrider=loud\n", "log.level"),
     ];
     for (yaml, field) in cases {
@@ -280,4 +284,32 @@ fn a_plaintext_share_above_the_total_is_refused() {
     .validate()
     .unwrap_err();
     assert_eq!(err.field, "limits.max_plaintext_connections");
+}
+
+#[test]
+fn the_post_quantum_hybrid_is_offered_first_by_default_and_the_switch_drops_only_it() {
+    let config = FileConfig::from_yaml(ID).unwrap().validate().unwrap();
+    assert_eq!(
+        config.tls.key_exchange,
+        vec![KxGroup::X25519Mlkem768, KxGroup::X25519, KxGroup::Secp256r1]
+    );
+
+    let mut file = FileConfig::from_yaml(ID).unwrap();
+    file.apply(&Overrides {
+        tls_post_quantum: Some(false),
+        ..Overrides::default()
+    })
+    .unwrap();
+    let config = file.validate().unwrap();
+    assert_eq!(
+        config.tls.key_exchange,
+        vec![KxGroup::X25519, KxGroup::Secp256r1]
+    );
+
+    // The switch wins over a list that names the hybrid.
+    let yaml = format!(
+        "{ID}tls:\n  key_exchange: [x25519mlkem768, secp384r1]\n  post_quantum: false\n"
+    );
+    let config = FileConfig::from_yaml(&yaml).unwrap().validate().unwrap();
+    assert_eq!(config.tls.key_exchange, vec![KxGroup::Secp384r1]);
 }

@@ -86,6 +86,9 @@ pub struct ControllerConfig {
     pub discovery_listen: SocketAddr,
     /// The cluster's DNS domain (`name.namespace.svc.<domain>` targets).
     pub cluster_domain: String,
+    /// Whether the discovery server offers the post-quantum hybrid key
+    /// exchange (the same mesh-wide switch as the proxies').
+    pub post_quantum: bool,
     /// What the webhook does with a pod its namespace's enforced Pod
     /// Security level would reject once injected.
     pub pod_security: crate::inject::pod_security::Response,

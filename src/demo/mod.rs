@@ -124,7 +124,7 @@ fn tls_settings() -> TlsSettings {
     TlsSettings {
         clock_skew: Duration::from_secs(60),
         resumption: false,
-        key_exchange: vec![KxGroup::X25519],
+        key_exchange: KxGroup::DEFAULT.to_vec(),
     }
 }
 

@@ -164,7 +164,7 @@ async fn serve_discovery(
         Duration::from_secs(60),
     )
     .map_err(|e| e.to_string())?;
-    let tls = server::server_tls(Arc::new(credentials)).map_err(|e| e.to_string())?;
+    let tls = server::server_tls(Arc::new(credentials), true).map_err(|e| e.to_string())?;
     server::serve_index(index, tls)
         .await
         .map_err(|e| e.to_string())

@@ -105,6 +105,9 @@ pub struct InjectConfig {
     /// Inbound request bodies over this size get 413 (`10Mi`); unset: no
     /// limit.
     pub max_request_body: Option<String>,
+    /// Whether proxies offer the post-quantum hybrid key exchange
+    /// (`tls.post_quantum`); off only where it must not be used.
+    pub post_quantum: bool,
     pub iptables_mode: String,
     /// The controller's discovery API (`host:port`) injected proxies
     /// resolve destinations through; unset: no discovery.
@@ -135,6 +138,7 @@ impl Default for InjectConfig {
             skip_outbound_cidrs: String::new(),
             opaque_ports: None,
             max_request_body: None,
+            post_quantum: true,
             iptables_mode: "auto".into(),
             discovery_address: Some(DEFAULT_DISCOVERY_ADDRESS.into()),
             discovery_identity: None,

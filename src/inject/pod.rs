@@ -320,6 +320,11 @@ fn proxy_container(settings: &PodSettings, probes: &[Probe]) -> Container {
     if let Some(size) = &mesh.max_request_body {
         env_vars.push(env("OUTRIDER_MAX_REQUEST_BODY", size.clone()));
     }
+    if !mesh.post_quantum {
+        // Set only when off, so the proxy's default stays the one place
+        // that says the hybrid is on.
+        env_vars.push(env("OUTRIDER_TLS_POST_QUANTUM", "false"));
+    }
     if let Some(address) = &mesh.discovery_address {
         env_vars.push(env("OUTRIDER_DISCOVERY_ADDRESS", address.clone()));
     }

@@ -266,3 +266,20 @@ fn probes_become_exemptions_by_kind() {
         ]
     );
 }
+
+#[test]
+fn turning_post_quantum_off_mesh_wide_reaches_every_proxy_and_the_default_adds_nothing() {
+    let off = InjectConfig {
+        post_quantum: false,
+        ..mesh()
+    };
+    let (out, _) = inject_manifests(&input("web"), &off).unwrap();
+    assert!(
+        out.contains("- name: OUTRIDER_TLS_POST_QUANTUM\n          value: 'false'")
+            || out.contains("- name: OUTRIDER_TLS_POST_QUANTUM\n          value: \"false\"")
+            || out.contains("- name: OUTRIDER_TLS_POST_QUANTUM\n          value: false"),
+        "{out}"
+    );
+    let (default, _) = inject_manifests(&input("web"), &mesh()).unwrap();
+    assert!(!default.contains("OUTRIDER_TLS_POST_QUANTUM"));
+}

@@ -25,7 +25,7 @@ use super::outcome::{ConnError, HandshakeFailure};
 use super::tls_status::{NoTlsReason, TlsStatus};
 use super::{MtlsMode, TlsRx};
 use crate::identity::SpiffeId;
-use crate::tls::{MESH_ALPN, PeerExpectation, handshake_failure_reason};
+use crate::tls::{MESH_ALPN, PeerExpectation, handshake_failure_reason, negotiated_group};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -294,7 +294,8 @@ impl MeshConnector {
                         reason: HandshakeFailure::UnknownPeer,
                     });
                 };
-                self.metrics.handshake_ok(Direction::Outbound);
+                self.metrics
+                    .handshake_ok(Direction::Outbound, negotiated_group(session));
                 let status = TlsStatus::Mtls(server_id);
                 let mut tls = Box::new(tls);
                 let metrics = self.metrics.connection(Direction::Outbound, &status);

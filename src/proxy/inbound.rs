@@ -44,7 +44,7 @@ use crate::lifecycle::Watch;
 use crate::listener::{Admission, OnProbation, SourceSlot, Sources};
 use crate::policy::authz::admits_plaintext;
 use crate::policy::{MtlsMode, PolicyRx};
-use crate::tls::handshake_failure_reason;
+use crate::tls::{handshake_failure_reason, negotiated_group};
 
 const DIRECTION: Direction = Direction::Inbound;
 
@@ -336,19 +336,20 @@ impl Inbound {
                 return None;
             }
         };
-        let peer = {
+        let (peer, group) = {
             let (_, session) = tls.get_ref();
-            session
+            let peer = session
                 .peer_certificates()
                 .and_then(|certs| certs.first())
-                .and_then(|leaf| mesh.client_id(leaf))
+                .and_then(|leaf| mesh.client_id(leaf));
+            (peer, negotiated_group(session))
         };
         let Some(peer) = peer else {
             self.metrics
                 .handshake_failed(DIRECTION, HandshakeFailure::UnknownPeer);
             return None;
         };
-        self.metrics.handshake_ok(DIRECTION);
+        self.metrics.handshake_ok(DIRECTION, group);
         Some((tls, peer))
     }
 

@@ -19,6 +19,7 @@ use super::detect::Version;
 use super::io::ByteCounters;
 use super::outcome::{AuthzKind, ConnError, ConnOutcome, HandshakeFailure};
 use super::tls_status::TlsStatus;
+use crate::tls::KxGroup;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -179,8 +180,8 @@ impl Metrics {
             )?,
             tls_handshakes: counter(
                 "tls_handshakes_total",
-                "Successful mesh TLS handshakes.",
-                &["direction"],
+                "Successful mesh TLS handshakes, by the key-exchange group they agreed (x25519mlkem768 is post-quantum).",
+                &["direction", "group"],
             )?,
             tls_handshake_failures: counter(
                 "tls_handshake_failures_total",
@@ -302,9 +303,12 @@ impl Metrics {
         OpenConnection(gauge)
     }
 
-    pub fn handshake_ok(&self, direction: Direction) {
+    /// A handshake that completed, with the group it agreed (`None`: one
+    /// rustls names but the mesh does not offer, counted as `other`).
+    pub fn handshake_ok(&self, direction: Direction, group: Option<KxGroup>) {
+        let group = group.map_or("other", KxGroup::name);
         self.tls_handshakes
-            .with_label_values(&[direction.as_str()])
+            .with_label_values(&[direction.as_str(), group])
             .inc();
     }
 

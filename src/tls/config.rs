@@ -26,9 +26,62 @@ use crate::identity::{Credentials, SpiffeId};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KxGroup {
+    /// The hybrid of X25519 and ML-KEM-768 (FIPS 203): the connection's
+    /// keys stay secret unless both are broken, so traffic recorded today
+    /// is safe from a future quantum computer.
+    X25519Mlkem768,
     X25519,
     Secp256r1,
     Secp384r1,
+}
+
+impl KxGroup {
+    /// What the mesh offers by default, most preferred first: the
+    /// post-quantum hybrid, then X25519 for peers without it (P-256 last,
+    /// for peers restricted to NIST curves).
+    pub const DEFAULT: [KxGroup; 3] = [
+        KxGroup::X25519Mlkem768,
+        KxGroup::X25519,
+        KxGroup::Secp256r1,
+    ];
+
+    /// Whether the group resists a quantum computer.
+    pub fn is_post_quantum(self) -> bool {
+        matches!(self, KxGroup::X25519Mlkem768)
+    }
+
+    /// The name used in configuration and as the `group` label of the
+    /// handshake metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            KxGroup::X25519Mlkem768 => "x25519mlkem768",
+            KxGroup::X25519 => "x25519",
+            KxGroup::Secp256r1 => "secp256r1",
+            KxGroup::Secp384r1 => "secp384r1",
+        }
+    }
+
+    /// The group a finished handshake agreed on, from its TLS code point.
+    pub fn negotiated(group: rustls::NamedGroup) -> Option<KxGroup> {
+        use rustls::NamedGroup as N;
+        match group {
+            N::X25519MLKEM768 => Some(KxGroup::X25519Mlkem768),
+            N::X25519 => Some(KxGroup::X25519),
+            N::secp256r1 => Some(KxGroup::Secp256r1),
+            N::secp384r1 => Some(KxGroup::Secp384r1),
+            _ => None,
+        }
+    }
+
+    /// `groups` without the post-quantum hybrid when `post_quantum` is
+    /// off (the mesh-wide switch for environments that must not use it).
+    pub fn offered(groups: &[KxGroup], post_quantum: bool) -> Vec<KxGroup> {
+        groups
+            .iter()
+            .copied()
+            .filter(|group| post_quantum || !group.is_post_quantum())
+            .collect()
+    }
 }
 
 /// TLS knobs shared by both directions.
@@ -91,6 +144,7 @@ fn provider(settings: &TlsSettings) -> CryptoProvider {
         .iter()
         .map(|group| -> &'static dyn SupportedKxGroup {
             match group {
+                KxGroup::X25519Mlkem768 => backend::kx_group::X25519MLKEM768,
                 KxGroup::X25519 => backend::kx_group::X25519,
                 KxGroup::Secp256r1 => backend::kx_group::SECP256R1,
                 KxGroup::Secp384r1 => backend::kx_group::SECP384R1,

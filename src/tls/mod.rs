@@ -25,6 +25,13 @@ pub enum Error {
     NoKeyExchange,
 }
 
+/// The key-exchange group a completed handshake agreed on.
+pub fn negotiated_group(session: &rustls::CommonState) -> Option<KxGroup> {
+    session
+        .negotiated_key_exchange_group()
+        .and_then(|group| KxGroup::negotiated(group.name()))
+}
+
 /// A bounded label saying why a handshake failed, for
 /// `tls_handshake_failures_total{reason}` and logs.
 pub fn handshake_failure_reason(error: &io::Error) -> &'static str {
@@ -68,3 +75,6 @@ fn rustls_reason(error: &rustls::Error) -> &'static str {
         _ => "tls_error",
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -236,15 +236,18 @@ fn endpoint_to_proto(endpoint: &Endpoint) -> v1::Endpoint {
 }
 
 /// The discovery server's TLS from the controller's credentials: client
-/// certificates of the trust domain required, HTTP/2 only (gRPC).
+/// certificates of the trust domain required, HTTP/2 only (gRPC); the
+/// mesh's key-exchange groups, the post-quantum hybrid first unless
+/// `post_quantum` is off.
 pub fn server_tls(
     credentials: Arc<crate::identity::Credentials>,
+    post_quantum: bool,
 ) -> Result<Arc<ServerConfig>, crate::tls::Error> {
     use crate::tls::{KxGroup, MeshTls, TlsSettings};
     let settings = TlsSettings {
         clock_skew: Duration::from_secs(60),
         resumption: false,
-        key_exchange: vec![KxGroup::X25519, KxGroup::Secp256r1],
+        key_exchange: KxGroup::offered(&KxGroup::DEFAULT, post_quantum),
     };
     let mesh = MeshTls::new(credentials, &settings)?;
     let mut config = (*mesh.server_config()).clone();

@@ -1,0 +1,1 @@
+//! Handshakes between the mesh's own configurations in memory.
