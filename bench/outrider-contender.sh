@@ -27,6 +27,8 @@ protocol=detect
 [ "$mode" = tcp ] && protocol=opaque
 [ "$resumption" = 1 ] && resumption=true || resumption=false
 group=$(echo "$group" | tr '[:upper:]' '[:lower:]')
+# The hybrid as shipped: offered first, X25519 for peers without it.
+[ "$group" = x25519mlkem768 ] && group="x25519mlkem768, x25519"
 
 {
   echo "identity:"

@@ -242,10 +242,12 @@ async fn run(reps: usize, duration: Duration, dir: &Path) {
         Duration::from_secs(60),
     )
     .unwrap();
-    let (discovery, _server) =
-        server::serve_index(index, server::server_tls(Arc::new(credentials), true).unwrap())
-            .await
-            .unwrap();
+    let (discovery, _server) = server::serve_index(
+        index,
+        server::server_tls(Arc::new(credentials), true).unwrap(),
+    )
+    .await
+    .unwrap();
 
     let balanced = Sidecar::start(&config(
         &client_dir,

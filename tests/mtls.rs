@@ -333,3 +333,45 @@ async fn a_burst_of_concurrent_requests_shares_one_mesh_connection() {
         1.0
     );
 }
+
+/// Handshakes a proxy counted, by direction and key-exchange group.
+async fn handshakes(proxy: &ProxyProcess, direction: &str, group: &str) -> f64 {
+    proxy
+        .metric(
+            "outrider_tls_handshakes_total",
+            &[("direction", direction), ("group", group)],
+        )
+        .await
+}
+
+#[tokio::test]
+async fn two_proxies_agree_on_the_post_quantum_hybrid_and_count_it_by_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("cluster.local");
+    let app = apps::http1_app(Duration::ZERO).await;
+    let (server, client) = pair(&ca, tmp.path(), app, "", "").await;
+    let (status, _) = apps::http1_get(client.outbound(), "/pq").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(handshakes(&server, "inbound", "x25519mlkem768").await, 1.0);
+    assert_eq!(handshakes(&client, "outbound", "x25519mlkem768").await, 1.0);
+    assert_eq!(handshakes(&server, "inbound", "x25519").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_proxy_with_post_quantum_off_and_one_with_it_on_talk_over_x25519() {
+    let off = "tls:\n  post_quantum: false\n";
+    for (server_extra, client_extra) in [("", off), (off, "")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("cluster.local");
+        let app = apps::http1_app(Duration::ZERO).await;
+        let (server, client) = pair(&ca, tmp.path(), app, server_extra, client_extra).await;
+        let (status, _) = apps::http1_get(client.outbound(), "/x").await.unwrap();
+        assert_eq!(
+            status, 200,
+            "server {server_extra:?} client {client_extra:?}"
+        );
+        assert_eq!(handshakes(&server, "inbound", "x25519").await, 1.0);
+        assert_eq!(handshakes(&client, "outbound", "x25519").await, 1.0);
+        assert_eq!(handshakes(&server, "inbound", "x25519mlkem768").await, 0.0);
+    }
+}

@@ -307,9 +307,8 @@ fn the_post_quantum_hybrid_is_offered_first_by_default_and_the_switch_drops_only
     );
 
     // The switch wins over a list that names the hybrid.
-    let yaml = format!(
-        "{ID}tls:\n  key_exchange: [x25519mlkem768, secp384r1]\n  post_quantum: false\n"
-    );
+    let yaml =
+        format!("{ID}tls:\n  key_exchange: [x25519mlkem768, secp384r1]\n  post_quantum: false\n");
     let config = FileConfig::from_yaml(&yaml).unwrap().validate().unwrap();
     assert_eq!(config.tls.key_exchange, vec![KxGroup::Secp384r1]);
 }

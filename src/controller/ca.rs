@@ -169,8 +169,9 @@ impl Controller {
         let skew = Duration::from_secs(60);
         let credentials = Credentials::from_raw(&raw, &id, rustls_pki_types::UnixTime::now(), skew)
             .map_err(|e| Error::DiscoveryTls(e.to_string()))?;
-        let config = super::discovery::server::server_tls(Arc::new(credentials), self.config.post_quantum)
-            .map_err(|e| Error::DiscoveryTls(e.to_string()))?;
+        let config =
+            super::discovery::server::server_tls(Arc::new(credentials), self.config.post_quantum)
+                .map_err(|e| Error::DiscoveryTls(e.to_string()))?;
         self.metrics.issued("discovery", "serving");
         Ok(config)
     }

@@ -407,6 +407,12 @@ impl Inner {
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS with discovery: {e}"))?;
+            let group = crate::tls::negotiated_group(tls.get_ref().1);
+            tracing::info!(
+                address = %self.config.address,
+                key_exchange = group.map_or("other", crate::tls::KxGroup::name),
+                "Connected to discovery"
+            );
             let (sender, connection) =
                 hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .timer(hyper_util::rt::TokioTimer::new())

@@ -39,11 +39,8 @@ impl KxGroup {
     /// What the mesh offers by default, most preferred first: the
     /// post-quantum hybrid, then X25519 for peers without it (P-256 last,
     /// for peers restricted to NIST curves).
-    pub const DEFAULT: [KxGroup; 3] = [
-        KxGroup::X25519Mlkem768,
-        KxGroup::X25519,
-        KxGroup::Secp256r1,
-    ];
+    pub const DEFAULT: [KxGroup; 3] =
+        [KxGroup::X25519Mlkem768, KxGroup::X25519, KxGroup::Secp256r1];
 
     /// Whether the group resists a quantum computer.
     pub fn is_post_quantum(self) -> bool {

@@ -360,3 +360,28 @@ where
         self.grpc.call(request)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::certs::TestCa;
+
+    fn groups(post_quantum: bool) -> Vec<rustls::NamedGroup> {
+        let credentials =
+            TestCa::new("cluster.local").credentials("outrider-system", SERVICE_ACCOUNT);
+        let config = server_tls(Arc::new(credentials), post_quantum).unwrap();
+        config
+            .crypto_provider()
+            .kx_groups
+            .iter()
+            .map(|group| group.name())
+            .collect()
+    }
+
+    #[test]
+    fn the_discovery_server_prefers_the_post_quantum_hybrid_unless_it_is_turned_off() {
+        use rustls::NamedGroup as N;
+        assert_eq!(groups(true), [N::X25519MLKEM768, N::X25519, N::secp256r1]);
+        assert_eq!(groups(false), [N::X25519, N::secp256r1]);
+    }
+}
