@@ -39,7 +39,9 @@ cat > "$work/base.yaml" <<'YAML'
 mtls_mode: strict
 tls:
   resumption: false
-  key_exchange: [x25519]
+  # The shipped default (the post-quantum hybrid first): its handshakes
+  # run the X25519 code as well as ML-KEM's.
+  key_exchange: [x25519mlkem768, x25519]
 log:
   level: warn
 limits:

@@ -25,6 +25,7 @@ fn the_demo_passes_every_step_well_under_a_minute() {
     );
     for expected in [
         "backend saw caller spiffe://cluster.local/ns/demo/sa/frontend",
+        "key exchange between the sidecars: X25519MLKEM768 (post-quantum hybrid)",
         "with a certificate from another CA: refused",
         "rotation 3: new handshakes get serial",
         ", 0 failed",

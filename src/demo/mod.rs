@@ -287,6 +287,13 @@ async fn run(keep_running: bool) -> StepResult {
         })?;
     }
     println!("      3 requests, each answered: \"backend saw caller {frontend_id}\"");
+    let mut admin = HttpClient::connect(backend.admin).await.or_fail(S3)?;
+    let (_, metrics) = admin.get("/metrics").await.or_fail(S3)?;
+    let hybrid = metrics.lines().any(|l| {
+        l.starts_with("outrider_tls_handshakes_total{") && l.contains("group=\"x25519mlkem768\"")
+    });
+    check(hybrid, S3, || "the sidecars did not agree on X25519MLKEM768".into())?;
+    println!("      key exchange between the sidecars: X25519MLKEM768 (post-quantum hybrid)");
 
     const S4: &str = "strangers are refused";
     println!("[4/{STEPS}] {S4}");
