@@ -7,7 +7,7 @@
 # the kernel maps executable pages in 64 KiB windows around each fault, so
 # scattered code keeps far more of the binary resident than it runs.
 #
-#   bench/symbol-order.sh            # needs valgrind, wrk, python3
+#   bench/symbol-order.sh            # needs valgrind, perf, wrk, python3
 #
 # Symbols that no longer exist are ignored by the linker, so a stale list
 # costs memory, never correctness; regenerate it after large changes.
@@ -48,36 +48,67 @@ limits:
   detect_timeout: 1s
 YAML
 
+# Two passes of the same work: under callgrind (every function the proxy
+# executes, with its cost), then natively under perf, whose samples add
+# the functions a real CPU dispatches to and valgrind's does not offer
+# (aws-lc's AVX-512 and ADX code: AES-GCM, P-256, X25519).
+runner=() # the command each proxy runs under
+alive() { # whether any proxy of the pass still runs
+  local pid
+  for pid in $(cat "$work/pids"); do kill -0 "$pid" 2>/dev/null && return 0; done
+  return 1
+}
 proxy() { # name protocol role args...
   local name=$1 protocol=$2; shift 2
-  valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/$name.out" \
+  "${runner[@]}" --callgrind-out-file="$work/$name.out" \
     "$bin" proxy --config "$work/base.yaml" --mtls-mode strict --log-level warn "$@" \
     --inbound-protocol "$protocol" --outbound-protocol "$protocol" 2>"$work/$name.log" &
+  echo $! >> "$work/pids"
 }
 server_id=spiffe://cluster.local/ns/bench/sa/server
-for pair in http:detect:17 tcp:opaque:27; do
-  IFS=: read -r name protocol p <<<"$pair"
-  proxy "$name-in" "$protocol" --identity-dir "$work/server" --identity-id "$server_id" \
-    --inbound-listen "127.0.0.1:${p}143" --inbound-app 127.0.0.1:18080 \
-    --outbound-listen "127.0.0.1:${p}140" --admin-listen "127.0.0.1:${p}191"
-  proxy "$name-out" "$protocol" --identity-dir "$work/client" \
-    --identity-id spiffe://cluster.local/ns/bench/sa/client \
-    --inbound-listen "127.0.0.1:${p}243" --admin-listen "127.0.0.1:${p}291" \
-    --outbound-listen "127.0.0.1:${p}240" --outbound-peer "127.0.0.1:${p}143" \
-    --outbound-peer-id "$server_id"
-done
-for port in 17191 17291 27191 27291; do
-  for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
-done
-for p in 17 27; do
-  wrk -t1 -c8 -d5s "http://127.0.0.1:${p}240/" >/dev/null
-  wrk -t1 -c4 -d3s -H 'Connection: close' "http://127.0.0.1:${p}240/" >/dev/null
-  curl -sf --http2-prior-knowledge "http://127.0.0.1:${p}240/" >/dev/null || true
-done
-for port in 17191 17291 27191 27291; do curl -sf "http://127.0.0.1:$port/metrics" >/dev/null; done
-pkill -TERM -f "callgrind-out-file=$work" || true
-wait_for=0
-while pgrep -f "callgrind-out-file=$work" >/dev/null && [ $wait_for -lt 100 ]; do sleep 0.2; wait_for=$((wait_for+1)); done
+pass() {
+  : > "$work/pids"
+  for pair in http:detect:17 tcp:opaque:27; do
+    IFS=: read -r name protocol p <<<"$pair"
+    proxy "$name-in" "$protocol" --identity-dir "$work/server" --identity-id "$server_id" \
+      --inbound-listen "127.0.0.1:${p}143" --inbound-app 127.0.0.1:18080 \
+      --outbound-listen "127.0.0.1:${p}140" --admin-listen "127.0.0.1:${p}191"
+    proxy "$name-out" "$protocol" --identity-dir "$work/client" \
+      --identity-id spiffe://cluster.local/ns/bench/sa/client \
+      --inbound-listen "127.0.0.1:${p}243" --admin-listen "127.0.0.1:${p}291" \
+      --outbound-listen "127.0.0.1:${p}240" --outbound-peer "127.0.0.1:${p}143" \
+      --outbound-peer-id "$server_id"
+  done
+  for port in 17191 17291 27191 27291; do
+    for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
+  done
+  if [ "${1:-}" = perf ]; then
+    perf record -q -F 4999 -o "$work/perf.data" -p "$(paste -sd, "$work/pids")" 2>/dev/null &
+    local recorder=$!
+  fi
+  for p in 17 27; do
+    wrk -t1 -c8 -d5s "http://127.0.0.1:${p}240/" >/dev/null
+    wrk -t1 -c4 -d3s -H 'Connection: close' "http://127.0.0.1:${p}240/" >/dev/null
+    curl -sf --http2-prior-knowledge "http://127.0.0.1:${p}240/" >/dev/null || true
+  done
+  for port in 17191 17291 27191 27291; do curl -sf "http://127.0.0.1:$port/metrics" >/dev/null; done
+  [ "${1:-}" = perf ] && { kill -INT "$recorder"; wait "$recorder" || true; }
+  xargs kill -TERM < "$work/pids" 2>/dev/null || true
+  local wait_for=0
+  while alive && [ $wait_for -lt 100 ]; do sleep 0.2; wait_for=$((wait_for+1)); done
+}
+runner=(valgrind --tool=callgrind --demangle=no)
+pass
+# The native pass: the same proxies, not under valgrind.
+proxy() { # name protocol role args...
+  local name=$1 protocol=$2; shift 2
+  "$bin" proxy --config "$work/base.yaml" --mtls-mode strict --log-level warn "$@" \
+    --inbound-protocol "$protocol" --outbound-protocol "$protocol" 2>"$work/$name.log" &
+  echo $! >> "$work/pids"
+}
+pass perf
+perf report -q -i "$work/perf.data" --no-demangle --no-children --sort symbol --stdio 2>/dev/null \
+  | sed -n 's/.*\[\.\] \([^ ]*\).*/\1/p' > "$work/native.txt"
 
 # Sum the instructions of each function over the four processes, hottest
 # first; keep only symbols the linker can place.
@@ -103,8 +134,11 @@ for path in sys.argv[1:]:
                 skip_next = False
             else:
                 cost[current] += int(m.group(1))
-for name, _ in cost.most_common():
-    if name.startswith(("_ZN", "_R")) or re.match(r"^[A-Za-z_][A-Za-z0-9_.]*$", name):
-        print(name)
+placeable = lambda name: name.startswith(("_ZN", "_R")) or re.match(r"^[A-Za-z_][A-Za-z0-9_.]*$", name)
+listed = [name for name, _ in cost.most_common() if placeable(name)]
+seen = set(listed)
+native = [n.strip() for n in open(sys.argv[1].rsplit("/", 1)[0] + "/native.txt")]
+listed += [n for n in native if placeable(n) and n not in seen and not seen.add(n)]
+print("\n".join(listed))
 EOF
 echo "wrote bench/symbol-order.txt ($(wc -l < bench/symbol-order.txt) functions)" >&2

@@ -126,20 +126,29 @@ async fn connect(
     dial(controller, config).await
 }
 
-/// A gRPC client on a connection made with `config`.
-async fn dial(
+/// A TLS connection to the controller's discovery server made with
+/// `config`.
+async fn tls_to(
     controller: &ControllerProcess,
     config: rustls::ClientConfig,
-) -> Result<DiscoveryClient<Http2Channel>, String> {
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(controller.discovery)
         .await
         .map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::try_from("outrider-discovery").unwrap();
-    let tls = connector
+    connector
         .connect(name, tcp)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// A gRPC client on a connection made with `config`.
+async fn dial(
+    controller: &ControllerProcess,
+    config: rustls::ClientConfig,
+) -> Result<DiscoveryClient<Http2Channel>, String> {
+    let tls = tls_to(controller, config).await?;
     let (sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tls),
@@ -654,4 +663,48 @@ async fn a_restarting_controller_never_leaves_a_proxy_without_its_policies() {
             .unwrap_or_else(|_| panic!("no policies after the restart:\n{}", restarted.logs())),
     );
     assert_eq!(again, ["no-admin"]);
+}
+
+/// The key-exchange group a proxy offering `offered` agrees with the
+/// controller's discovery server.
+async fn agreed_with_controller(
+    controller: &ControllerProcess,
+    credentials: &Arc<Credentials>,
+    offered: &[KxGroup],
+) -> Option<KxGroup> {
+    let settings = TlsSettings {
+        key_exchange: offered.to_vec(),
+        ..settings()
+    };
+    let mesh = MeshTls::new(credentials.clone(), &settings).unwrap();
+    let expectation = PeerExpectation::Id(SpiffeId::parse(CONTROLLER_ID).unwrap());
+    let mut config = (*mesh.client_config(&expectation).unwrap()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tls_to(controller, config)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", controller.logs()));
+    outrider::tls::negotiated_group(tls.get_ref().1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_agrees_the_post_quantum_hybrid_with_proxies_unless_it_is_turned_off() {
+    let c = cluster().await;
+    let credentials = client_credentials(&c.api).await;
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    assert_eq!(
+        agreed_with_controller(&controller, &credentials, &KxGroup::DEFAULT).await,
+        Some(KxGroup::X25519Mlkem768)
+    );
+    // A proxy without the hybrid is served over X25519.
+    assert_eq!(
+        agreed_with_controller(&controller, &credentials, &[KxGroup::X25519]).await,
+        Some(KxGroup::X25519)
+    );
+    drop(controller);
+
+    let controller = ControllerProcess::spawn(&c.kubeconfig, &["--tls-post-quantum=false"]);
+    assert_eq!(
+        agreed_with_controller(&controller, &credentials, &KxGroup::DEFAULT).await,
+        Some(KxGroup::X25519)
+    );
 }

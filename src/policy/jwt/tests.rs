@@ -1,4 +1,4 @@
-//! Token verification against keys made here with *ring*; the cross-check
+//! Token verification against keys made here with aws-lc-rs; the cross-check
 //! against tokens minted by a JWT library we did not write (PyJWT) is in
 //! `tests/request_authn.rs`.
 
