@@ -689,8 +689,9 @@ async fn agreed_with_controller(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_agrees_the_post_quantum_hybrid_with_proxies_unless_it_is_turned_off() {
     let c = cluster().await;
-    let credentials = client_credentials(&c.api).await;
+    // The controller bootstraps the CA the credentials come from.
     let controller = ControllerProcess::spawn(&c.kubeconfig, &[]);
+    let credentials = client_credentials(&c.api).await;
     assert_eq!(
         agreed_with_controller(&controller, &credentials, &KxGroup::DEFAULT).await,
         Some(KxGroup::X25519Mlkem768)

@@ -292,7 +292,9 @@ async fn run(keep_running: bool) -> StepResult {
     let hybrid = metrics.lines().any(|l| {
         l.starts_with("outrider_tls_handshakes_total{") && l.contains("group=\"x25519mlkem768\"")
     });
-    check(hybrid, S3, || "the sidecars did not agree on X25519MLKEM768".into())?;
+    check(hybrid, S3, || {
+        "the sidecars did not agree on X25519MLKEM768".into()
+    })?;
     println!("      key exchange between the sidecars: X25519MLKEM768 (post-quantum hybrid)");
 
     const S4: &str = "strangers are refused";
