@@ -18,12 +18,15 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 # (bench/symbol-order.sh regenerates the list): 2.3 MiB less resident code
 # per proxy at idle than the compiler's order.
 order="$PWD/bench/symbol-order.txt"
-# aws-lc without its AVX-512 assembly (AES-GCM, AES-XTS, RSAZ: ~900 KB of
-# code, the two AES-GCM routines 340 KB each, touched all over by every
-# TLS record): 0.3-0.6 MiB less resident per proxy, and no measurable
-# throughput difference for proxied requests; the AVX2/AES-NI code
-# remains (docs/decisions.md, issue 13).
-export AWS_LC_SYS_CFLAGS="${AWS_LC_SYS_CFLAGS:--DMY_ASSEMBLER_IS_TOO_OLD_FOR_512AVX}"
+# aws-lc as the proxy needs it (docs/decisions.md, issue 13):
+# - without its AVX-512 assembly (AES-GCM, AES-XTS, RSAZ: ~900 KB of code,
+#   the two AES-GCM routines 340 KB each, touched all over by every TLS
+#   record): 0.3-0.6 MiB less resident per proxy, no measurable throughput
+#   difference for proxied requests; the AVX2/AES-NI code remains;
+# - seeded by the kernel (getrandom) alone, as ring and BoringSSL are,
+#   without the CPU-jitter entropy source a FIPS build needs: its
+#   collectors keep 128 KiB each, written all over, resident for good.
+export AWS_LC_SYS_CFLAGS="${AWS_LC_SYS_CFLAGS:--DMY_ASSEMBLER_IS_TOO_OLD_FOR_512AVX -DDISABLE_CPU_JITTER_ENTROPY}"
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static -C link-arg=-Wl,--symbol-ordering-file=$order -C link-arg=-Wl,--no-warn-symbol-ordering" \
   cargo build --release --locked --target "$host" >&2
 echo "$PWD/target/$host/release/outrider"

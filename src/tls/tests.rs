@@ -382,3 +382,16 @@ fn length_prefixes_around(flight: &[u8], inner: usize) -> Vec<(usize, usize)> {
     prefixes.reverse();
     prefixes
 }
+
+#[test]
+fn each_group_is_labelled_by_the_name_its_configuration_uses() {
+    for group in [
+        KxGroup::X25519Mlkem768,
+        KxGroup::X25519,
+        KxGroup::Secp256r1,
+        KxGroup::Secp384r1,
+    ] {
+        let configured = serde_json::to_string(&group).unwrap();
+        assert_eq!(configured, format!("\"{}\"", group.name()));
+    }
+}
