@@ -456,12 +456,17 @@ async fn the_proxy_resolver_follows_changes_and_keeps_its_last_answers_when_the_
             endpoint("10.0.0.3", "web-3"),
         ]),
     );
+    // `wait_for` hands back a read guard on the answers: keeping it (as
+    // this test once did, in the timeout's result) blocks the resolver's
+    // next update, and the worker thread with it, for as long as it is
+    // held. It is dropped on this line.
     let three = tokio::time::timeout(
         Duration::from_secs(1),
         follower.wait_for(|a| a.as_ref().is_some_and(|a| count(a) == 3)),
     )
-    .await;
-    assert!(three.is_ok(), "no update within a second");
+    .await
+    .is_ok_and(|seen| seen.is_ok());
+    assert!(three, "no update within a second");
 
     // The controller goes: known destinations keep their last answer; a
     // new one gives up after the configured wait.
