@@ -10,9 +10,6 @@ export OUTRIDER_BIN="${OUTRIDER_BIN:-$("$here/build-release.sh")}"
 bench="${MESH_BENCH_DIR:-$here/../../shared/bench}"
 "$bench/mesh-bench.sh" --install >/dev/null
 export ENVOY_BIN="${ENVOY_BIN:-$(ls /tmp/benchenv/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)}"
-args="{MODE} {LISTEN_ADDR} {UPSTREAM_ADDR} {CERT} {KEY} {CA} {SELF_ID} {PEER_ID} {ADMIN_ADDR} {WORKDIR} {RESUMPTION} {TLS_GROUP}"
-export OUR_NAME=outrider
-export OUR_OUTBOUND_CMD="$here/outrider-contender.sh outbound $args"
-export OUR_INBOUND_CMD="$here/outrider-contender.sh inbound $args"
+. "$here/ours.sh"
 export MESH_BENCH_DIR="$bench"
 exec python3 "$here/conn_memory.py" "$@"

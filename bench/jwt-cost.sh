@@ -74,14 +74,7 @@ EOF
   done
 } > "$work/limits/limits.yaml"
 
-ours() { # the OUR_* interface of bench/run.sh, without its exec
-  args="{MODE} {LISTEN_ADDR} {UPSTREAM_ADDR} {CERT} {KEY} {CA} {SELF_ID} {PEER_ID} {ADMIN_ADDR} {WORKDIR} {RESUMPTION} {TLS_GROUP}"
-  export OUR_NAME=outrider
-  export OUR_VERSION="$("$OUTRIDER_BIN" --version)"
-  export OUR_OUTBOUND_CMD="$here/outrider-contender.sh outbound $args"
-  export OUR_INBOUND_CMD="$here/outrider-contender.sh inbound $args"
-}
-ours
+. "$here/ours.sh"
 
 run() { # variant tag [token]
   local variant=$1 tag=$2 token=${3:-}

@@ -23,11 +23,7 @@ work="${WORKDIR:-/tmp/outrider-pq}"
 mkdir -p "$work"
 out="${PQ_OUT:-$work/pq}"
 
-args="{MODE} {LISTEN_ADDR} {UPSTREAM_ADDR} {CERT} {KEY} {CA} {SELF_ID} {PEER_ID} {ADMIN_ADDR} {WORKDIR} {RESUMPTION} {TLS_GROUP}"
-export OUR_NAME=outrider
-export OUR_VERSION="$("$OUTRIDER_BIN" --version)"
-export OUR_OUTBOUND_CMD="$here/outrider-contender.sh outbound $args"
-export OUR_INBOUND_CMD="$here/outrider-contender.sh inbound $args"
+. "$here/ours.sh"
 export BENCH_PQ_GROUPS="$out-groups.json"
 export TLS_GROUP=X25519
 

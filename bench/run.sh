@@ -9,9 +9,5 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export OUTRIDER_BIN="${OUTRIDER_BIN:-$("$here/build-release.sh")}"
 bench="${MESH_BENCH_DIR:-$here/../../shared/bench}"
-args="{MODE} {LISTEN_ADDR} {UPSTREAM_ADDR} {CERT} {KEY} {CA} {SELF_ID} {PEER_ID} {ADMIN_ADDR} {WORKDIR} {RESUMPTION} {TLS_GROUP}"
-export OUR_NAME=outrider
-export OUR_VERSION="$("$OUTRIDER_BIN" --version)"
-export OUR_OUTBOUND_CMD="$here/outrider-contender.sh outbound $args"
-export OUR_INBOUND_CMD="$here/outrider-contender.sh inbound $args"
+. "$here/ours.sh"
 exec "$bench/mesh-bench.sh" "$@"
