@@ -118,6 +118,12 @@ struct Slot<K> {
 pub enum Outcome {
     /// A response arrived after this long (whatever its status).
     Answered(Duration),
+    /// A response arrived on a connection the request had to open: the
+    /// endpoint works, but the time includes connecting and the TLS
+    /// handshake (the proxy's own CPU, not the endpoint's latency), so it
+    /// is no latency sample. Counting it let one handshake on a busy CPU
+    /// steer sequential traffic away from a healthy replica.
+    AnsweredOnNewConnection,
     /// No connection, or no response.
     Failed,
     /// Given up by the caller before an answer (not the endpoint's fault).
@@ -282,6 +288,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
                 slot.load.observe(rtt, now);
                 slot.failures = Failures::default();
             }
+            Outcome::AnsweredOnNewConnection => slot.failures = Failures::default(),
             Outcome::Failed => {
                 let failures = &mut slot.failures;
                 failures.consecutive += 1;
@@ -361,6 +368,46 @@ mod tests {
     fn a_slow_endpoint_gets_a_small_share() {
         let counts = spread(&[10, 10, 60], 600);
         assert!(counts[2] < 90, "{counts:?}");
+    }
+
+    /// Sequential 1 ms answers after `first` was `b`'s first outcome.
+    fn sequential_after(first: Outcome) -> Vec<usize> {
+        let mut balancer = Balancer::new(11);
+        let t0 = Instant::now();
+        balancer.set_endpoints(0..3usize, t0);
+        balancer.finish(&1, first, t0);
+        let mut counts = vec![0; 3];
+        let mut now = t0;
+        for _ in 0..600 {
+            let key = balancer.pick(now, None).unwrap();
+            counts[key] += 1;
+            now += Duration::from_millis(1);
+            balancer.finish(&key, Outcome::Answered(Duration::from_millis(1)), now);
+        }
+        counts
+    }
+
+    #[test]
+    fn an_answer_on_a_new_connection_is_no_latency_sample_but_clears_failures() {
+        // The first request to an endpoint waited 40 ms for its connection
+        // and handshake: as a sample it steers sequential traffic away
+        // from a healthy endpoint; as what it is, it changes nothing.
+        let counted = sequential_after(Outcome::Answered(Duration::from_millis(40)));
+        assert!(counted[1] < 120, "{counted:?}");
+        let counts = sequential_after(Outcome::AnsweredOnNewConnection);
+        for count in &counts {
+            assert!((150..=250).contains(count), "{counts:?}");
+        }
+
+        let mut balancer = Balancer::new(1);
+        let t0 = Instant::now();
+        balancer.set_endpoints(["a", "b"], t0);
+        for _ in 0..FAILURES_TO_PAUSE - 1 {
+            balancer.finish(&"b", Outcome::Failed, t0);
+        }
+        balancer.finish(&"b", Outcome::AnsweredOnNewConnection, t0);
+        balancer.finish(&"b", Outcome::Failed, t0);
+        assert!(!balancer.is_paused(&"b", t0));
     }
 
     #[test]

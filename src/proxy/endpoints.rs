@@ -264,14 +264,16 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// A response arrived (whatever its status).
-    pub fn answered(mut self) {
+    /// A response arrived (whatever its status); `new_connection`: on a
+    /// connection the request opened, whose time is no latency sample.
+    pub fn answered(mut self, new_connection: bool) {
         self.finished = true;
-        let rtt = self.started.elapsed();
-        self.endpoints.finish(
-            &self.upstream,
-            Outcome::Answered(rtt.max(Duration::from_micros(1))),
-        );
+        let outcome = if new_connection {
+            Outcome::AnsweredOnNewConnection
+        } else {
+            Outcome::Answered(self.started.elapsed().max(Duration::from_micros(1)))
+        };
+        self.endpoints.finish(&self.upstream, outcome);
     }
 
     /// An opaque connection was established: the endpoint works, and the

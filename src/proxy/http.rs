@@ -274,6 +274,7 @@ impl HttpForward {
                 tls,
                 release,
                 in_flight,
+                ..
             }) => {
                 let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if switched && !upgrade {
@@ -357,7 +358,7 @@ impl HttpForward {
         };
         let failed = match result {
             Ok(sent) => {
-                picked.answered();
+                picked.answered(sent.new_connection);
                 return Ok(sent);
             }
             Err(failed) => failed,
@@ -391,7 +392,7 @@ impl HttpForward {
         tracing::debug!(dst = %self.dst, failed = %upstream.addr, retry = %retry.addr, %error, "Retrying on another endpoint");
         let result = self.pool.send(&retry, req, route).await;
         match &result {
-            Ok(_) => picked.answered(),
+            Ok(sent) => picked.answered(sent.new_connection),
             Err(_) if body_fault.client_body_failed() => drop(picked),
             Err(_) => picked.failed(),
         }

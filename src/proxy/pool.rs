@@ -174,6 +174,8 @@ pub struct Sent {
     pub release: Option<Release>,
     /// For HTTP/2: counts the request on its connection until dropped.
     pub in_flight: Option<InFlight>,
+    /// Whether the request opened the connection it went on.
+    pub new_connection: bool,
 }
 
 /// The right to return an HTTP/1 connection to its pool.
@@ -322,6 +324,7 @@ impl Pool {
                         tls,
                         release,
                         in_flight: None,
+                        new_connection: !was_reused,
                     });
                 }
                 Err(error) => match SendFailed::from_try_send(error) {
@@ -392,6 +395,7 @@ impl Pool {
                         tls,
                         release,
                         in_flight: None,
+                        new_connection: true,
                     });
                 }
                 Via::Http1(None) => {
@@ -407,6 +411,7 @@ impl Pool {
                         tls: conn.tls,
                         release: None,
                         in_flight: Some(in_flight),
+                        new_connection: !reused,
                     });
                 }
                 Err(error) => match SendFailed::from_try_send(error) {
