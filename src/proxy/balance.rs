@@ -14,7 +14,8 @@
 //!   never measured is assumed as fast as the one it is compared with
 //!   (30 ms when neither is measured), and its first sample replaces that
 //!   guess: a new replica is tried at once instead of starving behind a
-//!   guess.
+//!   guess. A request that had to open its connection gives no sample
+//!   (its time is mostly the handshake: [`Outcome::AnsweredOnNewConnection`]).
 //! - **Choice**: two distinct endpoints at random; the second wins only
 //!   when it costs less than the first by a factor of 1.5. Latencies of a
 //!   few milliseconds jitter by as much as they differ, and a strict

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::{ClientConnection, ServerConnection};
+use rustls::{ClientConnection, ConnectionCommon, ServerConnection};
 use rustls_pki_types::ServerName;
 
 use super::*;
@@ -73,35 +73,33 @@ fn handshake(
         if !client.is_handshaking() && !server.is_handshaking() {
             return Ok(());
         }
-        let mut flight = Vec::new();
-        while client.wants_write() {
-            client.write_tls(&mut flight).unwrap();
-        }
-        if !flight.is_empty() {
-            tamper(Way::ToServer, &mut flight);
-            feed(&flight, |bytes| server.read_tls(bytes))?;
-            server.process_new_packets()?;
-        }
-        let mut flight = Vec::new();
-        while server.wants_write() {
-            server.write_tls(&mut flight).unwrap();
-        }
-        if !flight.is_empty() {
-            tamper(Way::ToClient, &mut flight);
-            feed(&flight, |bytes| client.read_tls(bytes))?;
-            client.process_new_packets()?;
-        }
+        pass(&mut **client, &mut **server, Way::ToServer, &mut tamper)?;
+        pass(&mut **server, &mut **client, Way::ToClient, &mut tamper)?;
     }
     panic!("the handshake neither finished nor failed");
 }
 
-fn feed(
-    mut flight: &[u8],
-    mut read: impl FnMut(&mut &[u8]) -> std::io::Result<usize>,
+/// Moves what `from` has to send to `to`, through `tamper`.
+fn pass<A, B>(
+    from: &mut ConnectionCommon<A>,
+    to: &mut ConnectionCommon<B>,
+    way: Way,
+    tamper: &mut impl FnMut(Way, &mut Vec<u8>),
 ) -> Result<(), rustls::Error> {
-    while !flight.is_empty() {
-        read(&mut flight).map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut flight = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut flight).unwrap();
     }
+    if flight.is_empty() {
+        return Ok(());
+    }
+    tamper(way, &mut flight);
+    let mut unread = &flight[..];
+    while !unread.is_empty() {
+        to.read_tls(&mut unread)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+    }
+    to.process_new_packets()?;
     Ok(())
 }
 
