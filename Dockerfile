@@ -12,12 +12,13 @@ COPY Cargo.toml Cargo.lock ./
 COPY benches benches
 COPY src src
 # As bench/build-release.sh builds the measured binary: static glibc, and
-# the functions a proxy runs laid out together (less resident memory),
+# the functions a proxy runs laid out together and its relocations packed
+# (less resident memory),
 # aws-lc without its AVX-512 assembly and seeded by getrandom alone
 # (docs/decisions.md, issue 13).
 COPY bench/symbol-order.txt bench/symbol-order.txt
 RUN AWS_LC_SYS_CFLAGS="-DMY_ASSEMBLER_IS_TOO_OLD_FOR_512AVX -DDISABLE_CPU_JITTER_ENTROPY" \
-    RUSTFLAGS="-C target-feature=+crt-static -C link-arg=-Wl,--symbol-ordering-file=/src/bench/symbol-order.txt -C link-arg=-Wl,--no-warn-symbol-ordering" \
+    RUSTFLAGS="-C target-feature=+crt-static -C link-arg=-Wl,-z,pack-relative-relocs -C link-arg=-Wl,--symbol-ordering-file=/src/bench/symbol-order.txt -C link-arg=-Wl,--no-warn-symbol-ordering" \
     cargo build --release --locked --bin outrider --target x86_64-unknown-linux-gnu \
  && cp target/x86_64-unknown-linux-gnu/release/outrider /outrider \
  && strip /outrider

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates bench/symbol-order.txt: every function the proxy executes
 # (startup, HTTP and opaque TCP through a strict mTLS pair, new connections,
-# a metrics scrape, drain), hottest first, as recorded by callgrind on the
+# a metrics scrape, drain, and the refusals every sidecar makes, in
+# bench/refusals.py), hottest first, as recorded by callgrind on the
 # shipped build. build-release.sh hands the list to the linker
 # (--symbol-ordering-file) so that the code a proxy runs sits together:
 # the kernel maps executable pages in 64 KiB windows around each fault, so
@@ -20,6 +21,10 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 "$bin" ca init --dir "$work/ca" >/dev/null
 "$bin" ca issue --dir "$work/ca" --namespace bench --service-account client --out "$work/client" >/dev/null
 "$bin" ca issue --dir "$work/ca" --namespace bench --service-account server --out "$work/server" >/dev/null
+# What the proxies must refuse: another identity, and another CA's.
+"$bin" ca issue --dir "$work/ca" --namespace bench --service-account other --out "$work/other" >/dev/null
+"$bin" ca init --dir "$work/rogue-ca" >/dev/null
+"$bin" ca issue --dir "$work/rogue-ca" --namespace bench --service-account server --out "$work/rogue" >/dev/null
 
 python3 - "$work" <<'EOF' &
 import http.server, sys
@@ -32,83 +37,91 @@ http.server.ThreadingHTTPServer(("127.0.0.1", 18080), H).serve_forever()
 EOF
 sleep 0.5
 
-# The proxies read a configuration file, as the bench's do
-# (bench/outrider-contender.sh), so the code that parses one is laid out
-# with the rest of startup; the flags below override it.
-cat > "$work/base.yaml" <<'YAML'
-mtls_mode: strict
-tls:
-  resumption: false
-  # The shipped default (the post-quantum hybrid first): its handshakes
-  # run the X25519 code as well as ML-KEM's.
-  key_exchange: [x25519mlkem768, x25519]
-log:
-  level: warn
-limits:
-  detect_timeout: 1s
-YAML
-
 # Two passes of the same work: under callgrind (every function the proxy
-# executes, with its cost), then natively under perf, whose samples add
-# the functions a real CPU dispatches to and valgrind's does not offer
-# (aws-lc's AVX-512 and ADX code: AES-GCM, P-256, X25519).
-runner=() # the command each proxy runs under
+# executes, with its cost), then natively under perf, whose CPU samples and
+# page faults (every first touch of a page, from the first instruction on)
+# add the functions a real CPU dispatches to and valgrind's does not offer
+# (glibc's and aws-lc's AVX-512 and ADX code: string functions, AES-GCM,
+# P-256, X25519). The proxies are started as the shared bench starts them,
+# by bench/outrider-contender.sh (its configuration file, the shipped key
+# exchange), with the binary run by the pass's recorder.
+cat > "$work/callgrind.sh" <<EOF
+#!/bin/sh
+exec valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/%p.out" "$bin" "\$@"
+EOF
+# perf ends the proxy with SIGTERM when it is itself told to stop.
+cat > "$work/perf.sh" <<EOF
+#!/bin/sh
+exec perf record -q -e cpu-clock/freq=4999/ -e page-faults/period=1/ -o "$work/\$\$.perf" -- "$bin" "\$@"
+EOF
+chmod +x "$work/callgrind.sh" "$work/perf.sh"
 alive() { # whether any proxy of the pass still runs
   local pid
   for pid in $(cat "$work/pids"); do kill -0 "$pid" 2>/dev/null && return 0; done
   return 1
 }
-proxy() { # name protocol role args...
-  local name=$1 protocol=$2; shift 2
-  "${runner[@]}" --callgrind-out-file="$work/$name.out" \
-    "$bin" proxy --config "$work/base.yaml" --mtls-mode strict --log-level warn "$@" \
-    --inbound-protocol "$protocol" --outbound-protocol "$protocol" 2>"$work/$name.log" &
+server_id=spiffe://cluster.local/ns/bench/sa/server
+client_id=spiffe://cluster.local/ns/bench/sa/client
+proxy() { # recorder role mode port-prefix
+  local recorder=$1 role=$2 mode=$3 p=$4 identity listen upstream self peer admin
+  if [ "$role" = outbound ]; then
+    identity=client listen=${p}240 upstream=127.0.0.1:${p}143 self=$client_id peer=$server_id admin=${p}291
+  else
+    identity=server listen=${p}143 upstream=127.0.0.1:18080 self=$server_id peer=$client_id admin=${p}191
+  fi
+  OUTRIDER_BIN="$work/$recorder.sh" bench/outrider-contender.sh "$role" "$mode" "127.0.0.1:$listen" "$upstream" \
+    "$work/$identity/tls.crt" "$work/$identity/tls.key" "$work/$identity/ca.crt" "$self" "$peer" \
+    "127.0.0.1:$admin" "$work/$recorder-$mode-$role" 0 X25519MLKEM768 2>"$work/$recorder-$mode-$role.log" &
   echo $! >> "$work/pids"
 }
-server_id=spiffe://cluster.local/ns/bench/sa/server
-pass() {
-  : > "$work/pids"
-  for pair in http:detect:17 tcp:opaque:27; do
-    IFS=: read -r name protocol p <<<"$pair"
-    proxy "$name-in" "$protocol" --identity-dir "$work/server" --identity-id "$server_id" \
-      --inbound-listen "127.0.0.1:${p}143" --inbound-app 127.0.0.1:18080 \
-      --outbound-listen "127.0.0.1:${p}140" --admin-listen "127.0.0.1:${p}191"
-    proxy "$name-out" "$protocol" --identity-dir "$work/client" \
-      --identity-id spiffe://cluster.local/ns/bench/sa/client \
-      --inbound-listen "127.0.0.1:${p}243" --admin-listen "127.0.0.1:${p}291" \
-      --outbound-listen "127.0.0.1:${p}240" --outbound-peer "127.0.0.1:${p}143" \
-      --outbound-peer-id "$server_id"
-  done
-  for port in 17191 17291 27191 27291; do
+ready() { # admin ports...
+  local port
+  for port in "$@"; do
     for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
   done
-  if [ "${1:-}" = perf ]; then
-    perf record -q -F 4999 -o "$work/perf.data" -p "$(paste -sd, "$work/pids")" 2>/dev/null &
-    local recorder=$!
-  fi
+}
+listening() { # port
+  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  return 1
+}
+refused_by_outbound() { # identity dir: a server with it where the proxies expect theirs
+  local servers=() p
+  for p in 17 27; do python3 bench/refusals.py serve "${p}143" "$1" & servers+=($!); done
+  for p in 17 27; do listening "${p}143"; done
+  for p in 17 27; do curl -s -m 5 -o /dev/null "http://127.0.0.1:${p}240/" || true; done
+  kill "${servers[@]}"
+  wait "${servers[@]}" 2>/dev/null || true
+}
+pass() { # recorder
+  : > "$work/pids"
+  # The outbound proxies first, as the shared bench starts them: each
+  # meets a server from another CA, then one with another identity.
+  proxy "$1" outbound http 17
+  proxy "$1" outbound tcp 27
+  ready 17291 27291
+  refused_by_outbound "$work/rogue"
+  refused_by_outbound "$work/other"
+  proxy "$1" inbound http 17
+  proxy "$1" inbound tcp 27
+  ready 17191 27191
   for p in 17 27; do
-    wrk -t1 -c8 -d5s "http://127.0.0.1:${p}240/" >/dev/null
+    python3 bench/refusals.py inbound "${p}143" "$work/client/ca.crt" "$work/client" "$work/rogue"
+    for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:${p}240/" && break; sleep 0.1; done
+    wrk -t1 -c64 -d5s "http://127.0.0.1:${p}240/" >/dev/null
     wrk -t1 -c4 -d3s -H 'Connection: close' "http://127.0.0.1:${p}240/" >/dev/null
     curl -sf --http2-prior-knowledge "http://127.0.0.1:${p}240/" >/dev/null || true
   done
   for port in 17191 17291 27191 27291; do curl -sf "http://127.0.0.1:$port/metrics" >/dev/null; done
-  [ "${1:-}" = perf ] && { kill -INT "$recorder"; wait "$recorder" || true; }
   xargs kill -TERM < "$work/pids" 2>/dev/null || true
   local wait_for=0
   while alive && [ $wait_for -lt 100 ]; do sleep 0.2; wait_for=$((wait_for+1)); done
 }
-runner=(valgrind --tool=callgrind --demangle=no)
-pass
-# The native pass: the same proxies, not under valgrind.
-proxy() { # name protocol role args...
-  local name=$1 protocol=$2; shift 2
-  "$bin" proxy --config "$work/base.yaml" --mtls-mode strict --log-level warn "$@" \
-    --inbound-protocol "$protocol" --outbound-protocol "$protocol" 2>"$work/$name.log" &
-  echo $! >> "$work/pids"
-}
+pass callgrind
 pass perf
-perf report -q -i "$work/perf.data" --no-demangle --no-children --sort symbol --stdio 2>/dev/null \
-  | sed -n 's/.*\[\.\] \([^ ]*\).*/\1/p' > "$work/native.txt"
+for recorded in "$work"/*.perf; do
+  perf report -q -i "$recorded" --no-demangle --no-children --sort symbol --stdio 2>/dev/null \
+    | sed -n 's/.*\[\.\] \([^ ]*\).*/\1/p'
+done > "$work/native.txt"
 
 # Sum the instructions of each function over the four processes, hottest
 # first; keep only symbols the linker can place.
