@@ -107,6 +107,7 @@ pass() { # recorder
   for p in 17 27; do
     python3 bench/refusals.py inbound "${p}143" "$work/client/ca.crt" "$work/client" "$work/rogue"
     for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:${p}240/" && break; sleep 0.1; done
+    # The bench's loads: 64 keep-alive connections, then new connections.
     wrk -t1 -c64 -d5s "http://127.0.0.1:${p}240/" >/dev/null
     wrk -t1 -c4 -d3s -H 'Connection: close' "http://127.0.0.1:${p}240/" >/dev/null
     curl -sf --http2-prior-knowledge "http://127.0.0.1:${p}240/" >/dev/null || true
