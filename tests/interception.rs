@@ -1320,6 +1320,22 @@ impl KeepAliveClient {
     }
 }
 
+/// Three meshed replicas b1..b3 of a Service, found by discovery, and a
+/// meshed client pod with kube-proxy's rules for it, holding one
+/// keep-alive connection to the Service's virtual IP.
+fn service_of_three(mut net: Net) -> (Net, ServiceCluster, KeepAliveClient) {
+    let backends = ["b1", "b2", "b3"];
+    let cluster = ServiceCluster::start(&mut net, &backends, &[]);
+    for b in backends {
+        meshed(&mut net, b, "permissive");
+    }
+    meshed(&mut net, "client", "permissive");
+    program_cluster_ip(&net, "client", &backends);
+    let service = SocketAddr::from((cluster_ip(&net), 80));
+    let client = KeepAliveClient::connect(&net.pod("client").ns, service);
+    (net, cluster, client)
+}
+
 fn share(served: &[(String, f64)], name: &str) -> f64 {
     let total: f64 = served.iter().map(|(_, n)| n).sum();
     served
@@ -1422,6 +1438,53 @@ fn requests_over_one_keep_alive_connection_spread_over_the_service_s_pods() {
     );
 }
 
+/// On the code before the balancer stopped taking a new connection's time
+/// as a latency sample this fails: the first request to a replica paid
+/// for its connection and mTLS handshake (here the replica's proxy is
+/// paused 300 ms, as a busy CPU would delay it), that time became the
+/// replica's latency, and sequential traffic avoided a healthy replica for
+/// most of the run.
+#[test]
+fn a_replica_whose_first_connection_was_slow_still_gets_its_share() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let (net, cluster, mut client) = service_of_three(Net::alone(&["client", "b1", "b2", "b3"]));
+    let slow = net
+        .children
+        .iter()
+        .find(|(name, _)| name == "b2")
+        .map(|(_, proxy)| Pid::from_raw(proxy.id() as i32))
+        .expect("b2's proxy");
+
+    // Requests one at a time, b2's proxy paused for the first 300 ms of
+    // each, until b2 has answered one: that one opened its connection.
+    let mut sent = 0;
+    while served_by(&net, &["b2"])[0].1 < 1.0 {
+        assert!(sent < 60, "b2 never picked: {:?}", cluster.served(&net));
+        kill(slow, Signal::SIGSTOP).unwrap();
+        let resume = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            kill(slow, Signal::SIGCONT)
+        });
+        let status = client.get(&format!("/warm/{sent}"));
+        resume.join().unwrap().unwrap();
+        assert_eq!(status, Ok(200), "{}", net.logs("client"));
+        sent += 1;
+    }
+
+    let before = cluster.served(&net);
+    let (failed, first) = client.run(600);
+    assert_eq!(failed, 0, "{first:?}\n{}", net.logs("client"));
+    let after = cluster.served(&net);
+    eprintln!("600 requests after b2's slow first connection: {before:?} -> {after:?}");
+    let b2 = after[1].1 - before[1].1;
+    assert!(
+        b2 >= 120.0,
+        "b2 served {b2} of 600 after its slow first connection: {before:?} -> {after:?}"
+    );
+}
+
 #[test]
 fn a_slow_replica_gets_a_small_share_and_an_impostor_serves_nothing() {
     let mut net = Net::alone(&["client", "b1", "b2", "b3", "imp"]);
@@ -1463,17 +1526,7 @@ fn a_slow_replica_gets_a_small_share_and_an_impostor_serves_nothing() {
 
 #[test]
 fn scaling_down_under_traffic_fails_no_request() {
-    let mut net = Net::new(&["client", "b1", "b2", "b3"]);
-    let backends = ["b1", "b2", "b3"];
-    let cluster = ServiceCluster::start(&mut net, &backends, &[]);
-    for b in backends {
-        meshed(&mut net, b, "permissive");
-    }
-    meshed(&mut net, "client", "permissive");
-    program_cluster_ip(&net, "client", &backends);
-
-    let service = SocketAddr::from((cluster_ip(&net), 80));
-    let mut client = KeepAliveClient::connect(&net.pod("client").ns, service);
+    let (mut net, cluster, mut client) = service_of_three(Net::new(&["client", "b1", "b2", "b3"]));
     let (failed, first) = client.run(100);
     assert_eq!(failed, 0, "{first:?}");
     // As Kubernetes scales 3 → 2: the endpoint goes, then the pod.
