@@ -289,8 +289,14 @@ async fn run(keep_running: bool) -> StepResult {
     println!("      3 requests, each answered: \"backend saw caller {frontend_id}\"");
     let mut admin = HttpClient::connect(backend.admin).await.or_fail(S3)?;
     let (_, metrics) = admin.get("/metrics").await.or_fail(S3)?;
+    // A handshake counted with the hybrid's group label, not merely listed.
     let hybrid = metrics.lines().any(|l| {
-        l.starts_with("outrider_tls_handshakes_total{") && l.contains("group=\"x25519mlkem768\"")
+        l.starts_with("outrider_tls_handshakes_total{")
+            && l.contains("group=\"x25519mlkem768\"")
+            && l.rsplit(' ')
+                .next()
+                .and_then(|count| count.parse::<f64>().ok())
+                .is_some_and(|count| count > 0.0)
     });
     check(hybrid, S3, || {
         "the sidecars did not agree on X25519MLKEM768".into()
